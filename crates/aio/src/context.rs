@@ -353,9 +353,9 @@ impl Wake for RootWake {
     }
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        if current_id() != self.shared.id {
-            self.shared.notify();
-        }
+        // From the loop's own thread this only flips the handshake to NOTIFIED (no syscall),
+        // which keeps the loop from sleeping with the root ready to run.
+        self.shared.notify();
     }
 }
 

@@ -6,7 +6,6 @@
 //! queue. Scheduling an already scheduled BH is a no-op; `cancel` unschedules it.
 //! One-shot BHs (QEMU's `aio_bh_schedule_oneshot`) are [`ContextHandle::schedule_oneshot`].
 
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -66,7 +65,7 @@ impl BhTable {
     }
 
     /// Run every BH scheduled before this call. Returns whether any ran.
-    pub(crate) fn run_scheduled(core: &Rc<Core>) -> bool {
+    pub(crate) fn run_scheduled(core: &Core) -> bool {
         let ids = std::mem::take(&mut core.bhs.borrow_mut().scheduled);
         if ids.is_empty() {
             return false;

@@ -85,23 +85,51 @@ impl Shared {
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
+/// Owns this thread's context. On thread exit its destructor shuts the context down while
+/// the context is still reachable as current, then detaches it.
+struct CurrentSlot(Option<Rc<Core>>);
+
+impl Drop for CurrentSlot {
+    fn drop(&mut self) {
+        if let Some(core) = self.0.take() {
+            core.shutdown();
+            let _ = CORE_PTR.try_with(|p| p.set(std::ptr::null()));
+        }
+    }
+}
+
 thread_local! {
-    /// The context of this thread, if any.
-    static CURRENT: RefCell<Option<Rc<Core>>> = const { RefCell::new(None) };
-    /// Id of this thread's context (0: none); read by wakers to pick the local queue.
-    static CURRENT_ID: Cell<usize> = const { Cell::new(0) };
+    /// The context of this thread, if any (ownership).
+    static CURRENT: RefCell<CurrentSlot> = const { RefCell::new(CurrentSlot(None)) };
+    /// Fast access to the same context: no destructor, so reading it is a plain TLS load.
+    /// Non-null exactly while `CURRENT` holds the core it points to.
+    static CORE_PTR: Cell<*const Core> = const { Cell::new(std::ptr::null()) };
 }
 
 /// Run `f` with this thread's context core. `None` when the thread has no context.
-pub(crate) fn with_core<R>(f: impl FnOnce(&Rc<Core>) -> R) -> Option<R> {
+#[inline]
+pub(crate) fn with_core<R>(f: impl FnOnce(&Core) -> R) -> Option<R> {
+    let p = CORE_PTR.try_with(|c| c.get()).ok()?;
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: CORE_PTR is non-null only while CURRENT holds an Rc to this Core (it is cleared
+    // before that Rc is released), and the Core is only ever accessed through shared
+    // references, so the reference is valid for the duration of `f`.
+    Some(f(unsafe { &*p }))
+}
+
+/// Like [`with_core`], for the few callers that need the owning `Rc` (spawning).
+pub(crate) fn with_core_rc<R>(f: impl FnOnce(&Rc<Core>) -> R) -> Option<R> {
     CURRENT
-        .try_with(|c| c.borrow().as_ref().map(f))
+        .try_with(|c| c.borrow().0.as_ref().map(f))
         .ok()
         .flatten()
 }
 
+#[inline]
 pub(crate) fn current_id() -> usize {
-    CURRENT_ID.try_with(|c| c.get()).unwrap_or(0)
+    with_core(|c| c.shared.id).unwrap_or(0)
 }
 
 /// Everything a context owns. Lives in an `Rc` on its thread.
@@ -214,14 +242,14 @@ impl AioContext {
             shut_down: Cell::new(false),
             stats: Stats::default(),
         });
-        CURRENT.with(|c| *c.borrow_mut() = Some(core.clone()));
-        CURRENT_ID.with(|c| c.set(id));
+        CURRENT.with(|c| c.borrow_mut().0 = Some(core.clone()));
+        CORE_PTR.with(|p| p.set(Rc::as_ptr(&core)));
         Ok(AioContext { core })
     }
 
     /// This thread's context, if it has one.
     pub fn current() -> Option<AioContext> {
-        with_core(|c| AioContext { core: c.clone() })
+        with_core_rc(|c| AioContext { core: c.clone() })
     }
 
     /// This thread's context, creating one (named after the thread) if there is none. The
@@ -333,11 +361,11 @@ impl AioContext {
         self.core.shutdown();
         let _ = CURRENT.try_with(|c| {
             let mut c = c.borrow_mut();
-            if c.as_ref().is_some_and(|x| Rc::ptr_eq(x, &self.core)) {
-                *c = None;
+            if c.0.as_ref().is_some_and(|x| Rc::ptr_eq(x, &self.core)) {
+                let _ = CORE_PTR.try_with(|p| p.set(std::ptr::null()));
+                c.0 = None;
             }
         });
-        let _ = CURRENT_ID.try_with(|c| c.set(0));
     }
 }
 
@@ -366,7 +394,7 @@ where
     F: Future + 'static,
     F::Output: 'static,
 {
-    with_core(|c| c.spawn(fut)).expect("blockd_aio::spawn on a thread without an AioContext")
+    with_core_rc(|c| c.spawn(fut)).expect("blockd_aio::spawn on a thread without an AioContext")
 }
 
 /// Run `fut` to completion on this thread's event loop (created if missing). For the top of CLI
@@ -396,10 +424,16 @@ pub async fn yield_now() {
 /// Schedule function of every task: the owner thread pushes to its local run queue, any other
 /// thread goes through the remote queue and the wake handshake.
 fn schedule_on(shared: &Arc<Shared>, runnable: Runnable) {
-    if current_id() == shared.id {
-        let pushed = with_core(|c| c.run_queue.borrow_mut().push_back(runnable));
-        debug_assert!(pushed.is_some());
-    } else if let Err(Remote::Task(r)) = shared.send(Remote::Task(runnable)) {
+    let mut slot = Some(runnable);
+    with_core(|c| {
+        if c.shared.id == shared.id {
+            if let Some(r) = slot.take() {
+                c.run_queue.borrow_mut().push_back(r);
+            }
+        }
+    });
+    let Some(runnable) = slot else { return };
+    if let Err(Remote::Task(r)) = shared.send(Remote::Task(runnable)) {
         // The context has shut down (its tasks were cancelled already): the task must not be
         // dropped on a foreign thread, so it is leaked.
         std::mem::forget(r);
@@ -470,7 +504,6 @@ impl Core {
             }
             let progress = self.turn();
             if progress || !self.run_queue.borrow().is_empty() {
-                self.flush_submissions();
                 continue;
             }
             if done() {
@@ -487,11 +520,18 @@ impl Core {
         progress |= BhTable::run_scheduled(self);
         progress |= self.fire_timers();
         progress |= self.run_tasks();
+        // Everything queued this turn goes to the kernel in one io_uring_enter; completions
+        // the kernel produced inline are reaped right away, in the same turn.
+        self.flush_submissions();
         progress |= self.reap();
         progress
     }
 
     fn drain_remote(&self) -> bool {
+        // Every push is followed by a notify, so a RUNNING state means an empty queue.
+        if self.shared.handshake.state() == crate::wake::RUNNING {
+            return false;
+        }
         self.shared.handshake.begin_drain();
         let mut any = false;
         while let Ok(msg) = self.shared.remote.pop() {
@@ -521,6 +561,9 @@ impl Core {
     }
 
     fn fire_timers(&self) -> bool {
+        if self.timers.borrow().len() == 0 {
+            return false;
+        }
         let due = self.timers.borrow_mut().take_due(Instant::now());
         let any = !due.is_empty();
         for w in due {
@@ -580,22 +623,35 @@ impl Core {
                 std::hint::spin_loop();
             }
         }
-        self.arm_wake_read();
-        if !self.shared.handshake.prepare_sleep() {
-            return;
-        }
         let timeout = self
             .timers
             .borrow()
             .next_deadline()
             .map(|d| d.saturating_duration_since(Instant::now()));
+        // With nothing in flight in the ring but (maybe) our own wake read, sleep on the eventfd
+        // directly: one wake-up path fewer than a ring completion, so a remote wake of an idle
+        // context costs about what a bare eventfd round trip costs.
+        let ring_idle = {
+            let ring = self.ring.borrow();
+            ring.in_flight() == 0 && !ring.has_unsubmitted() && LinuxAio::is_idle(self)
+        };
+        if !ring_idle {
+            self.arm_wake_read();
+        }
+        if !self.shared.handshake.prepare_sleep() {
+            return;
+        }
         self.stats.sleeps.set(self.stats.sleeps.get() + 1);
-        let r = self.ring.borrow_mut().submit_and_wait(timeout);
+        let r = if ring_idle {
+            self.sleep_on_eventfd(timeout)
+        } else {
+            self.ring.borrow_mut().submit_and_wait(timeout)
+        };
         self.shared.handshake.end_sleep();
         if let Err(e) = r {
             // Nothing sensible to do but not spin: report and back off briefly.
             eprintln!(
-                "blockd-aio: io_uring_enter failed in '{}': {e}",
+                "blockd-aio: waiting for events failed in '{}': {e}",
                 self.shared.name
             );
             std::thread::sleep(Duration::from_millis(1));
@@ -603,6 +659,37 @@ impl Core {
         self.poll
             .borrow_mut()
             .record_wait(start.elapsed().as_nanos() as u64);
+    }
+
+    /// Block in ppoll(2) on the wake eventfd until a remote wake or `timeout`, then consume it.
+    fn sleep_on_eventfd(&self, timeout: Option<Duration>) -> io::Result<()> {
+        let fd = self.shared.event_fd.as_raw_fd();
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ts = timeout.map(|d| libc::timespec {
+            tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        });
+        let tsp = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: one valid pollfd; tsp is null or points to a live timespec.
+        let r = unsafe { libc::ppoll(&mut pfd, 1, tsp, std::ptr::null()) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
+        if r > 0 {
+            let mut v: u64 = 0;
+            // SAFETY: 8-byte read into a valid u64 from our non-blocking eventfd.
+            unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+        }
+        Ok(())
     }
 
     fn arm_wake_read(&self) {
@@ -651,7 +738,7 @@ impl Core {
             let _ = self.reap();
             let left = self.ring.borrow().in_flight();
             LinuxAio::shutdown_wait(self);
-            if left <= usize::from(self.wake_armed.get()) || Instant::now() >= deadline {
+            if left == 0 || Instant::now() >= deadline {
                 break;
             }
             let _ = self

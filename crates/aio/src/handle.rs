@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
-use crate::context::{Remote, Shared, current_id, with_core};
+use crate::context::{Remote, Shared, current_id, with_core_rc};
 use crate::oneshot::{self, Canceled};
 
 #[derive(Clone)]
@@ -90,7 +90,7 @@ impl ContextHandle {
         let (tx, rx) = oneshot::channel();
         self.schedule_oneshot(move || {
             let fut = make();
-            let spawned = with_core(|c| {
+            let spawned = with_core_rc(|c| {
                 c.spawn(async move {
                     tx.send(fut.await);
                 })

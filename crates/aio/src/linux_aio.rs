@@ -277,6 +277,14 @@ impl LinuxAio {
         }
     }
 
+    /// No request queued or in the kernel (the loop may sleep without watching the ring).
+    pub(crate) fn is_idle(core: &Core) -> bool {
+        core.linux_aio
+            .borrow()
+            .as_ref()
+            .is_none_or(|la| la.in_kernel == 0 && la.pending.is_empty())
+    }
+
     /// At context shutdown: wait (bounded) for requests in the kernel, then tear down.
     pub(crate) fn shutdown_wait(core: &Core) {
         let Some(mut la) = core.linux_aio.borrow_mut().take() else {

@@ -61,7 +61,6 @@ impl Ring {
         // cross-CPU task-work interrupts. Fall back for older kernels.
         let uring = IoUring::builder()
             .setup_single_issuer()
-            .setup_coop_taskrun()
             .setup_cqsize(entries * 4)
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))
@@ -225,6 +224,10 @@ impl Ring {
         }
     }
 
+    pub(crate) fn has_unsubmitted(&self) -> bool {
+        self.unsubmitted > 0
+    }
+
     pub(crate) fn has_completions(&mut self) -> bool {
         !self.uring.completion().is_empty()
     }
@@ -234,22 +237,28 @@ impl Ring {
     pub(crate) fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
         let mut n = 0;
         loop {
-            let cqe = {
-                let mut cq = self.uring.completion();
-                match cq.next() {
-                    Some(c) => c,
-                    None => break,
-                }
-            };
-            n += 1;
-            let user_data = cqe.user_data();
-            let c = match user_data {
-                TOKEN_IGNORE => Completion::Ignored,
-                TOKEN_WAKE => Completion::Wake,
-                TOKEN_LINUX_AIO => Completion::LinuxAio,
-                _ => self.complete(user_data, cqe.result(), cqe.flags()),
-            };
-            out.push(c);
+            // Copy a batch of CQEs out (one head update per batch), then act on them.
+            let mut batch =
+                [const { std::mem::MaybeUninit::<io_uring::cqueue::Entry>::uninit() }; 32];
+            let got = self.uring.completion().fill(&mut batch);
+            let count = got.len();
+            if count == 0 {
+                break;
+            }
+            n += count;
+            for c in got.iter() {
+                let (user_data, res, flags) = (c.user_data(), c.result(), c.flags());
+                let c = match user_data {
+                    TOKEN_IGNORE => Completion::Ignored,
+                    TOKEN_WAKE => Completion::Wake,
+                    TOKEN_LINUX_AIO => Completion::LinuxAio,
+                    _ => self.complete(user_data, res, flags),
+                };
+                out.push(c);
+            }
+            if count < batch.len() {
+                break;
+            }
         }
         n
     }

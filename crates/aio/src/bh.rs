@@ -53,10 +53,10 @@ pub(crate) struct BhTable {
 
 impl BhTable {
     fn remove(&mut self, id: usize) {
-        if let Some(e) = self.entries.get_mut(id) {
-            if e.take().is_some() {
-                self.free.push(id);
-            }
+        if let Some(e) = self.entries.get_mut(id)
+            && e.take().is_some()
+        {
+            self.free.push(id);
         }
     }
 
@@ -86,10 +86,10 @@ impl BhTable {
                 cb();
                 ran = true;
                 let mut t = core.bhs.borrow_mut();
-                if let Some(Some((s, slot))) = t.entries.get_mut(id) {
-                    if Arc::ptr_eq(s, &state) {
-                        *slot = Some(cb);
-                    }
+                if let Some(Some((s, slot))) = t.entries.get_mut(id)
+                    && Arc::ptr_eq(s, &state)
+                {
+                    *slot = Some(cb);
                 }
             }
         }

@@ -330,11 +330,11 @@ impl AioContext {
         let mut fut = pin!(fut);
         let mut out = None;
         self.core.run(|| {
-            if root_wake.woken.swap(false, Ordering::AcqRel) {
-                if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
-                    out = Some(v);
-                    return true;
-                }
+            if root_wake.woken.swap(false, Ordering::AcqRel)
+                && let Poll::Ready(v) = fut.as_mut().poll(&mut cx)
+            {
+                out = Some(v);
+                return true;
             }
             false
         });
@@ -426,10 +426,10 @@ pub async fn yield_now() {
 fn schedule_on(shared: &Arc<Shared>, runnable: Runnable) {
     let mut slot = Some(runnable);
     with_core(|c| {
-        if c.shared.id == shared.id {
-            if let Some(r) = slot.take() {
-                c.run_queue.borrow_mut().push_back(r);
-            }
+        if c.shared.id == shared.id
+            && let Some(r) = slot.take()
+        {
+            c.run_queue.borrow_mut().push_back(r);
         }
     });
     let Some(runnable) = slot else { return };
@@ -826,10 +826,10 @@ impl<T> Slab<T> {
         self.entries[k] = Some(v);
     }
     fn remove(&mut self, k: usize) {
-        if let Some(e) = self.entries.get_mut(k) {
-            if e.take().is_some() {
-                self.free.push(k);
-            }
+        if let Some(e) = self.entries.get_mut(k)
+            && e.take().is_some()
+        {
+            self.free.push(k);
         }
     }
     fn take_all(&mut self) -> Vec<T> {

@@ -323,8 +323,7 @@ impl LinuxAio {
 
 /// Make sure this thread's context has a Linux AIO context (for `aio=native` opens).
 pub fn probe() -> io::Result<()> {
-    with_core(|c| ensure(c))
-        .unwrap_or_else(|| Err(io::Error::other("no AioContext on this thread")))
+    with_core(ensure).unwrap_or_else(|| Err(io::Error::other("no AioContext on this thread")))
 }
 
 fn ensure(core: &Core) -> io::Result<()> {

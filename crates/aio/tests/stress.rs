@@ -89,8 +89,8 @@ fn four_threads_wake_tasks_on_three_contexts_a_million_times() {
 
     let mut waiters = Vec::new();
     for (c, t) in iothreads.iter().enumerate() {
-        for w in 0..WAKER_THREADS {
-            let s = signals[c][w].clone();
+        for s in &signals[c] {
+            let s = s.clone();
             waiters.push(t.handle().spawn(move || s.wait_all()));
         }
     }

@@ -330,7 +330,10 @@ impl AioContext {
         let mut fut = pin!(fut);
         let mut out = None;
         self.core.run(|| {
-            if root_wake.woken.swap(false, Ordering::AcqRel)
+            // Load first: the common turn has no root wake, and a plain load is cheaper than a
+            // swap on the hot path.
+            if root_wake.woken.load(Ordering::Acquire)
+                && root_wake.woken.swap(false, Ordering::AcqRel)
                 && let Poll::Ready(v) = fut.as_mut().poll(&mut cx)
             {
                 out = Some(v);

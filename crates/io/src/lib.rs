@@ -1,0 +1,19 @@
+//! The I/O-independent half of a qemu-io clone.
+//!
+//! This crate turns one qemu-io command line into a typed [`Command`] (or the
+//! exact diagnostic qemu-io 10.0.2 prints for it), and formats everything qemu-io
+//! prints that does not depend on the block layer: summary/statistics lines, the
+//! `-v` hexdump, pattern-verification messages, `map`/`alloc`/`length`/`info`
+//! lines and the `help` texts.
+//!
+//! Behaviour follows `docs/reference/qemu-io-behaviour.md` (black-box
+//! observations of the real tool); no QEMU source was consulted.
+#![forbid(unsafe_code)]
+
+pub mod command;
+pub mod format;
+pub mod getopt;
+pub mod help;
+pub mod numbers;
+
+pub use command::{Command, CommandError, Message, Stream, parse_command};

@@ -180,14 +180,13 @@ mod tests {
             .collect()
     }
 
-    fn run(
-        s: &str,
-        spec: &str,
-    ) -> (
+    type Parsed = (
         Vec<(char, Option<String>)>,
         Option<GetoptError>,
         Vec<String>,
-    ) {
+    );
+
+    fn run(s: &str, spec: &str) -> Parsed {
         let w = words(s);
         let mut g = Getopt::new(&w, spec);
         let mut opts = Vec::new();

@@ -631,12 +631,17 @@ impl Core {
             .borrow()
             .next_deadline()
             .map(|d| d.saturating_duration_since(Instant::now()));
-        // With nothing in flight in the ring but (maybe) our own wake read, sleep on the eventfd
-        // directly: one wake-up path fewer than a ring completion, so a remote wake of an idle
-        // context costs about what a bare eventfd round trip costs.
+        // With nothing in flight in the ring, sleep on the eventfd directly: one wake-up path
+        // fewer than a ring completion, so a remote wake of an idle context costs about what a
+        // bare eventfd round trip costs. Never while the ring's own wake read is armed: the
+        // kernel may complete that read (consuming the count) before ppoll looks, and the wake
+        // would be lost.
         let ring_idle = {
             let ring = self.ring.borrow();
-            ring.in_flight() == 0 && !ring.has_unsubmitted() && LinuxAio::is_idle(self)
+            ring.in_flight() == 0
+                && !ring.has_unsubmitted()
+                && !self.wake_armed.get()
+                && LinuxAio::is_idle(self)
         };
         if !ring_idle {
             self.arm_wake_read();

@@ -598,3 +598,27 @@ fn linux_aio_with_o_direct_when_the_filesystem_supports_it() {
     .unwrap();
     let _ = std::fs::remove_file(path);
 }
+
+/// A context that slept in the ring (its wake read armed) and then went idle must still wake for
+/// remote work. (The lost wake this guards against, ppoll on the eventfd while the ring's read of
+/// it was armed, needs the read to be completed by an io-wq worker to show; this test does not
+/// reliably provoke that, blockd-block's drain_and_graph test did in about 1 run of 3.)
+#[test]
+fn remote_wakes_are_not_lost_after_sleeping_in_the_ring() {
+    let t = IoThread::spawn("armed", PollParams::disabled()).unwrap();
+    let h = t.handle().clone();
+    block_on(async move {
+        for i in 0..2000 {
+            // A ring op in flight while the iothread sleeps: it sleeps in io_uring_enter with
+            // its wake read armed; after the op completes, the ring is idle but the read stays.
+            h.spawn(|| async { ops::ring_timeout(Duration::from_micros(20)).await.unwrap() })
+                .await
+                .unwrap();
+            blockd_aio::sleep(Duration::from_micros(50)).await;
+            let r = timeout(Duration::from_secs(5), h.call(|| 1)).await;
+            assert_eq!(r, Ok(Ok(1)), "round {i}: remote wake lost");
+        }
+    })
+    .unwrap();
+    t.stop();
+}

@@ -1,0 +1,150 @@
+//! The driver interface: what every format and protocol driver implements.
+//!
+//! Every I/O method returns a boxed future that runs on the calling thread's context (the ring
+//! of the thread that submitted the request, DESIGN.md rule 5); drivers are `Send + Sync`
+//! because a node serves requests from several contexts at once (multiqueue).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+
+use blockd_aio::IoBuf;
+
+use crate::node::Node;
+
+/// A request's future, local to the submitting thread.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// Result of a read or write: the outcome and the buffer back.
+pub type BufResult = (io::Result<()>, IoBuf);
+
+/// Request flags (QEMU's BDRV_REQ_*).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReqFlags(u32);
+
+impl ReqFlags {
+    pub const NONE: ReqFlags = ReqFlags(0);
+    /// Forced unit access: the write is on stable storage when it completes.
+    pub const FUA: ReqFlags = ReqFlags(1);
+    /// Write-zeroes may deallocate (punch a hole) instead of writing zeroes.
+    pub const MAY_UNMAP: ReqFlags = ReqFlags(2);
+    /// Write-zeroes must be fast (no fallback to writing a buffer of zeroes).
+    pub const NO_FALLBACK: ReqFlags = ReqFlags(4);
+
+    pub fn contains(self, other: ReqFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+    pub fn without(self, other: ReqFlags) -> ReqFlags {
+        ReqFlags(self.0 & !other.0)
+    }
+}
+
+impl std::ops::BitOr for ReqFlags {
+    type Output = ReqFlags;
+    fn bitor(self, o: ReqFlags) -> ReqFlags {
+        ReqFlags(self.0 | o.0)
+    }
+}
+
+/// What `block_status` reports for the extent starting at the queried offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Length of the extent with this status (≥ 1, ≤ the queried length).
+    pub len: u64,
+    /// The extent holds data (as opposed to a hole).
+    pub data: bool,
+    /// The extent reads as zeroes.
+    pub zero: bool,
+    /// The extent is allocated in this node (not inherited from a backing file).
+    pub allocated: bool,
+    /// Where the data lives in `offset_node`, when known (QEMU's BDRV_BLOCK_OFFSET_VALID).
+    pub offset: Option<u64>,
+}
+
+/// Request limits a node reports (QEMU's BlockLimits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Offsets and lengths of requests must be multiples of this.
+    pub request_alignment: u32,
+    /// Largest request the driver takes at once (0: no limit).
+    pub max_transfer: u64,
+    /// Memory alignment buffers need (O_DIRECT).
+    pub min_mem_alignment: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_alignment: 1,
+            max_transfer: 0,
+            min_mem_alignment: 1,
+        }
+    }
+}
+
+/// A driver instance, owned by its node.
+pub trait BlockDriver: Send + Sync + 'static {
+    /// QEMU's driver name (`file`, `raw`, `null-co`...).
+    fn format_name(&self) -> &'static str;
+
+    /// A format driver (as opposed to a protocol driver).
+    fn is_format(&self) -> bool {
+        false
+    }
+
+    /// A filter that passes I/O to its one child.
+    fn is_filter(&self) -> bool {
+        false
+    }
+
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+
+    /// Read `buf.len()` bytes at `offset` (within the node's length).
+    fn read<'a>(&'a self, node: &'a Node, offset: u64, buf: IoBuf) -> IoFuture<'a, BufResult>;
+
+    /// Write `buf` at `offset`.
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        buf: IoBuf,
+        flags: ReqFlags,
+    ) -> IoFuture<'a, BufResult>;
+
+    fn flush<'a>(&'a self, node: &'a Node) -> IoFuture<'a, io::Result<()>>;
+
+    /// Discard (the range may read back as anything afterwards, usually zeroes).
+    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> IoFuture<'a, io::Result<()>>;
+
+    /// Make the range read as zeroes.
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> IoFuture<'a, io::Result<()>>;
+
+    /// Status of the extent starting at `offset`, at most `len` bytes long.
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, io::Result<BlockStatus>>;
+
+    /// Resize to `len`. Returns the new length.
+    fn truncate<'a>(&'a self, node: &'a Node, len: u64) -> IoFuture<'a, io::Result<u64>>;
+
+    /// Extra lines for qemu-io's `info` (format-specific), as (label, value) pairs.
+    fn info(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+/// The error of an operation a driver does not support.
+pub fn not_supported() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOTSUP)
+}

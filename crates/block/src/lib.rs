@@ -1,0 +1,43 @@
+//! blockd's block layer (DESIGN.md, `block`).
+//!
+//! The request path: [`BlockBackend`] (`backend.rs`: admission against drains, bounds,
+//! in-flight count) → `io.rs` (alignment, read-modify-write, write-zeroes fallback) → the root
+//! node's driver (`drivers/raw.rs`, ...) → its children (`drivers/file.rs`) → the calling
+//! thread's ring. Topology: [`Node`] (`node.rs`), [`Graph`] (`graph.rs`, main context only,
+//! every change drained), [`drained`] (`drain.rs`), permissions (`perm.rs`), options
+//! (`options.rs`).
+
+pub mod backend;
+pub mod drain;
+pub mod driver;
+pub mod drivers;
+pub mod graph;
+pub mod io;
+pub mod node;
+pub mod options;
+pub mod perm;
+
+pub use backend::BlockBackend;
+pub use drain::{DrainGuard, drained, drained_all};
+pub use driver::{BlockDriver, BlockStatus, BufResult, IoFuture, Limits, ReqFlags};
+pub use graph::{Graph, OpenFlags};
+pub use node::{Child, Node};
+pub use perm::Perm;
+
+/// `strerror` text of an I/O error, as QEMU prints it ("No such file or directory").
+pub fn strerror(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => {
+            let s = e.to_string();
+            // std formats as "<text> (os error N)".
+            match s.rfind(" (os error") {
+                Some(i) => s[..i].to_string(),
+                None => {
+                    let _ = code;
+                    s
+                }
+            }
+        }
+        None => e.to_string(),
+    }
+}

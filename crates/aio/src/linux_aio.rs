@@ -321,6 +321,17 @@ impl LinuxAio {
     }
 }
 
+/// Check that the kernel offers Linux AIO (no context needed: for open-time checks; each
+/// context creates its own AIO context on first use).
+pub fn available() -> io::Result<()> {
+    let mut ctx: libc::c_ulong = 0;
+    // SAFETY: io_setup writes a context id into `ctx`.
+    sys_ret(unsafe { libc::syscall(libc::SYS_io_setup, 1 as libc::c_long, &mut ctx) })?;
+    // SAFETY: destroying the context just created, with nothing in flight.
+    unsafe { libc::syscall(libc::SYS_io_destroy, ctx) };
+    Ok(())
+}
+
 /// Make sure this thread's context has a Linux AIO context (for `aio=native` opens).
 pub fn probe() -> io::Result<()> {
     with_core(ensure).unwrap_or_else(|| Err(io::Error::other("no AioContext on this thread")))

@@ -138,7 +138,12 @@ pub struct BlockBackend {
 impl BlockBackend {
     /// Attach a backend named `name` to `root` with the given permissions, checking them
     /// against the node's other users.
-    pub fn new(name: &str, root: &Arc<Node>, perm: Perm, shared: Perm) -> Result<BlockBackend, String> {
+    pub fn new(
+        name: &str,
+        root: &Arc<Node>,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<BlockBackend, String> {
         let usage = Use {
             user: if name.is_empty() {
                 "a block device".to_string()
@@ -235,7 +240,10 @@ impl BlockBackend {
         let _g = InFlight(&self.shared);
         let node = self.shared.root.load_full();
         let len = buf.len() as u64;
-        if let Err(e) = self.check_write().and_then(|_| self.check_range(&node, offset, len)) {
+        if let Err(e) = self
+            .check_write()
+            .and_then(|_| self.check_range(&node, offset, len))
+        {
             return (Err(e), buf);
         }
         let r = crate::io::aligned_write(&node, offset, buf, flags).await;

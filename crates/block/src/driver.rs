@@ -116,7 +116,8 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn flush<'a>(&'a self, node: &'a Node) -> IoFuture<'a, io::Result<()>>;
 
     /// Discard (the range may read back as anything afterwards, usually zeroes).
-    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64) -> IoFuture<'a, io::Result<()>>;
+    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64)
+    -> IoFuture<'a, io::Result<()>>;
 
     /// Make the range read as zeroes.
     fn write_zeroes<'a>(

@@ -26,6 +26,8 @@ pub struct OpenFlags {
     pub cache_direct: bool,
     pub no_flush: bool,
     pub force_share: bool,
+    /// `discard=unmap`: discard requests deallocate (inherited by children, as in QEMU).
+    pub discard_unmap: bool,
 }
 
 pub struct Graph {
@@ -62,7 +64,11 @@ impl Graph {
         self.open_with(options, OpenFlags::default())
     }
 
-    pub fn open_with(&mut self, options: Map<String, Value>, inherit: OpenFlags) -> Result<Arc<Node>, String> {
+    pub fn open_with(
+        &mut self,
+        options: Map<String, Value>,
+        inherit: OpenFlags,
+    ) -> Result<Arc<Node>, String> {
         let mut o = Opts::new(options);
         let driver = o
             .take_str("driver")?
@@ -93,13 +99,14 @@ impl Graph {
             c.finish(&driver, false)?;
         }
         let discard = o.take_str("discard")?;
-        let unmap = match discard.as_deref() {
-            None | Some("ignore") | Some("off") => false,
-            Some("unmap") | Some("on") => true,
+        match discard.as_deref() {
+            None => {}
+            Some("ignore") | Some("off") => flags.discard_unmap = false,
+            Some("unmap") | Some("on") => flags.discard_unmap = true,
             Some(other) => return Err(format!("Invalid discard option '{other}'")),
-        };
+        }
         let _detect_zeroes = o.take_str("detect-zeroes")?;
-        let opened = drivers::open(self, &driver, &mut o, flags, unmap)?;
+        let opened = drivers::open(self, &driver, &mut o, flags)?;
         let is_format = opened.driver.is_format();
         o.finish(&driver, is_format)?;
         let (name, auto) = match name {
@@ -125,7 +132,8 @@ impl Graph {
                 shared: c.shared,
             };
             crate::perm::check(c.node.name(), &c.node.uses(), &usage)?;
-            c.node.add_parent(ParentRef::Node(Arc::downgrade(&node)), usage);
+            c.node
+                .add_parent(ParentRef::Node(Arc::downgrade(&node)), usage);
         }
         self.nodes.insert(name, node.clone());
         Ok(node)
@@ -143,7 +151,14 @@ impl Graph {
         if self.nodes.contains_key(name) {
             return Err(format!("Duplicate nodes with node-name='{name}'"));
         }
-        let node = Node::new(name.to_string(), false, driver, children.clone(), length, false);
+        let node = Node::new(
+            name.to_string(),
+            false,
+            driver,
+            children.clone(),
+            length,
+            false,
+        );
         for c in &children {
             let usage = Use {
                 user: format!("node '{name}'"),
@@ -152,7 +167,8 @@ impl Graph {
                 shared: c.shared,
             };
             crate::perm::check(c.node.name(), &c.node.uses(), &usage)?;
-            c.node.add_parent(ParentRef::Node(Arc::downgrade(&node)), usage);
+            c.node
+                .add_parent(ParentRef::Node(Arc::downgrade(&node)), usage);
         }
         self.nodes.insert(name.to_string(), node.clone());
         Ok(node)
@@ -181,26 +197,39 @@ impl Graph {
             .node(name)
             .ok_or_else(|| format!("Failed to find node with node-name='{name}'"))?;
         if node.parent_count() > 0 {
-            return Err(format!("Node '{name}' is busy: node is used as root of a block backend or a child"));
+            return Err(format!(
+                "Node '{name}' is busy: node is used as root of a block backend or a child"
+            ));
         }
         self.nodes.remove(name);
         let me = ParentRef::Node(Arc::downgrade(&node));
         for c in node.children().iter() {
             c.node.remove_parent(&me);
             if c.node.is_auto_named() && c.node.parent_count() == 0 {
-                let _ = self.remove(&c.node.name().to_string());
+                let _ = self.remove(c.node.name());
             }
         }
         Ok(())
     }
 
     /// Attach a BlockBackend to `node`.
-    pub fn new_backend(&self, name: &str, node: &Arc<Node>, perm: Perm, shared: Perm) -> Result<BlockBackend, String> {
+    pub fn new_backend(
+        &self,
+        name: &str,
+        node: &Arc<Node>,
+        perm: Perm,
+        shared: Perm,
+    ) -> Result<BlockBackend, String> {
         BlockBackend::new(name, node, perm, shared)
     }
 
     /// Point `parent`'s child `child_name` at `new_child`, inside a drain of all three nodes.
-    pub async fn replace_child(&mut self, parent: &Arc<Node>, child_name: &str, new_child: &Arc<Node>) -> Result<(), String> {
+    pub async fn replace_child(
+        &mut self,
+        parent: &Arc<Node>,
+        child_name: &str,
+        new_child: &Arc<Node>,
+    ) -> Result<(), String> {
         let old = parent
             .child(child_name)
             .ok_or_else(|| format!("Node '{}' has no child '{child_name}'", parent.name()))?;
@@ -227,7 +256,11 @@ impl Graph {
 
     /// Insert `filter` (already opened with `node` as its only child) above `node`: every other
     /// parent of `node` now uses `filter`.
-    pub async fn insert_filter_above(&mut self, node: &Arc<Node>, filter: &Arc<Node>) -> Result<(), String> {
+    pub async fn insert_filter_above(
+        &mut self,
+        node: &Arc<Node>,
+        filter: &Arc<Node>,
+    ) -> Result<(), String> {
         let _drain = drained_all(&[node.clone(), filter.clone()]).await;
         let filter_ref = ParentRef::Node(Arc::downgrade(filter));
         let others: Vec<ParentRef> = node
@@ -246,11 +279,18 @@ impl Graph {
     pub async fn remove_filter(&mut self, filter: &Arc<Node>) -> Result<(), String> {
         let children = filter.children();
         let [only] = children.as_slice() else {
-            return Err(format!("Node '{}' is not a filter with one child", filter.name()));
+            return Err(format!(
+                "Node '{}' is not a filter with one child",
+                filter.name()
+            ));
         };
         let below = only.node.clone();
         let _drain = drained_all(&[filter.clone(), below.clone()]).await;
-        let parents: Vec<ParentRef> = filter.lock_parents().iter().map(|p| p.parent.clone()).collect();
+        let parents: Vec<ParentRef> = filter
+            .lock_parents()
+            .iter()
+            .map(|p| p.parent.clone())
+            .collect();
         for p in parents {
             self.repoint_parent(&p, filter, &below);
         }
@@ -262,7 +302,11 @@ impl Graph {
     }
 
     /// Make `backend` send its requests to `new_root`.
-    pub async fn set_backend_root(&mut self, backend: &BlockBackend, new_root: &Arc<Node>) -> Result<(), String> {
+    pub async fn set_backend_root(
+        &mut self,
+        backend: &BlockBackend,
+        new_root: &Arc<Node>,
+    ) -> Result<(), String> {
         let old = backend.root();
         let _drain = drained_all(&[old.clone(), new_root.clone()]).await;
         self.repoint_parent(&backend.parent_ref(), &old, new_root);
@@ -309,7 +353,8 @@ impl Graph {
 fn check_node_name(n: &str) -> Result<(), String> {
     let ok = n.len() < 32
         && n.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && n.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
     if ok {
         Ok(())
     } else {

@@ -13,12 +13,12 @@ use crate::node::Node;
 fn aligned(node: &Node, offset: u64, len: u64) -> bool {
     let a = node.limits().request_alignment as u64;
     let m = node.limits().min_mem_alignment as usize;
-    a <= 1 && m <= 1 || (offset % a == 0 && len % a == 0)
+    a <= 1 && m <= 1 || (offset.is_multiple_of(a) && len.is_multiple_of(a))
 }
 
 fn mem_ok(node: &Node, buf: &IoBuf) -> bool {
     let m = node.limits().min_mem_alignment as usize;
-    m <= 1 || (buf.as_ptr() as usize % m == 0 && buf.len() % m == 0)
+    m <= 1 || ((buf.as_ptr() as usize).is_multiple_of(m) && buf.len().is_multiple_of(m))
 }
 
 /// Read through `node`, bouncing through an aligned buffer when needed.
@@ -44,7 +44,12 @@ pub async fn aligned_read(node: &Arc<Node>, offset: u64, buf: IoBuf) -> BufResul
 }
 
 /// Write through `node`; unaligned writes read the surrounding blocks first.
-pub async fn aligned_write(node: &Arc<Node>, offset: u64, buf: IoBuf, flags: ReqFlags) -> BufResult {
+pub async fn aligned_write(
+    node: &Arc<Node>,
+    offset: u64,
+    buf: IoBuf,
+    flags: ReqFlags,
+) -> BufResult {
     let len = buf.len() as u64;
     if len == 0 {
         return (Ok(()), buf);
@@ -79,15 +84,24 @@ fn mem_align(node: &Node) -> usize {
 
 /// Write zeroes, falling back to writing a zero buffer when the driver cannot (unless the
 /// caller asked for no fallback).
-pub async fn write_zeroes(node: &Arc<Node>, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {
+pub async fn write_zeroes(
+    node: &Arc<Node>,
+    offset: u64,
+    len: u64,
+    flags: ReqFlags,
+) -> io::Result<()> {
     match node.driver().write_zeroes(node, offset, len, flags).await {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) && !flags.contains(ReqFlags::NO_FALLBACK) => {
+        Err(e)
+            if e.raw_os_error() == Some(libc::ENOTSUP)
+                && !flags.contains(ReqFlags::NO_FALLBACK) =>
+        {
             const CHUNK: u64 = 1 << 20;
             let mut off = offset;
             while off < offset + len {
                 let n = CHUNK.min(offset + len - off);
                 let buf = IoBuf::zeroed(n as usize, mem_align(node));
-                let (r, _) = aligned_write(node, off, buf, flags.without(ReqFlags::MAY_UNMAP)).await;
+                let (r, _) =
+                    aligned_write(node, off, buf, flags.without(ReqFlags::MAY_UNMAP)).await;
                 r?;
                 off += n;
             }

@@ -52,6 +52,16 @@ pub struct Node {
     auto_named: bool,
 }
 
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver.format_name())
+            .field("length", &self.length())
+            .finish()
+    }
+}
+
 impl Node {
     pub(crate) fn new(
         name: String,
@@ -133,7 +143,10 @@ impl Node {
 
     /// Names of the parents' uses, for permission checks and error messages.
     pub(crate) fn uses(&self) -> Vec<Use> {
-        self.lock_parents().iter().map(|p| p.usage.clone()).collect()
+        self.lock_parents()
+            .iter()
+            .map(|p| p.usage.clone())
+            .collect()
     }
 
     pub fn parent_count(&self) -> usize {
@@ -203,16 +216,20 @@ impl Node {
             let pos = ps.iter().position(|p| same_parent(&p.parent, parent));
             pos.map(|i| ps.remove(i))
         };
-        if let Some(link) = removed {
-            if link.quiesced {
-                unquiesce_parent(&link.parent);
-            }
+        if let Some(link) = removed
+            && link.quiesced
+        {
+            unquiesce_parent(&link.parent);
         }
     }
 }
 
 fn collect_backends(node: &Arc<Node>, out: &mut Vec<Arc<BackendShared>>) {
-    let parents: Vec<ParentRef> = node.lock_parents().iter().map(|p| p.parent.clone()).collect();
+    let parents: Vec<ParentRef> = node
+        .lock_parents()
+        .iter()
+        .map(|p| p.parent.clone())
+        .collect();
     for p in parents {
         match p {
             ParentRef::Node(w) => {
@@ -221,10 +238,10 @@ fn collect_backends(node: &Arc<Node>, out: &mut Vec<Arc<BackendShared>>) {
                 }
             }
             ParentRef::Backend(w) => {
-                if let Some(b) = w.upgrade() {
-                    if !out.iter().any(|x| Arc::ptr_eq(x, &b)) {
-                        out.push(b);
-                    }
+                if let Some(b) = w.upgrade()
+                    && !out.iter().any(|x| Arc::ptr_eq(x, &b))
+                {
+                    out.push(b);
                 }
             }
         }

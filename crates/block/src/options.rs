@@ -118,7 +118,10 @@ impl Opts {
             Some(Value::String(s)) => match s.as_str() {
                 "on" | "yes" | "true" | "y" => Ok(Some(true)),
                 "off" | "no" | "false" | "n" => Ok(Some(false)),
-                _ => Err(format!("Parameter '{}' expects 'on' or 'off'", self.name(key))),
+                _ => Err(format!(
+                    "Parameter '{}' expects 'on' or 'off'",
+                    self.name(key)
+                )),
             },
             Some(_) => Err(format!(
                 "Invalid parameter type for '{}', expected: boolean",
@@ -217,7 +220,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
     }
     let f: f64 = num.parse().ok()?;
     let v = f * mult as f64;
-    (v.is_finite() && v >= 0.0 && v < 18446744073709551616.0).then_some(v as u64)
+    (v.is_finite() && (0.0..18446744073709551616.0).contains(&v)).then_some(v as u64)
 }
 
 #[cfg(test)]
@@ -246,9 +249,11 @@ mod tests {
             o.take_bool("direct").unwrap_err(),
             "Parameter 'direct' expects 'on' or 'off'"
         );
-        assert!(o.take_size("offset").unwrap_err().starts_with(
-            "Parameter 'offset' expects a non-negative number below 2^64"
-        ));
+        assert!(
+            o.take_size("offset")
+                .unwrap_err()
+                .starts_with("Parameter 'offset' expects a non-negative number below 2^64")
+        );
         assert_eq!(parse_size("1.5k"), Some(1536));
         assert_eq!(parse_size("-1"), None);
         assert_eq!(parse_size("16E"), None);

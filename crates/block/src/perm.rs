@@ -105,16 +105,24 @@ mod tests {
 
     #[test]
     fn writers_conflict_when_not_shared() {
-        let a = u("block device 'a'", Perm::CONSISTENT_READ | Perm::WRITE, Perm::ALL.minus(Perm::WRITE));
+        let a = u(
+            "block device 'a'",
+            Perm::CONSISTENT_READ | Perm::WRITE,
+            Perm::ALL.minus(Perm::WRITE),
+        );
         let b = u("block device 'b'", Perm::WRITE, Perm::ALL);
-        let e = check("file0", &[a.clone()], &b).unwrap_err();
+        let e = check("file0", std::slice::from_ref(&a), &b).unwrap_err();
         assert_eq!(
             e,
             "Conflicts with use by block device 'a' as 'root', which does not allow 'write' on file0"
         );
         let reader = u("block device 'c'", Perm::CONSISTENT_READ, Perm::ALL);
-        assert!(check("file0", &[a.clone()], &reader).is_ok());
-        let exclusive_reader = u("block device 'd'", Perm::CONSISTENT_READ, Perm::CONSISTENT_READ);
+        assert!(check("file0", std::slice::from_ref(&a), &reader).is_ok());
+        let exclusive_reader = u(
+            "block device 'd'",
+            Perm::CONSISTENT_READ,
+            Perm::CONSISTENT_READ,
+        );
         let e = check("file0", &[a], &exclusive_reader).unwrap_err();
         assert!(e.ends_with("which uses 'write' on file0"), "{e}");
     }

@@ -53,7 +53,13 @@ impl BlockDriver for Counting {
             c.driver().read(&c, off, buf).await
         })
     }
-    fn write<'a>(&'a self, node: &'a Node, off: u64, buf: IoBuf, f: ReqFlags) -> IoFuture<'a, BufResult> {
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        off: u64,
+        buf: IoBuf,
+        f: ReqFlags,
+    ) -> IoFuture<'a, BufResult> {
         Box::pin(async move {
             self.started.fetch_add(1, Ordering::SeqCst);
             self.active.fetch_add(1, Ordering::SeqCst);
@@ -74,13 +80,24 @@ impl BlockDriver for Counting {
             c.driver().discard(&c, o, l).await
         })
     }
-    fn write_zeroes<'a>(&'a self, node: &'a Node, o: u64, l: u64, f: ReqFlags) -> IoFuture<'a, std::io::Result<()>> {
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        o: u64,
+        l: u64,
+        f: ReqFlags,
+    ) -> IoFuture<'a, std::io::Result<()>> {
         Box::pin(async move {
             let c = Self::child(node);
             c.driver().write_zeroes(&c, o, l, f).await
         })
     }
-    fn block_status<'a>(&'a self, node: &'a Node, o: u64, l: u64) -> IoFuture<'a, std::io::Result<BlockStatus>> {
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        o: u64,
+        l: u64,
+    ) -> IoFuture<'a, std::io::Result<BlockStatus>> {
         Box::pin(async move {
             let c = Self::child(node);
             c.driver().block_status(&c, o, l).await
@@ -115,20 +132,24 @@ fn start_load(backends: &[BlockBackend]) -> Load {
     for w in 0..WRITERS {
         let be = backends[(w % backends.len() as u64) as usize].clone();
         let stop = stop.clone();
-        tasks.push(threads[(w % 2) as usize].handle().spawn(move || async move {
-            let mut seq = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                seq += 1;
-                let blk = seq % BLOCKS_PER_WRITER;
-                let off = (w * BLOCKS_PER_WRITER + blk) * BLOCK as u64;
-                let mut buf = IoBuf::new(BLOCK, 4096);
-                buf.fill((w as u8) ^ (seq as u8));
-                buf[..8].copy_from_slice(&(w << 56 | seq).to_le_bytes());
-                let (r, _) = be.write(off, buf, ReqFlags::NONE).await;
-                r.expect("write failed under drain/graph changes");
-            }
-            seq
-        }));
+        tasks.push(
+            threads[(w % 2) as usize]
+                .handle()
+                .spawn(move || async move {
+                    let mut seq = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        seq += 1;
+                        let blk = seq % BLOCKS_PER_WRITER;
+                        let off = (w * BLOCKS_PER_WRITER + blk) * BLOCK as u64;
+                        let mut buf = IoBuf::new(BLOCK, 4096);
+                        buf.fill((w as u8) ^ (seq as u8));
+                        buf[..8].copy_from_slice(&(w << 56 | seq).to_le_bytes());
+                        let (r, _) = be.write(off, buf, ReqFlags::NONE).await;
+                        r.expect("write failed under drain/graph changes");
+                    }
+                    seq
+                }),
+        );
     }
     Load {
         stop,
@@ -142,7 +163,14 @@ fn finish_load(load: Load, backends: &[BlockBackend]) -> Vec<u64> {
     let tasks = load.tasks;
     let state: Vec<String> = backends
         .iter()
-        .map(|b| format!("{}: in_flight {} quiesced {}", b.name(), b.in_flight(), b.is_quiesced()))
+        .map(|b| {
+            format!(
+                "{}: in_flight {} quiesced {}",
+                b.name(),
+                b.in_flight(),
+                b.is_quiesced()
+            )
+        })
         .collect();
     block_on(async move {
         let mut out = Vec::new();
@@ -160,7 +188,10 @@ fn finish_load(load: Load, backends: &[BlockBackend]) -> Vec<u64> {
 /// Every block holds the newest write its writer made there.
 fn check_landed(path: &std::path::Path, seqs: &[u64]) {
     let mut data = Vec::new();
-    std::fs::File::open(path).unwrap().read_to_end(&mut data).unwrap();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_to_end(&mut data)
+        .unwrap();
     for (w, &last) in seqs.iter().enumerate() {
         let w = w as u64;
         for blk in 0..BLOCKS_PER_WRITER {
@@ -170,10 +201,16 @@ fn check_landed(path: &std::path::Path, seqs: &[u64]) {
             };
             let off = ((w * BLOCKS_PER_WRITER + blk) as usize) * BLOCK;
             let head = u64::from_le_bytes(data[off..off + 8].try_into().unwrap());
-            assert_eq!(head, w << 56 | seq, "writer {w} block {blk}: newest write missing");
-            assert!(data[off + 8..off + BLOCK]
-                .iter()
-                .all(|&x| x == (w as u8) ^ (seq as u8)));
+            assert_eq!(
+                head,
+                w << 56 | seq,
+                "writer {w} block {blk}: newest write missing"
+            );
+            assert!(
+                data[off + 8..off + BLOCK]
+                    .iter()
+                    .all(|&x| x == (w as u8) ^ (seq as u8))
+            );
         }
     }
 }
@@ -208,8 +245,13 @@ fn eight_writers_on_two_iothreads_while_main_drains_1000_times() {
         .unwrap();
     let backends: Vec<BlockBackend> = (0..4)
         .map(|i| {
-            BlockBackend::new(&format!("dev{i}"), &counting, Perm::CONSISTENT_READ | Perm::WRITE, Perm::ALL)
-                .unwrap()
+            BlockBackend::new(
+                &format!("dev{i}"),
+                &counting,
+                Perm::CONSISTENT_READ | Perm::WRITE,
+                Perm::ALL,
+            )
+            .unwrap()
         })
         .collect();
     let load = start_load(&backends);
@@ -225,17 +267,29 @@ fn eight_writers_on_two_iothreads_while_main_drains_1000_times() {
             // Drain the format node under the filter: parents up to the backends quiesce.
             let guard = drained(&node).await;
             for be in &bes {
-                assert_eq!(be.in_flight(), 0, "round {round}: request in flight while drained");
+                assert_eq!(
+                    be.in_flight(),
+                    0,
+                    "round {round}: request in flight while drained"
+                );
                 assert!(be.is_quiesced());
             }
-            assert_eq!(act.load(Ordering::SeqCst), 0, "round {round}: request below the backends");
+            assert_eq!(
+                act.load(Ordering::SeqCst),
+                0,
+                "round {round}: request below the backends"
+            );
             let before = st.load(Ordering::SeqCst);
             if round % 50 == 0 {
                 blockd_aio::sleep(Duration::from_millis(2)).await;
             } else {
                 blockd_aio::yield_now().await;
             }
-            assert_eq!(st.load(Ordering::SeqCst), before, "round {round}: request started while drained");
+            assert_eq!(
+                st.load(Ordering::SeqCst),
+                before,
+                "round {round}: request started while drained"
+            );
             // Nested drain counts.
             let inner = drained(&node).await;
             drop(inner);
@@ -246,7 +300,10 @@ fn eight_writers_on_two_iothreads_while_main_drains_1000_times() {
     })
     .unwrap();
     let seqs = finish_load(load, &backends);
-    assert!(seqs.iter().all(|&s| s > 0), "every writer made progress: {seqs:?}");
+    assert!(
+        seqs.iter().all(|&s| s > 0),
+        "every writer made progress: {seqs:?}"
+    );
     for be in backends {
         be.detach();
     }
@@ -265,7 +322,15 @@ fn filter_inserted_and_removed_1000_times_under_load() {
     .unwrap();
     let fmt = g.open(opts).unwrap();
     let backends: Vec<BlockBackend> = (0..2)
-        .map(|i| BlockBackend::new(&format!("dev{i}"), &fmt, Perm::CONSISTENT_READ | Perm::WRITE, Perm::ALL).unwrap())
+        .map(|i| {
+            BlockBackend::new(
+                &format!("dev{i}"),
+                &fmt,
+                Perm::CONSISTENT_READ | Perm::WRITE,
+                Perm::ALL,
+            )
+            .unwrap()
+        })
         .collect();
     let load = start_load(&backends);
     let started = Arc::new(AtomicU64::new(0));
@@ -292,19 +357,28 @@ fn filter_inserted_and_removed_1000_times_under_load() {
                 .unwrap();
             g.insert_filter_above(&fmt, &f).await.unwrap();
             for be in &bes {
-                assert!(Arc::ptr_eq(&be.root(), &f), "round {round}: backend not above the filter");
+                assert!(
+                    Arc::ptr_eq(&be.root(), &f),
+                    "round {round}: backend not above the filter"
+                );
             }
             blockd_aio::sleep(Duration::from_micros(100)).await;
             g.remove_filter(&f).await.unwrap();
             for be in &bes {
-                assert!(Arc::ptr_eq(&be.root(), &fmt), "round {round}: filter not removed");
+                assert!(
+                    Arc::ptr_eq(&be.root(), &fmt),
+                    "round {round}: filter not removed"
+                );
             }
             assert_eq!(f.parent_count(), 0);
         }
         (g, fmt)
     })
     .unwrap();
-    assert!(started.load(Ordering::SeqCst) > 0, "requests went through the filter");
+    assert!(
+        started.load(Ordering::SeqCst) > 0,
+        "requests went through the filter"
+    );
     let seqs = finish_load(load, &backends);
     for be in backends {
         be.detach();

@@ -36,7 +36,8 @@ pub struct FileDriver {
     filename: String,
 }
 
-pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags, discard_unmap: bool) -> Result<Opened, String> {
+pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opened, String> {
+    let discard_unmap = flags.discard_unmap;
     let filename = o
         .take_str("filename")?
         .ok_or_else(|| "Parameter 'filename' is required".to_string())?;
@@ -46,15 +47,18 @@ pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags, discard_unmap: 
         Some("threads") => Aio::Threads,
         Some(other) => return Err(format!("Parameter 'aio' does not accept value '{other}'")),
     };
-    if let Some(l) = o.take_str("locking")? {
-        if !matches!(l.as_str(), "auto" | "on" | "off") {
-            return Err(format!("Parameter 'locking' does not accept value '{l}'"));
-        }
+    if let Some(l) = o.take_str("locking")?
+        && !matches!(l.as_str(), "auto" | "on" | "off")
+    {
+        return Err(format!("Parameter 'locking' does not accept value '{l}'"));
     }
     let _ = o.take_u64("aio-max-batch")?;
     let _ = o.take_bool("drop-cache")?;
     if aio == Aio::Native && !flags.cache_direct {
-        return Err("aio=native was specified, but it requires cache.direct=on, which was not specified.".into());
+        return Err(
+            "aio=native was specified, but it requires cache.direct=on, which was not specified."
+                .into(),
+        );
     }
     let mut oo = std::fs::OpenOptions::new();
     oo.read(true).write(!flags.read_only);
@@ -66,7 +70,9 @@ pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags, discard_unmap: 
     let file = oo
         .open(&filename)
         .map_err(|e| format!("Could not open '{filename}': {}", crate::strerror(&e)))?;
-    let meta = file.metadata().map_err(|e| format!("Could not stat '{filename}': {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("Could not stat '{filename}': {e}"))?;
     let is_blk = meta.file_type().is_block_device();
     if driver == "file" && is_blk {
         return Err(format!(
@@ -76,7 +82,11 @@ pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags, discard_unmap: 
     if driver == "host_device" && !is_blk && !meta.file_type().is_char_device() {
         return Err(format!("'{filename}' is not a block device"));
     }
-    let length = if is_blk { blk_size(file.as_raw_fd())? } else { meta.len() };
+    let length = if is_blk {
+        blk_size(file.as_raw_fd())?
+    } else {
+        meta.len()
+    };
     let limits = if flags.cache_direct {
         let (mem, off) = dio_alignment(file.as_raw_fd());
         Limits {
@@ -88,11 +98,15 @@ pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags, discard_unmap: 
         Limits::default()
     };
     if aio == Aio::Native {
-        linux_aio::probe().map_err(|e| format!("Unable to use native AIO: {e}"))?;
+        linux_aio::available().map_err(|e| format!("Unable to use native AIO: {e}"))?;
     }
     Ok(Opened {
         driver: Box::new(FileDriver {
-            name: if driver == "host_device" { "host_device" } else { "file" },
+            name: if driver == "host_device" {
+                "host_device"
+            } else {
+                "file"
+            },
             file: Arc::new(file),
             aio,
             no_flush: flags.no_flush,
@@ -110,7 +124,10 @@ fn blk_size(fd: RawFd) -> Result<u64, String> {
     // SAFETY: BLKGETSIZE64 writes a u64 through the pointer.
     let r = unsafe { libc::ioctl(fd, 0x80081272, &mut size) };
     if r < 0 {
-        return Err(format!("Could not get device size: {}", io::Error::last_os_error()));
+        return Err(format!(
+            "Could not get device size: {}",
+            io::Error::last_os_error()
+        ));
     }
     Ok(size)
 }
@@ -120,7 +137,15 @@ fn dio_alignment(fd: RawFd) -> (u32, u32) {
     // SAFETY: statx is plain old data.
     let mut st: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd, empty path with AT_EMPTY_PATH, valid output buffer.
-    let r = unsafe { libc::statx(fd, c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut st) };
+    let r = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut st,
+        )
+    };
     if r == 0 && st.stx_mask & libc::STATX_DIOALIGN != 0 && st.stx_dio_offset_align != 0 {
         (st.stx_dio_mem_align.max(1), st.stx_dio_offset_align)
     } else {
@@ -152,7 +177,12 @@ impl FileDriver {
                 .await
                 {
                     Ok(x) => x,
-                    Err(_) => return (Err(io::Error::other("I/O thread died")), IoBuf::new(want, 512)),
+                    Err(_) => {
+                        return (
+                            Err(io::Error::other("I/O thread died")),
+                            IoBuf::new(want, 512),
+                        );
+                    }
                 }
             }
         };
@@ -176,7 +206,12 @@ impl FileDriver {
     }
 
     /// Complete a short read: read the remainder, or zero-fill at end of file.
-    async fn read_tail(&self, offset: u64, mut buf: IoBuf, mut done: usize) -> (io::Result<()>, IoBuf) {
+    async fn read_tail(
+        &self,
+        offset: u64,
+        mut buf: IoBuf,
+        mut done: usize,
+    ) -> (io::Result<()>, IoBuf) {
         while done < buf.len() {
             let mut rest = IoBuf::new(buf.len() - done, 4096);
             let (r, b) = ops::read_at(self.fd(), rest, offset + done as u64).await;
@@ -198,7 +233,11 @@ impl FileDriver {
 
     async fn write_full(&self, offset: u64, buf: IoBuf, flags: ReqFlags) -> BufResult {
         let want = buf.len();
-        let rw = if flags.contains(ReqFlags::FUA) { libc::RWF_DSYNC } else { 0 };
+        let rw = if flags.contains(ReqFlags::FUA) {
+            libc::RWF_DSYNC
+        } else {
+            0
+        };
         let (r, buf) = match self.aio {
             Aio::IoUring => ops::write_at_flags(self.fd(), buf, offset, rw).await,
             Aio::Native => linux_aio::write_at(self.fd(), buf, offset, rw).await,
@@ -206,13 +245,20 @@ impl FileDriver {
                 let f = self.file.clone();
                 let fua = rw != 0;
                 match blocking::spawn_blocking(move || {
-                    let r = f.write_all_at(&buf, offset).and_then(|_| if fua { f.sync_data() } else { Ok(()) });
+                    let r = f
+                        .write_all_at(&buf, offset)
+                        .and_then(|_| if fua { f.sync_data() } else { Ok(()) });
                     (r.map(|_| want), buf)
                 })
                 .await
                 {
                     Ok(x) => x,
-                    Err(_) => return (Err(io::Error::other("I/O thread died")), IoBuf::new(want, 512)),
+                    Err(_) => {
+                        return (
+                            Err(io::Error::other("I/O thread died")),
+                            IoBuf::new(want, 512),
+                        );
+                    }
                 }
             }
         };
@@ -237,7 +283,13 @@ impl BlockDriver for FileDriver {
         Box::pin(self.read_full(off, buf))
     }
 
-    fn write<'a>(&'a self, node: &'a Node, off: u64, buf: IoBuf, flags: ReqFlags) -> IoFuture<'a, BufResult> {
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        off: u64,
+        buf: IoBuf,
+        flags: ReqFlags,
+    ) -> IoFuture<'a, BufResult> {
         Box::pin(async move {
             let end = off + buf.len() as u64;
             let r = self.write_full(off, buf, flags).await;
@@ -269,7 +321,13 @@ impl BlockDriver for FileDriver {
         })
     }
 
-    fn write_zeroes<'a>(&'a self, _n: &'a Node, off: u64, len: u64, flags: ReqFlags) -> IoFuture<'a, io::Result<()>> {
+    fn write_zeroes<'a>(
+        &'a self,
+        _n: &'a Node,
+        off: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> IoFuture<'a, io::Result<()>> {
         Box::pin(async move {
             let r = if flags.contains(ReqFlags::MAY_UNMAP) && self.discard_unmap {
                 ops::punch_hole(self.fd(), off, len).await
@@ -285,7 +343,12 @@ impl BlockDriver for FileDriver {
         })
     }
 
-    fn block_status<'a>(&'a self, _n: &'a Node, off: u64, len: u64) -> IoFuture<'a, io::Result<BlockStatus>> {
+    fn block_status<'a>(
+        &'a self,
+        _n: &'a Node,
+        off: u64,
+        len: u64,
+    ) -> IoFuture<'a, io::Result<BlockStatus>> {
         Box::pin(async move { seek_status(self.fd(), off, len) })
     }
 
@@ -318,7 +381,11 @@ fn seek_status(fd: RawFd, off: u64, len: u64) -> io::Result<BlockStatus> {
     } else {
         // SAFETY: lseek on a valid fd.
         let hole = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_HOLE) };
-        let h = if hole < 0 { end } else { (hole as u64).min(end) };
+        let h = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
         (true, h.max(off + 1))
     };
     Ok(BlockStatus {

@@ -26,10 +26,9 @@ pub(crate) fn open(
     driver: &str,
     o: &mut Opts,
     flags: OpenFlags,
-    discard_unmap: bool,
 ) -> Result<Opened, String> {
     match driver {
-        "file" | "host_device" => file::open(driver, o, flags, discard_unmap),
+        "file" | "host_device" => file::open(driver, o, flags),
         "null-co" | "null-aio" => null::open(driver, o),
         "raw" => raw::open(graph, o, flags),
         other => Err(format!("Unknown driver '{other}'")),
@@ -37,7 +36,12 @@ pub(crate) fn open(
 }
 
 /// Open a child and keep an edge to it.
-pub(crate) fn child_edge(name: &str, node: Arc<crate::node::Node>, perm: crate::perm::Perm, shared: crate::perm::Perm) -> Child {
+pub(crate) fn child_edge(
+    name: &str,
+    node: Arc<crate::node::Node>,
+    perm: crate::perm::Perm,
+    shared: crate::perm::Perm,
+) -> Child {
     Child {
         name: name.to_string(),
         node,

@@ -24,7 +24,11 @@ pub(crate) fn open(driver: &str, o: &mut Opts) -> Result<Opened, String> {
     let latency = Duration::from_nanos(o.take_u64("latency-ns")?.unwrap_or(0));
     Ok(Opened {
         driver: Box::new(NullDriver {
-            name: if driver == "null-aio" { "null-aio" } else { "null-co" },
+            name: if driver == "null-aio" {
+                "null-aio"
+            } else {
+                "null-co"
+            },
             read_zeroes,
             latency,
         }),
@@ -56,7 +60,13 @@ impl BlockDriver for NullDriver {
         })
     }
 
-    fn write<'a>(&'a self, _n: &'a Node, _off: u64, buf: IoBuf, _f: ReqFlags) -> IoFuture<'a, BufResult> {
+    fn write<'a>(
+        &'a self,
+        _n: &'a Node,
+        _off: u64,
+        buf: IoBuf,
+        _f: ReqFlags,
+    ) -> IoFuture<'a, BufResult> {
         Box::pin(async move {
             self.delay().await;
             (Ok(()), buf)
@@ -74,14 +84,25 @@ impl BlockDriver for NullDriver {
         })
     }
 
-    fn write_zeroes<'a>(&'a self, _n: &'a Node, _o: u64, _l: u64, _f: ReqFlags) -> IoFuture<'a, io::Result<()>> {
+    fn write_zeroes<'a>(
+        &'a self,
+        _n: &'a Node,
+        _o: u64,
+        _l: u64,
+        _f: ReqFlags,
+    ) -> IoFuture<'a, io::Result<()>> {
         Box::pin(async move {
             self.delay().await;
             Ok(())
         })
     }
 
-    fn block_status<'a>(&'a self, _n: &'a Node, off: u64, len: u64) -> IoFuture<'a, io::Result<BlockStatus>> {
+    fn block_status<'a>(
+        &'a self,
+        _n: &'a Node,
+        off: u64,
+        len: u64,
+    ) -> IoFuture<'a, io::Result<BlockStatus>> {
         Box::pin(async move {
             Ok(BlockStatus {
                 len,

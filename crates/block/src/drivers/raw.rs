@@ -62,7 +62,8 @@ pub(crate) fn open(graph: &mut Graph, o: &mut Opts, flags: OpenFlags) -> Result<
 
 impl RawDriver {
     fn file(node: &Node) -> io::Result<Arc<Node>> {
-        node.child("file").ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
+        node.child("file")
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
     }
 }
 
@@ -85,7 +86,13 @@ impl BlockDriver for RawDriver {
         })
     }
 
-    fn write<'a>(&'a self, node: &'a Node, off: u64, buf: IoBuf, flags: ReqFlags) -> IoFuture<'a, BufResult> {
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        off: u64,
+        buf: IoBuf,
+        flags: ReqFlags,
+    ) -> IoFuture<'a, BufResult> {
         Box::pin(async move {
             let f = match Self::file(node) {
                 Ok(f) => f,
@@ -109,14 +116,25 @@ impl BlockDriver for RawDriver {
         })
     }
 
-    fn write_zeroes<'a>(&'a self, node: &'a Node, off: u64, len: u64, flags: ReqFlags) -> IoFuture<'a, io::Result<()>> {
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        off: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> IoFuture<'a, io::Result<()>> {
         Box::pin(async move {
             let f = Self::file(node)?;
             crate::io::write_zeroes(&f, self.offset + off, len, flags).await
         })
     }
 
-    fn block_status<'a>(&'a self, node: &'a Node, off: u64, len: u64) -> IoFuture<'a, io::Result<BlockStatus>> {
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        off: u64,
+        len: u64,
+    ) -> IoFuture<'a, io::Result<BlockStatus>> {
         Box::pin(async move {
             let f = Self::file(node)?;
             let mut s = f.driver().block_status(&f, self.offset + off, len).await?;

@@ -169,7 +169,7 @@ impl BlockBackend {
             perm,
             stats: Stats::default(),
         });
-        root.add_parent(ParentRef::Backend(Arc::downgrade(&b)), usage);
+        root.add_parent(ParentRef::Backend(Arc::downgrade(&b)), usage)?;
         Ok(BlockBackend { shared: b })
     }
 

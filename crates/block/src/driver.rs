@@ -139,6 +139,13 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// Resize to `len`. Returns the new length.
     fn truncate<'a>(&'a self, node: &'a Node, len: u64) -> IoFuture<'a, io::Result<u64>>;
 
+    /// The node's users now hold `perm` and share `shared` in total. A protocol driver that
+    /// enforces this across processes (the file driver's image locks) refuses with QEMU's
+    /// message when another process conflicts.
+    fn set_perm(&self, _perm: crate::perm::Perm, _shared: crate::perm::Perm) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Extra lines for qemu-io's `info` (format-specific), as (label, value) pairs.
     fn info(&self) -> Vec<(String, String)> {
         Vec::new()

@@ -124,16 +124,14 @@ impl Graph {
             opened.length,
             flags.read_only,
         );
-        for c in &opened.children {
-            let usage = Use {
-                user: format!("node '{name}'"),
-                role: c.name.clone(),
-                perm: c.perm,
-                shared: c.shared,
-            };
-            crate::perm::check(c.node.name(), &c.node.uses(), &usage)?;
-            c.node
-                .add_parent(ParentRef::Node(Arc::downgrade(&node)), usage);
+        if let Err(e) = link_children(&node, &opened.children) {
+            // Children opened for this node alone go with it.
+            for c in &opened.children {
+                if c.node.is_auto_named() && c.node.parent_count() == 0 {
+                    self.nodes.remove(c.node.name());
+                }
+            }
+            return Err(e);
         }
         self.nodes.insert(name, node.clone());
         Ok(node)
@@ -159,17 +157,7 @@ impl Graph {
             length,
             false,
         );
-        for c in &children {
-            let usage = Use {
-                user: format!("node '{name}'"),
-                role: c.name.clone(),
-                perm: c.perm,
-                shared: c.shared,
-            };
-            crate::perm::check(c.node.name(), &c.node.uses(), &usage)?;
-            c.node
-                .add_parent(ParentRef::Node(Arc::downgrade(&node)), usage);
-        }
+        link_children(&node, &children)?;
         self.nodes.insert(name.to_string(), node.clone());
         Ok(node)
     }
@@ -248,7 +236,7 @@ impl Graph {
         };
         crate::perm::check(new_child.name(), &new_child.uses(), &usage)?;
         edge.node = new_child.clone();
-        new_child.add_parent(me.clone(), usage);
+        new_child.add_parent(me.clone(), usage)?;
         parent.set_children(children);
         old.remove_parent(&me);
         Ok(())
@@ -335,19 +323,43 @@ impl Graph {
                             c
                         })
                         .collect();
-                    to.add_parent(p.clone(), usage);
+                    // Moving an edge keeps the same use: nothing new to refuse.
+                    let _ = to.add_parent(p.clone(), usage);
                     parent.set_children(children);
                 }
             }
             ParentRef::Backend(w) => {
                 if let Some(b) = w.upgrade() {
-                    to.add_parent(p.clone(), usage);
+                    let _ = to.add_parent(p.clone(), usage);
                     b.root.store(to.clone());
                 }
             }
         }
         from.remove_parent(p);
     }
+}
+
+/// Make `node` a parent of each of its children, checking permissions; on a refusal the edges
+/// made so far are undone.
+fn link_children(node: &Arc<Node>, children: &[Child]) -> Result<(), String> {
+    let me = ParentRef::Node(Arc::downgrade(node));
+    for (i, c) in children.iter().enumerate() {
+        let usage = Use {
+            user: format!("node '{}'", node.name()),
+            role: c.name.clone(),
+            perm: c.perm,
+            shared: c.shared,
+        };
+        let r = crate::perm::check(c.node.name(), &c.node.uses(), &usage)
+            .and_then(|_| c.node.add_parent(me.clone(), usage));
+        if let Err(e) = r {
+            for done in &children[..i] {
+                done.node.remove_parent(&me);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 fn check_node_name(n: &str) -> Result<(), String> {

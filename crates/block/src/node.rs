@@ -195,9 +195,21 @@ impl Node {
         }
     }
 
-    /// Add a parent edge. A quiesced node quiesces its new parent at once (so a request cannot
-    /// slip in through a parent attached inside a drained section).
-    pub(crate) fn add_parent(self: &Arc<Self>, parent: ParentRef, usage: Use) {
+    /// Add a parent edge. The driver is told the new cumulative permissions first and may
+    /// refuse (image locks held by another process). A quiesced node quiesces its new parent at
+    /// once (so a request cannot slip in through a parent attached inside a drained section).
+    pub(crate) fn add_parent(
+        self: &Arc<Self>,
+        parent: ParentRef,
+        usage: Use,
+    ) -> Result<(), String> {
+        let (perm, shared) = {
+            let ps = self.lock_parents();
+            ps.iter().fold((usage.perm, usage.shared), |(p, s), l| {
+                (p | l.usage.perm, Perm(s.0 & l.usage.shared.0))
+            })
+        };
+        self.driver.set_perm(perm, shared)?;
         let quiesced = self.quiesce_counter() > 0;
         self.lock_parents().push(ParentLink {
             parent: parent.clone(),
@@ -207,6 +219,19 @@ impl Node {
         if quiesced {
             quiesce_parent(&parent, &mut Vec::new());
         }
+        Ok(())
+    }
+
+    /// Tell the driver the permissions of the current parents.
+    fn refresh_perms(&self) {
+        let (perm, shared) = {
+            let ps = self.lock_parents();
+            ps.iter().fold((Perm::NONE, Perm::ALL), |(p, s), l| {
+                (p | l.usage.perm, Perm(s.0 & l.usage.shared.0))
+            })
+        };
+        // Dropping permissions cannot conflict.
+        let _ = self.driver.set_perm(perm, shared);
     }
 
     /// Remove the parent edge to `parent`; a parent quiesced through it is released.
@@ -216,10 +241,11 @@ impl Node {
             let pos = ps.iter().position(|p| same_parent(&p.parent, parent));
             pos.map(|i| ps.remove(i))
         };
-        if let Some(link) = removed
-            && link.quiesced
-        {
-            unquiesce_parent(&link.parent);
+        if let Some(link) = removed {
+            if link.quiesced {
+                unquiesce_parent(&link.parent);
+            }
+            self.refresh_perms();
         }
     }
 }

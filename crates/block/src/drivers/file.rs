@@ -34,6 +34,7 @@ pub struct FileDriver {
     discard_unmap: bool,
     limits: Limits,
     filename: String,
+    locking: bool,
 }
 
 pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opened, String> {
@@ -47,11 +48,11 @@ pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opene
         Some("threads") => Aio::Threads,
         Some(other) => return Err(format!("Parameter 'aio' does not accept value '{other}'")),
     };
-    if let Some(l) = o.take_str("locking")?
-        && !matches!(l.as_str(), "auto" | "on" | "off")
-    {
-        return Err(format!("Parameter 'locking' does not accept value '{l}'"));
-    }
+    let use_locks = match o.take_str("locking")?.as_deref() {
+        None | Some("auto") | Some("on") => true,
+        Some("off") => false,
+        Some(l) => return Err(format!("Parameter 'locking' does not accept value '{l}'")),
+    };
     let _ = o.take_u64("aio-max-batch")?;
     let _ = o.take_bool("drop-cache")?;
     if aio == Aio::Native && !flags.cache_direct {
@@ -113,6 +114,7 @@ pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opene
             discard_unmap,
             limits,
             filename,
+            locking: use_locks,
         }),
         children: Vec::new(),
         length,
@@ -279,6 +281,13 @@ impl BlockDriver for FileDriver {
         self.limits
     }
 
+    fn set_perm(&self, perm: crate::perm::Perm, shared: crate::perm::Perm) -> Result<(), String> {
+        if !self.locking {
+            return Ok(());
+        }
+        locking::apply(self.fd(), &self.filename, perm, shared)
+    }
+
     fn read<'a>(&'a self, _n: &'a Node, off: u64, buf: IoBuf) -> IoFuture<'a, BufResult> {
         Box::pin(self.read_full(off, buf))
     }
@@ -395,4 +404,71 @@ fn seek_status(fd: RawFd, off: u64, len: u64) -> io::Result<BlockStatus> {
         allocated: true,
         offset: Some(off),
     })
+}
+
+/// Image locking with open-file-description locks on the byte offsets QEMU uses, so blockd and
+/// QEMU's tools see each other's uses of an image: a shared lock on byte 100+n while a user holds
+/// permission n, and on byte 200+n while a user does not share permission n. A conflict is a
+/// lock another open file description holds on the opposite byte.
+mod locking {
+    use std::os::fd::RawFd;
+
+    use crate::perm::Perm;
+
+    const PERM_BASE: i64 = 100;
+    const SHARED_BASE: i64 = 200;
+    const BITS: [(Perm, &str); 4] = [
+        (Perm::CONSISTENT_READ, "consistent read"),
+        (Perm::WRITE, "write"),
+        (Perm::WRITE_UNCHANGED, "write unchanged"),
+        (Perm::RESIZE, "resize"),
+    ];
+
+    fn lock(fd: RawFd, byte: i64, kind: i16, cmd: libc::c_int) -> std::io::Result<libc::flock> {
+        let mut fl = libc::flock {
+            l_type: kind,
+            l_whence: libc::SEEK_SET as i16,
+            l_start: byte,
+            l_len: 1,
+            l_pid: 0,
+        };
+        // SAFETY: fcntl with a valid flock structure on a valid fd.
+        let r = unsafe { libc::fcntl(fd, cmd, &mut fl) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(fl)
+        }
+    }
+
+    /// Is byte `byte` locked by another open file description?
+    fn held_by_other(fd: RawFd, byte: i64) -> bool {
+        matches!(lock(fd, byte, libc::F_WRLCK as i16, libc::F_OFD_GETLK), Ok(fl) if fl.l_type != libc::F_UNLCK as i16)
+    }
+
+    /// Take the locks for `perm`/`shared` after checking nobody conflicts.
+    pub(super) fn apply(fd: RawFd, path: &str, perm: Perm, shared: Perm) -> Result<(), String> {
+        for (i, (bit, name)) in BITS.iter().enumerate() {
+            if perm.contains(*bit) && held_by_other(fd, SHARED_BASE + i as i64) {
+                return Err(format!(
+                    "Failed to get \"{name}\" lock\nIs another process using the image [{path}]?"
+                ));
+            }
+            if !shared.contains(*bit) && held_by_other(fd, PERM_BASE + i as i64) {
+                return Err(format!(
+                    "Failed to get shared \"{name}\" lock\nIs another process using the image [{path}]?"
+                ));
+            }
+        }
+        for (i, (bit, _)) in BITS.iter().enumerate() {
+            let set = |byte: i64, on: bool| {
+                let kind = if on { libc::F_RDLCK } else { libc::F_UNLCK };
+                lock(fd, byte, kind as i16, libc::F_OFD_SETLK)
+            };
+            set(PERM_BASE + i as i64, perm.contains(*bit))
+                .and_then(|_| set(SHARED_BASE + i as i64, !shared.contains(*bit)))
+                .map_err(|e| format!("Failed to lock byte {}: {e}", PERM_BASE + i as i64))?;
+        }
+        Ok(())
+    }
 }

@@ -1,0 +1,282 @@
+//! `qemu-img create -f raw`: option parsing, the `Formatting ...` line, preallocation
+//! (off, falloc, full) and qemu-img's errors.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+
+use crate::getopt::{self, LongOpt};
+use crate::num::{self, NumError};
+use crate::{CmdResult, Failure};
+
+const OPT_OBJECT: u32 = 256;
+
+const LONG: &[LongOpt] = &[
+    LongOpt { name: "help", has_arg: false, code: b'h' as u32 },
+    LongOpt { name: "quiet", has_arg: false, code: b'q' as u32 },
+    LongOpt { name: "format", has_arg: true, code: b'f' as u32 },
+    LongOpt { name: "options", has_arg: true, code: b'o' as u32 },
+    LongOpt { name: "backing", has_arg: true, code: b'b' as u32 },
+    LongOpt { name: "backing-format", has_arg: true, code: b'F' as u32 },
+    LongOpt { name: "backing-unsafe", has_arg: false, code: b'u' as u32 },
+    LongOpt { name: "object", has_arg: true, code: OPT_OBJECT },
+];
+
+const RAW_OPTION_HELP: &str = "\
+Supported options:
+  extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
+  nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
+  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
+  size=<size>            - Virtual disk size
+";
+
+const RAW_FORMAT_HELP: &str = "\
+Supported raw options:
+  size=<size>            - Virtual disk size
+
+The protocol level may support further options.
+Specify the target filename to include those options.
+";
+
+/// Split an option list (`a=b,c=d`, `,,` escapes a comma). `None` when it is malformed.
+fn split_opts(s: &str) -> Option<Vec<(String, String)>> {
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    items.push(cur);
+    let mut out = Vec::new();
+    for it in items {
+        if it.is_empty() {
+            return None;
+        }
+        match it.split_once('=') {
+            Some((k, v)) => out.push((k.to_string(), v.to_string())),
+            // A bare word is "help" or a boolean set to on.
+            None => out.push((it.clone(), if it == "help" || it == "?" { String::new() } else { "on".into() })),
+        }
+    }
+    Some(out)
+}
+
+fn size_param_error() -> String {
+    "Parameter 'size' expects a non-negative number below 2^64\n\
+     Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+     and exabytes, respectively."
+        .to_string()
+}
+
+pub fn run(argv: &[String]) -> CmdResult {
+    let p = getopt::parse(argv, ":F:b:f:ho:qu", LONG, "qemu-img create").map_err(|e| Failure::getopt(e, "create"))?;
+    let mut fmt = "raw".to_string();
+    let mut optstr: Vec<String> = Vec::new();
+    let mut quiet = false;
+    let mut backing = None;
+    for (code, arg) in p.opts {
+        let arg = arg.unwrap_or_default();
+        match char::from_u32(code).unwrap_or('\0') {
+            'h' => {
+                print!("{}", crate::help::CREATE);
+                return Ok(());
+            }
+            'f' => fmt = arg,
+            'o' => optstr.push(arg),
+            'q' => quiet = true,
+            'b' => backing = Some(arg),
+            'F' | 'u' => {}
+            _ if code == OPT_OBJECT => {
+                return Err(Failure::new("--object is not supported by blockd-img yet"));
+            }
+            _ => {}
+        }
+    }
+    let joined = optstr.join(",");
+    let opts = if optstr.is_empty() {
+        Vec::new()
+    } else {
+        split_opts(&joined).ok_or_else(|| Failure::new(format!("Invalid option list: {joined}")))?
+    };
+    let wants_help = opts.iter().any(|(k, _)| k == "help" || k == "?");
+    let Some(filename) = p.args.first().cloned() else {
+        if wants_help {
+            print!("{RAW_FORMAT_HELP}");
+            return Ok(());
+        }
+        return Err(Failure::usage("Expecting image file name", "create"));
+    };
+    if wants_help {
+        print!("{RAW_OPTION_HELP}");
+        return Ok(());
+    }
+    if p.args.len() > 2 {
+        return Err(Failure::usage(format!("Unexpected argument: {}", p.args[2]), "create"));
+    }
+    let pos_size = match p.args.get(1) {
+        None => None,
+        Some(s) => Some(num::cvtnum(s).map_err(|e| match e {
+            NumError::Invalid => Failure::new(format!("Invalid image size specified: '{s}'.")),
+            NumError::Range => Failure::new(
+                "Invalid image size specified. Must be between 0 and 9223372036854775807.",
+            ),
+        })?),
+    };
+    let ferr = |m: String| Failure::new(format!("{filename}: {m}"));
+    if fmt != "raw" {
+        return Err(ferr(if matches!(fmt.as_str(), "qcow2" | "qcow" | "qed" | "vmdk" | "vdi" | "vpc" | "vhdx" | "luks" | "parallels") {
+            format!("blockd-img can only create raw images, not '{fmt}'")
+        } else {
+            format!("Unknown file format '{fmt}'")
+        }));
+    }
+    // Known options, later values replacing earlier ones.
+    let mut size_opt: Option<(u64, String)> = None;
+    let mut nocow = None;
+    let mut prealloc = None;
+    let mut hint = None;
+    for (k, v) in &opts {
+        match k.as_str() {
+            "size" => {
+                let n = blockd_block::options::parse_size(v).ok_or_else(|| ferr(size_param_error()))?;
+                size_opt = Some((n, v.clone()));
+            }
+            "nocow" => nocow = Some(v.clone()),
+            "preallocation" => prealloc = Some(v.clone()),
+            "extent_size_hint" => {
+                let n = blockd_block::options::parse_size(v).ok_or_else(|| {
+                    ferr(
+                        "Parameter 'extent_size_hint' expects a non-negative number below 2^64\n\
+                         Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                         and exabytes, respectively."
+                            .into(),
+                    )
+                })?;
+                hint = Some(n);
+            }
+            other => return Err(ferr(format!("Invalid parameter '{other}'"))),
+        }
+    }
+    if backing.is_some() {
+        return Err(ferr("Backing file not supported for file format 'raw'".into()));
+    }
+    let size = match (size_opt, pos_size) {
+        (Some(_), Some(_)) => return Err(ferr("The image size must be specified only once".into())),
+        (Some((n, _)), None) => n,
+        (None, Some(n)) => n,
+        (None, None) => return Err(ferr("Image creation needs a size parameter".into())),
+    };
+    if size > i64::MAX as u64 {
+        return Err(Failure::new(
+            "Invalid image size specified. Must be between 0 and 9223372036854775807.",
+        ));
+    }
+    if !quiet {
+        let mut line = format!("Formatting '{filename}', fmt=raw size={size}");
+        if let Some(v) = &nocow {
+            line += &format!(" nocow={v}");
+        }
+        if let Some(v) = &prealloc {
+            line += &format!(" preallocation={v}");
+        }
+        if let Some(v) = hint {
+            line += &format!(" extent_size_hint={v}");
+        }
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    }
+    let mode = match prealloc.as_deref() {
+        None | Some("off") => Prealloc::Off,
+        Some("falloc") => Prealloc::Falloc,
+        Some("full") => Prealloc::Full,
+        Some("metadata") => Prealloc::Metadata,
+        Some(other) => return Err(ferr(format!("invalid parameter value: {other}"))),
+    };
+    create_file(&filename, size, mode).map_err(ferr)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Prealloc {
+    Off,
+    Metadata,
+    Falloc,
+    Full,
+}
+
+fn create_file(filename: &str, size: u64, mode: Prealloc) -> Result<(), String> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(filename)
+        .map_err(|e| format!("Could not create '{filename}': {}", blockd_block::strerror(&e)))?;
+    if mode == Prealloc::Metadata {
+        return Err("Unsupported preallocation mode: metadata".into());
+    }
+    let len = size.div_ceil(512).checked_mul(512).filter(|&l| l <= i64::MAX as u64);
+    let Some(len) = len else {
+        return Err("Could not resize file: Invalid argument".into());
+    };
+    match mode {
+        Prealloc::Off | Prealloc::Metadata => {
+            set_len(&f, len)?;
+            // Like qemu-img, allocate the first block (it lets O_DIRECT users probe alignment).
+            let first = len.min(4096) as usize;
+            if first > 0 {
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(&vec![0u8; first], 0)
+                    .map_err(|e| format!("Could not write zeros: {}", blockd_block::strerror(&e)))?;
+            }
+            Ok(())
+        }
+        Prealloc::Falloc => {
+            set_len(&f, len)?;
+            if len > 0 {
+                falloc(&f, len)?;
+            }
+            Ok(())
+        }
+        Prealloc::Full => {
+            set_len(&f, 0)?;
+            let chunk = vec![0u8; 1 << 20];
+            let mut off = 0u64;
+            let mut w = &f;
+            while off < len {
+                let n = (len - off).min(chunk.len() as u64) as usize;
+                w.write_all(&chunk[..n])
+                    .map_err(|e| format!("Could not write zeros for preallocation: {}", blockd_block::strerror(&e)))?;
+                off += n as u64;
+            }
+            f.sync_data()
+                .map_err(|e| format!("Could not flush file: {}", blockd_block::strerror(&e)))
+        }
+    }
+}
+
+fn set_len(f: &File, len: u64) -> Result<(), String> {
+    f.set_len(len).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EFBIG) {
+            "The image size is too large for file format 'raw'".to_string()
+        } else {
+            format!("Could not resize file: {}", blockd_block::strerror(&e))
+        }
+    })
+}
+
+/// posix_fallocate through the event loop's fallocate operation (mode 0: allocate).
+fn falloc(f: &File, len: u64) -> Result<(), String> {
+    let fd = f.as_raw_fd();
+    let r = blockd_aio::block_on(async move { blockd_aio::ops::fallocate(fd, 0, 0, len).await })
+        .map_err(|e| format!("Could not preallocate data for the new file: {}", e.context))?;
+    r.map_err(|e| format!("Could not preallocate new data: {}", blockd_block::strerror(&e)))
+}

@@ -1,0 +1,94 @@
+//! `blockd-img`: qemu-img's `create -f raw`, `info` and `bench` on blockd's block layer, with
+//! qemu-img's command lines, output lines, error messages and exit codes (messages keep the
+//! `qemu-img` prefix so golden outputs and scripts match).
+
+#![forbid(unsafe_code)]
+
+mod bench;
+mod create;
+mod getopt;
+mod help;
+mod image;
+mod info;
+mod num;
+
+use std::process::ExitCode;
+
+/// A failure: the message (without the `qemu-img: ` prefix, possibly several lines), and
+/// whether the "Try ... --help" hint follows it.
+pub struct Failure {
+    pub msg: String,
+    pub hint: Option<&'static str>,
+}
+
+impl Failure {
+    pub fn new(msg: impl Into<String>) -> Failure {
+        Failure { msg: msg.into(), hint: None }
+    }
+    pub fn usage(msg: impl Into<String>, cmd: &'static str) -> Failure {
+        Failure {
+            msg: msg.into(),
+            hint: Some(cmd),
+        }
+    }
+    /// A getopt error: printed as is (it carries its own `qemu-img CMD:` prefix).
+    pub fn getopt(msg: String, cmd: &'static str) -> Failure {
+        Failure {
+            msg: format!("\0{msg}"),
+            hint: Some(cmd),
+        }
+    }
+}
+
+pub type CmdResult = Result<(), Failure>;
+
+fn report(f: Failure) -> ExitCode {
+    let mut out = String::new();
+    match f.msg.strip_prefix('\0') {
+        Some(raw) => out.push_str(raw),
+        None => {
+            out.push_str("qemu-img: ");
+            out.push_str(&f.msg);
+        }
+    }
+    out.push('\n');
+    if let Some(cmd) = f.hint {
+        if cmd.is_empty() {
+            out.push_str("Try 'qemu-img --help' for more info\n");
+        } else {
+            out.push_str(&format!("Try 'qemu-img {cmd} --help' for more info\n"));
+        }
+    }
+    eprint!("{out}");
+    ExitCode::from(1)
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = argv.first() else {
+        return report(Failure::usage("Not enough arguments", ""));
+    };
+    let rest = &argv[1..];
+    let r = match cmd.as_str() {
+        "-h" | "--help" => {
+            print!("{}", help::MAIN);
+            Ok(())
+        }
+        "-V" | "--version" => {
+            print!("{}", help::VERSION);
+            Ok(())
+        }
+        "create" => create::run(rest),
+        "info" => info::run(rest),
+        "bench" => bench::run(rest),
+        "amend" | "bitmap" | "check" | "commit" | "compare" | "convert" | "dd" | "map" | "measure"
+        | "rebase" | "resize" | "snapshot" => Err(Failure::new(format!(
+            "Command not implemented by blockd-img yet: {cmd}"
+        ))),
+        other => Err(Failure::usage(format!("Command not found: {other}"), "")),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => report(f),
+    }
+}

@@ -28,22 +28,86 @@ const OPT_FLUSH_INTERVAL: u32 = 258;
 const OPT_NO_DRAIN: u32 = 259;
 
 const LONG: &[LongOpt] = &[
-    LongOpt { name: "help", has_arg: false, code: b'h' as u32 },
-    LongOpt { name: "format", has_arg: true, code: b'f' as u32 },
-    LongOpt { name: "image-opts", has_arg: false, code: OPT_IMAGE_OPTS },
-    LongOpt { name: "cache", has_arg: true, code: b't' as u32 },
-    LongOpt { name: "count", has_arg: true, code: b'c' as u32 },
-    LongOpt { name: "depth", has_arg: true, code: b'd' as u32 },
-    LongOpt { name: "buffer-size", has_arg: true, code: b's' as u32 },
-    LongOpt { name: "offset", has_arg: true, code: b'o' as u32 },
-    LongOpt { name: "step-size", has_arg: true, code: b'S' as u32 },
-    LongOpt { name: "aio", has_arg: true, code: b'i' as u32 },
-    LongOpt { name: "native", has_arg: false, code: b'n' as u32 },
-    LongOpt { name: "write", has_arg: false, code: b'w' as u32 },
-    LongOpt { name: "pattern", has_arg: true, code: OPT_PATTERN },
-    LongOpt { name: "flush-interval", has_arg: true, code: OPT_FLUSH_INTERVAL },
-    LongOpt { name: "no-drain", has_arg: false, code: OPT_NO_DRAIN },
-    LongOpt { name: "force-share", has_arg: false, code: b'U' as u32 },
+    LongOpt {
+        name: "help",
+        has_arg: false,
+        code: b'h' as u32,
+    },
+    LongOpt {
+        name: "format",
+        has_arg: true,
+        code: b'f' as u32,
+    },
+    LongOpt {
+        name: "image-opts",
+        has_arg: false,
+        code: OPT_IMAGE_OPTS,
+    },
+    LongOpt {
+        name: "cache",
+        has_arg: true,
+        code: b't' as u32,
+    },
+    LongOpt {
+        name: "count",
+        has_arg: true,
+        code: b'c' as u32,
+    },
+    LongOpt {
+        name: "depth",
+        has_arg: true,
+        code: b'd' as u32,
+    },
+    LongOpt {
+        name: "buffer-size",
+        has_arg: true,
+        code: b's' as u32,
+    },
+    LongOpt {
+        name: "offset",
+        has_arg: true,
+        code: b'o' as u32,
+    },
+    LongOpt {
+        name: "step-size",
+        has_arg: true,
+        code: b'S' as u32,
+    },
+    LongOpt {
+        name: "aio",
+        has_arg: true,
+        code: b'i' as u32,
+    },
+    LongOpt {
+        name: "native",
+        has_arg: false,
+        code: b'n' as u32,
+    },
+    LongOpt {
+        name: "write",
+        has_arg: false,
+        code: b'w' as u32,
+    },
+    LongOpt {
+        name: "pattern",
+        has_arg: true,
+        code: OPT_PATTERN,
+    },
+    LongOpt {
+        name: "flush-interval",
+        has_arg: true,
+        code: OPT_FLUSH_INTERVAL,
+    },
+    LongOpt {
+        name: "no-drain",
+        has_arg: false,
+        code: OPT_NO_DRAIN,
+    },
+    LongOpt {
+        name: "force-share",
+        has_arg: false,
+        code: b'U' as u32,
+    },
 ];
 
 /// The parsed command line.
@@ -81,8 +145,13 @@ fn size_opt(v: &str, what: &str, min: u64, max: u64) -> Result<u64, Failure> {
 }
 
 pub fn run(argv: &[String]) -> CmdResult {
-    let p = getopt::parse(argv, ":hc:d:f:ni:o:qs:S:t:wU", LONG, "qemu-img bench")
-        .map_err(|e| Failure::getopt(e, "bench"))?;
+    let p = getopt::parse(
+        argv,
+        ":hc:d:f:ni:o:qs:S:t:wU",
+        LONG,
+        &format!("{} bench", crate::prog()),
+    )
+    .map_err(|e| Failure::getopt(e, "bench"))?;
     let mut params = Params {
         count: 75000,
         depth: 64,
@@ -105,7 +174,9 @@ pub fn run(argv: &[String]) -> CmdResult {
         match code {
             OPT_IMAGE_OPTS => image_opts = true,
             OPT_PATTERN => params.pattern = int_opt(&arg, "pattern byte", 0, 255)? as u8,
-            OPT_FLUSH_INTERVAL => params.flush_interval = int_opt(&arg, "flush interval", 0, I32MAX)? as u64,
+            OPT_FLUSH_INTERVAL => {
+                params.flush_interval = int_opt(&arg, "flush interval", 0, I32MAX)? as u64
+            }
             OPT_NO_DRAIN => params.drain_on_flush = false,
             _ => match char::from_u32(code).unwrap_or('\0') {
                 'h' => {
@@ -128,7 +199,9 @@ pub fn run(argv: &[String]) -> CmdResult {
                 'q' => {}
                 's' => params.bufsize = size_opt(&arg, "buffer size", 1, I32MAX as u64)?,
                 'S' => params.step = size_opt(&arg, "step size", 0, I32MAX as u64)?,
-                't' => cache = Cache::parse(&arg).ok_or_else(|| Failure::new("Invalid cache mode"))?,
+                't' => {
+                    cache = Cache::parse(&arg).ok_or_else(|| Failure::new("Invalid cache mode"))?
+                }
                 'w' => params.write = true,
                 'U' => force_share = true,
                 _ => {}
@@ -139,13 +212,17 @@ pub fn run(argv: &[String]) -> CmdResult {
         return Err(Failure::usage("Expecting one image file name", "bench"));
     }
     if params.flush_interval > 0 && !params.write {
-        return Err(Failure::new("--flush-interval is only available in write tests"));
+        return Err(Failure::new(
+            "--flush-interval is only available in write tests",
+        ));
     }
     if params.write && params.flush_interval > 0 && params.flush_interval < params.depth {
         return Err(Failure::new("Flush interval can't be smaller than depth"));
     }
     if image_opts && format.is_some() {
-        return Err(Failure::new("--image-opts and --format are mutually exclusive"));
+        return Err(Failure::new(
+            "--image-opts and --format are mutually exclusive",
+        ));
     }
     if params.step == 0 {
         params.step = params.bufsize;
@@ -182,7 +259,11 @@ pub fn run(argv: &[String]) -> CmdResult {
     if params.write && params.flush_interval > 0 {
         println!("Sending flush every {} requests", params.flush_interval);
     }
-    let flags = if cache.writethrough { ReqFlags::FUA } else { ReqFlags::NONE };
+    let flags = if cache.writethrough {
+        ReqFlags::FUA
+    } else {
+        ReqFlags::NONE
+    };
     let r = blockd_aio::block_on(run_bench(blk, params, flags))
         .map_err(|e| Failure::new(format!("cannot run the event loop: {}", e.context)))?;
     match r {
@@ -190,7 +271,10 @@ pub fn run(argv: &[String]) -> CmdResult {
             println!("Run completed in {secs:.3} seconds.");
             Ok(())
         }
-        Err(e) => Err(Failure::new(format!("Failed request: {}", blockd_block::strerror(&e)))),
+        Err(e) => Err(Failure::new(format!(
+            "Failed request: {}",
+            blockd_block::strerror(&e)
+        ))),
     }
 }
 
@@ -239,6 +323,9 @@ struct State {
     gate: Gate,
     /// Woken when `in_flight` drops to zero (for the draining flusher).
     idle: RefCell<Option<Waker>>,
+    /// Workers still running, and the waker of the run waiting for them (or for an error).
+    running: Cell<u64>,
+    main: RefCell<Option<Waker>>,
     /// `--no-drain` flushes still running.
     flushes: RefCell<Vec<blockd_aio::Task<()>>>,
 }
@@ -263,6 +350,14 @@ impl State {
         let mut slot = self.error.borrow_mut();
         if slot.is_none() {
             *slot = Some(e);
+        }
+        drop(slot);
+        self.wake_main();
+    }
+
+    fn wake_main(&self) {
+        if let Some(w) = self.main.borrow_mut().take() {
+            w.wake();
         }
     }
 
@@ -290,6 +385,14 @@ impl State {
 }
 
 async fn worker(st: Rc<State>) {
+    work(&st).await;
+    st.running.set(st.running.get() - 1);
+    if st.running.get() == 0 {
+        st.wake_main();
+    }
+}
+
+async fn work(st: &Rc<State>) {
     let len = st.p.bufsize as usize;
     let mut buf = Some(IoBuf::new(len, 4096));
     if st.p.write {
@@ -329,7 +432,7 @@ async fn worker(st: Rc<State>) {
                         break;
                     }
                 } else {
-                    let st2 = st.clone();
+                    let st2 = Rc::clone(st);
                     let t = blockd_aio::spawn(async move {
                         if let Err(e) = st2.blk.flush().await {
                             st2.fail(e);
@@ -359,13 +462,29 @@ async fn run_bench(blk: BlockBackend, p: Params, flags: ReqFlags) -> io::Result<
         gate: Gate::default(),
         idle: RefCell::new(None),
         flushes: RefCell::new(Vec::new()),
+        running: Cell::new(workers),
+        main: RefCell::new(None),
         p,
     });
     let start = Instant::now();
-    let tasks: Vec<_> = (0..workers).map(|_| blockd_aio::spawn(worker(st.clone()))).collect();
-    for t in tasks {
-        t.await;
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| blockd_aio::spawn(worker(st.clone())))
+        .collect();
+    // Like qemu-img, the first failed request ends the run at once: requests still in flight
+    // are not waited for.
+    poll_fn(|cx| {
+        if st.running.get() == 0 || st.error.borrow().is_some() {
+            Poll::Ready(())
+        } else {
+            *st.main.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    })
+    .await;
+    if let Some(e) = st.error.borrow_mut().take() {
+        return Err(e);
     }
+    drop(tasks);
     let flushes: Vec<_> = st.flushes.borrow_mut().drain(..).collect();
     for t in flushes {
         t.await;

@@ -12,14 +12,46 @@ use crate::{CmdResult, Failure};
 const OPT_OBJECT: u32 = 256;
 
 const LONG: &[LongOpt] = &[
-    LongOpt { name: "help", has_arg: false, code: b'h' as u32 },
-    LongOpt { name: "quiet", has_arg: false, code: b'q' as u32 },
-    LongOpt { name: "format", has_arg: true, code: b'f' as u32 },
-    LongOpt { name: "options", has_arg: true, code: b'o' as u32 },
-    LongOpt { name: "backing", has_arg: true, code: b'b' as u32 },
-    LongOpt { name: "backing-format", has_arg: true, code: b'F' as u32 },
-    LongOpt { name: "backing-unsafe", has_arg: false, code: b'u' as u32 },
-    LongOpt { name: "object", has_arg: true, code: OPT_OBJECT },
+    LongOpt {
+        name: "help",
+        has_arg: false,
+        code: b'h' as u32,
+    },
+    LongOpt {
+        name: "quiet",
+        has_arg: false,
+        code: b'q' as u32,
+    },
+    LongOpt {
+        name: "format",
+        has_arg: true,
+        code: b'f' as u32,
+    },
+    LongOpt {
+        name: "options",
+        has_arg: true,
+        code: b'o' as u32,
+    },
+    LongOpt {
+        name: "backing",
+        has_arg: true,
+        code: b'b' as u32,
+    },
+    LongOpt {
+        name: "backing-format",
+        has_arg: true,
+        code: b'F' as u32,
+    },
+    LongOpt {
+        name: "backing-unsafe",
+        has_arg: false,
+        code: b'u' as u32,
+    },
+    LongOpt {
+        name: "object",
+        has_arg: true,
+        code: OPT_OBJECT,
+    },
 ];
 
 const RAW_OPTION_HELP: &str = "\
@@ -64,7 +96,14 @@ fn split_opts(s: &str) -> Option<Vec<(String, String)>> {
         match it.split_once('=') {
             Some((k, v)) => out.push((k.to_string(), v.to_string())),
             // A bare word is "help" or a boolean set to on.
-            None => out.push((it.clone(), if it == "help" || it == "?" { String::new() } else { "on".into() })),
+            None => out.push((
+                it.clone(),
+                if it == "help" || it == "?" {
+                    String::new()
+                } else {
+                    "on".into()
+                },
+            )),
         }
     }
     Some(out)
@@ -78,7 +117,13 @@ fn size_param_error() -> String {
 }
 
 pub fn run(argv: &[String]) -> CmdResult {
-    let p = getopt::parse(argv, ":F:b:f:ho:qu", LONG, "qemu-img create").map_err(|e| Failure::getopt(e, "create"))?;
+    let p = getopt::parse(
+        argv,
+        ":F:b:f:ho:qu",
+        LONG,
+        &format!("{} create", crate::prog()),
+    )
+    .map_err(|e| Failure::getopt(e, "create"))?;
     let mut fmt = "raw".to_string();
     let mut optstr: Vec<String> = Vec::new();
     let mut quiet = false;
@@ -120,7 +165,10 @@ pub fn run(argv: &[String]) -> CmdResult {
         return Ok(());
     }
     if p.args.len() > 2 {
-        return Err(Failure::usage(format!("Unexpected argument: {}", p.args[2]), "create"));
+        return Err(Failure::usage(
+            format!("Unexpected argument: {}", p.args[2]),
+            "create",
+        ));
     }
     let pos_size = match p.args.get(1) {
         None => None,
@@ -133,11 +181,16 @@ pub fn run(argv: &[String]) -> CmdResult {
     };
     let ferr = |m: String| Failure::new(format!("{filename}: {m}"));
     if fmt != "raw" {
-        return Err(ferr(if matches!(fmt.as_str(), "qcow2" | "qcow" | "qed" | "vmdk" | "vdi" | "vpc" | "vhdx" | "luks" | "parallels") {
-            format!("blockd-img can only create raw images, not '{fmt}'")
-        } else {
-            format!("Unknown file format '{fmt}'")
-        }));
+        return Err(ferr(
+            if matches!(
+                fmt.as_str(),
+                "qcow2" | "qcow" | "qed" | "vmdk" | "vdi" | "vpc" | "vhdx" | "luks" | "parallels"
+            ) {
+                format!("blockd-img can only create raw images, not '{fmt}'")
+            } else {
+                format!("Unknown file format '{fmt}'")
+            },
+        ));
     }
     // Known options, later values replacing earlier ones.
     let mut size_opt: Option<(u64, String)> = None;
@@ -147,7 +200,8 @@ pub fn run(argv: &[String]) -> CmdResult {
     for (k, v) in &opts {
         match k.as_str() {
             "size" => {
-                let n = blockd_block::options::parse_size(v).ok_or_else(|| ferr(size_param_error()))?;
+                let n =
+                    blockd_block::options::parse_size(v).ok_or_else(|| ferr(size_param_error()))?;
                 size_opt = Some((n, v.clone()));
             }
             "nocow" => nocow = Some(v.clone()),
@@ -167,10 +221,14 @@ pub fn run(argv: &[String]) -> CmdResult {
         }
     }
     if backing.is_some() {
-        return Err(ferr("Backing file not supported for file format 'raw'".into()));
+        return Err(ferr(
+            "Backing file not supported for file format 'raw'".into(),
+        ));
     }
     let size = match (size_opt, pos_size) {
-        (Some(_), Some(_)) => return Err(ferr("The image size must be specified only once".into())),
+        (Some(_), Some(_)) => {
+            return Err(ferr("The image size must be specified only once".into()));
+        }
         (Some((n, _)), None) => n,
         (None, Some(n)) => n,
         (None, None) => return Err(ferr("Image creation needs a size parameter".into())),
@@ -219,11 +277,19 @@ fn create_file(filename: &str, size: u64, mode: Prealloc) -> Result<(), String> 
         .create(true)
         .truncate(true)
         .open(filename)
-        .map_err(|e| format!("Could not create '{filename}': {}", blockd_block::strerror(&e)))?;
+        .map_err(|e| {
+            format!(
+                "Could not create '{filename}': {}",
+                blockd_block::strerror(&e)
+            )
+        })?;
     if mode == Prealloc::Metadata {
         return Err("Unsupported preallocation mode: metadata".into());
     }
-    let len = size.div_ceil(512).checked_mul(512).filter(|&l| l <= i64::MAX as u64);
+    let len = size
+        .div_ceil(512)
+        .checked_mul(512)
+        .filter(|&l| l <= i64::MAX as u64);
     let Some(len) = len else {
         return Err("Could not resize file: Invalid argument".into());
     };
@@ -234,8 +300,9 @@ fn create_file(filename: &str, size: u64, mode: Prealloc) -> Result<(), String> 
             let first = len.min(4096) as usize;
             if first > 0 {
                 use std::os::unix::fs::FileExt;
-                f.write_all_at(&vec![0u8; first], 0)
-                    .map_err(|e| format!("Could not write zeros: {}", blockd_block::strerror(&e)))?;
+                f.write_all_at(&vec![0u8; first], 0).map_err(|e| {
+                    format!("Could not write zeros: {}", blockd_block::strerror(&e))
+                })?;
             }
             Ok(())
         }
@@ -253,8 +320,12 @@ fn create_file(filename: &str, size: u64, mode: Prealloc) -> Result<(), String> 
             let mut w = &f;
             while off < len {
                 let n = (len - off).min(chunk.len() as u64) as usize;
-                w.write_all(&chunk[..n])
-                    .map_err(|e| format!("Could not write zeros for preallocation: {}", blockd_block::strerror(&e)))?;
+                w.write_all(&chunk[..n]).map_err(|e| {
+                    format!(
+                        "Could not write zeros for preallocation: {}",
+                        blockd_block::strerror(&e)
+                    )
+                })?;
                 off += n as u64;
             }
             f.sync_data()
@@ -278,5 +349,10 @@ fn falloc(f: &File, len: u64) -> Result<(), String> {
     let fd = f.as_raw_fd();
     let r = blockd_aio::block_on(async move { blockd_aio::ops::fallocate(fd, 0, 0, len).await })
         .map_err(|e| format!("Could not preallocate data for the new file: {}", e.context))?;
-    r.map_err(|e| format!("Could not preallocate new data: {}", blockd_block::strerror(&e)))
+    r.map_err(|e| {
+        format!(
+            "Could not preallocate new data: {}",
+            blockd_block::strerror(&e)
+        )
+    })
 }

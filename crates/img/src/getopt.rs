@@ -42,12 +42,14 @@ pub fn parse(argv: &[String], short: &str, long: &[LongOpt], prog: &str) -> Resu
             let lo = match exact {
                 Some(l) => *l,
                 None => {
-                    let cands: Vec<&LongOpt> = long.iter().filter(|l| l.name.starts_with(name)).collect();
+                    let cands: Vec<&LongOpt> =
+                        long.iter().filter(|l| l.name.starts_with(name)).collect();
                     match cands.len() {
                         0 => return Err(format!("{prog}: unrecognized option '--{name}'")),
                         1 => *cands[0],
                         _ => {
-                            let list: Vec<String> = cands.iter().map(|l| format!("'--{}'", l.name)).collect();
+                            let list: Vec<String> =
+                                cands.iter().map(|l| format!("'--{}'", l.name)).collect();
                             return Err(format!(
                                 "{prog}: option '--{name}' is ambiguous; possibilities: {}",
                                 list.join(" ")
@@ -64,14 +66,20 @@ pub fn parse(argv: &[String], short: &str, long: &[LongOpt], prog: &str) -> Resu
                             i += 1;
                             argv[i - 1].clone()
                         } else {
-                            return Err(format!("{prog}: option '--{}' requires an argument", lo.name));
+                            return Err(format!(
+                                "{prog}: option '--{}' requires an argument",
+                                lo.name
+                            ));
                         }
                     }
                 };
                 opts.push((lo.code, Some(v)));
             } else {
                 if val.is_some() {
-                    return Err(format!("{prog}: option '--{}' doesn't allow an argument", lo.name));
+                    return Err(format!(
+                        "{prog}: option '--{}' doesn't allow an argument",
+                        lo.name
+                    ));
                 }
                 opts.push((lo.code, None));
             }

@@ -56,8 +56,24 @@ pub struct OpenRequest<'a> {
 
 /// Formats QEMU has that blockd does not (yet): opening them says so instead of "Unknown driver".
 const QEMU_ONLY_FORMATS: &[&str] = &[
-    "qcow2", "qcow", "qed", "vmdk", "vdi", "vpc", "vhdx", "luks", "parallels", "bochs", "cloop", "dmg",
-    "vvfat", "nbd", "blkdebug", "throttle", "copy-on-read", "quorum",
+    "qcow2",
+    "qcow",
+    "qed",
+    "vmdk",
+    "vdi",
+    "vpc",
+    "vhdx",
+    "luks",
+    "parallels",
+    "bochs",
+    "cloop",
+    "dmg",
+    "vvfat",
+    "nbd",
+    "blkdebug",
+    "throttle",
+    "copy-on-read",
+    "quorum",
 ];
 
 fn is_qcow2(name: &str) -> std::io::Result<bool> {
@@ -75,7 +91,10 @@ fn is_qcow2(name: &str) -> std::io::Result<bool> {
 
 /// Put `aio` into every file-protocol node of the options.
 fn set_aio(m: &mut Map<String, Value>, aio: &str) {
-    let is_file = matches!(m.get("driver").and_then(Value::as_str), Some("file" | "host_device"));
+    let is_file = matches!(
+        m.get("driver").and_then(Value::as_str),
+        Some("file" | "host_device")
+    );
     if is_file && !m.contains_key("aio") {
         m.insert("aio".into(), Value::String(aio.into()));
     }
@@ -98,7 +117,9 @@ pub fn open(req: &OpenRequest) -> Result<Opened, String> {
     let wrap = |e: String| format!("Could not open '{name}': {e}");
     let mut options = if req.image_opts {
         if !name.contains('=') && !name.trim_start().starts_with('{') {
-            return Err(wrap(format!("Cannot find device='{name}' nor node-name='{name}'")));
+            return Err(wrap(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            )));
         }
         let mut m = blockd_block::options::parse(name).map_err(wrap)?;
         // A `file` child given without a driver is a file (QEMU probes the protocol).
@@ -154,7 +175,9 @@ pub fn open(req: &OpenRequest) -> Result<Opened, String> {
                 }));
             }
             f if QEMU_ONLY_FORMATS.contains(&f) => {
-                return Err(wrap(format!("Block format '{f}' is not supported by blockd-img yet")));
+                return Err(wrap(format!(
+                    "Block format '{f}' is not supported by blockd-img yet"
+                )));
             }
             f => return Err(wrap(format!("Unknown driver '{f}'"))),
         }
@@ -163,7 +186,9 @@ pub fn open(req: &OpenRequest) -> Result<Opened, String> {
         set_aio(&mut options, aio);
     }
     if req.force_share && !req.read_only {
-        return Err(wrap("force-share=on can only be used with read-only images".into()));
+        return Err(wrap(
+            "force-share=on can only be used with read-only images".into(),
+        ));
     }
     let flags = OpenFlags {
         read_only: req.read_only,

@@ -15,13 +15,41 @@ const OPT_OBJECT: u32 = 258;
 const OPT_BACKING_CHAIN: u32 = b'b' as u32;
 
 const LONG: &[LongOpt] = &[
-    LongOpt { name: "help", has_arg: false, code: b'h' as u32 },
-    LongOpt { name: "format", has_arg: true, code: b'f' as u32 },
-    LongOpt { name: "output", has_arg: true, code: OPT_OUTPUT },
-    LongOpt { name: "backing-chain", has_arg: false, code: OPT_BACKING_CHAIN },
-    LongOpt { name: "object", has_arg: true, code: OPT_OBJECT },
-    LongOpt { name: "image-opts", has_arg: false, code: OPT_IMAGE_OPTS },
-    LongOpt { name: "force-share", has_arg: false, code: b'U' as u32 },
+    LongOpt {
+        name: "help",
+        has_arg: false,
+        code: b'h' as u32,
+    },
+    LongOpt {
+        name: "format",
+        has_arg: true,
+        code: b'f' as u32,
+    },
+    LongOpt {
+        name: "output",
+        has_arg: true,
+        code: OPT_OUTPUT,
+    },
+    LongOpt {
+        name: "backing-chain",
+        has_arg: false,
+        code: OPT_BACKING_CHAIN,
+    },
+    LongOpt {
+        name: "object",
+        has_arg: true,
+        code: OPT_OBJECT,
+    },
+    LongOpt {
+        name: "image-opts",
+        has_arg: false,
+        code: OPT_IMAGE_OPTS,
+    },
+    LongOpt {
+        name: "force-share",
+        has_arg: false,
+        code: b'U' as u32,
+    },
 ];
 
 /// What info reports about one node.
@@ -37,7 +65,9 @@ pub struct NodeInfo {
 }
 
 fn allocated(filename: &str) -> u64 {
-    std::fs::metadata(filename).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(filename)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 fn round512(n: u64) -> u64 {
@@ -194,7 +224,11 @@ fn json_node(info: &NodeInfo, ind: usize, o: &mut String) {
         *o += &format!("{p2}{{\n{p3}\"name\": {},\n{p3}\"info\": ", json_str(name));
         json_node(c, ind + 12, o);
         *o += &format!("\n{p2}}}");
-        *o += if i + 1 < info.children.len() { ",\n" } else { "\n" };
+        *o += if i + 1 < info.children.len() {
+            ",\n"
+        } else {
+            "\n"
+        };
     }
     *o += &format!("{p1}],\n");
     *o += &format!("{p1}\"virtual-size\": {},\n", info.virtual_size);
@@ -220,7 +254,8 @@ pub fn json(info: &NodeInfo) -> String {
 }
 
 pub fn run(argv: &[String]) -> CmdResult {
-    let p = getopt::parse(argv, ":hf:bU", LONG, "qemu-img info").map_err(|e| Failure::getopt(e, "info"))?;
+    let p = getopt::parse(argv, ":hf:bU", LONG, &format!("{} info", crate::prog()))
+        .map_err(|e| Failure::getopt(e, "info"))?;
     let mut format = None;
     let mut image_opts = false;
     let mut force_share = false;
@@ -254,7 +289,9 @@ pub fn run(argv: &[String]) -> CmdResult {
         return Err(Failure::usage("Expecting one image file name", "info"));
     }
     if image_opts && format.is_some() {
-        return Err(Failure::new("--image-opts and --format are mutually exclusive"));
+        return Err(Failure::new(
+            "--image-opts and --format are mutually exclusive",
+        ));
     }
     let name = &p.args[0];
     let req = OpenRequest {
@@ -272,7 +309,11 @@ pub fn run(argv: &[String]) -> CmdResult {
     if output_json {
         print!("{}", json(&info));
     } else {
-        let shown = if image_opts { info.filename.clone() } else { name.clone() };
+        let shown = if image_opts {
+            info.filename.clone()
+        } else {
+            name.clone()
+        };
         print!("{}", human(&info, &shown));
     }
     Ok(())

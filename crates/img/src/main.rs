@@ -23,7 +23,10 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(msg: impl Into<String>) -> Failure {
-        Failure { msg: msg.into(), hint: None }
+        Failure {
+            msg: msg.into(),
+            hint: None,
+        }
     }
     pub fn usage(msg: impl Into<String>, cmd: &'static str) -> Failure {
         Failure {
@@ -40,6 +43,11 @@ impl Failure {
     }
 }
 
+/// argv[0] as invoked: qemu-img names itself so in getopt errors and "Try ..." hints.
+pub fn prog() -> String {
+    std::env::args().next().unwrap_or_else(|| "qemu-img".into())
+}
+
 pub type CmdResult = Result<(), Failure>;
 
 fn report(f: Failure) -> ExitCode {
@@ -54,9 +62,9 @@ fn report(f: Failure) -> ExitCode {
     out.push('\n');
     if let Some(cmd) = f.hint {
         if cmd.is_empty() {
-            out.push_str("Try 'qemu-img --help' for more info\n");
+            out.push_str(&format!("Try '{} --help' for more info\n", prog()));
         } else {
-            out.push_str(&format!("Try 'qemu-img {cmd} --help' for more info\n"));
+            out.push_str(&format!("Try '{} {cmd} --help' for more info\n", prog()));
         }
     }
     eprint!("{out}");
@@ -81,8 +89,8 @@ fn main() -> ExitCode {
         "create" => create::run(rest),
         "info" => info::run(rest),
         "bench" => bench::run(rest),
-        "amend" | "bitmap" | "check" | "commit" | "compare" | "convert" | "dd" | "map" | "measure"
-        | "rebase" | "resize" | "snapshot" => Err(Failure::new(format!(
+        "amend" | "bitmap" | "check" | "commit" | "compare" | "convert" | "dd" | "map"
+        | "measure" | "rebase" | "resize" | "snapshot" => Err(Failure::new(format!(
             "Command not implemented by blockd-img yet: {cmd}"
         ))),
         other => Err(Failure::usage(format!("Command not found: {other}"), "")),

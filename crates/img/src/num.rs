@@ -51,7 +51,9 @@ pub fn cvtnum(s: &str) -> Result<u64, NumError> {
     }
     let (num, mult) = match t.char_indices().last() {
         None => return Err(NumError::Invalid),
-        Some((i, c)) if c.is_ascii_alphabetic() && !(t.starts_with("0x") && c.is_ascii_hexdigit()) => {
+        Some((i, c))
+            if c.is_ascii_alphabetic() && !(t.starts_with("0x") && c.is_ascii_hexdigit()) =>
+        {
             let m: u64 = match c.to_ascii_lowercase() {
                 'b' => 1,
                 'k' => 1 << 10,

@@ -376,10 +376,10 @@ impl State {
     fn done_one(&self) {
         let n = self.in_flight.get() - 1;
         self.in_flight.set(n);
-        if n == 0 {
-            if let Some(w) = self.idle.borrow_mut().take() {
-                w.wake();
-            }
+        if n == 0
+            && let Some(w) = self.idle.borrow_mut().take()
+        {
+            w.wake();
         }
     }
 }
@@ -395,10 +395,10 @@ async fn worker(st: Rc<State>) {
 async fn work(st: &Rc<State>) {
     let len = st.p.bufsize as usize;
     let mut buf = Some(IoBuf::new(len, 4096));
-    if st.p.write {
-        if let Some(b) = buf.as_mut() {
-            b.as_mut_slice().fill(st.p.pattern);
-        }
+    if st.p.write
+        && let Some(b) = buf.as_mut()
+    {
+        b.as_mut_slice().fill(st.p.pattern);
     }
     loop {
         if st.gate.closed.get() {

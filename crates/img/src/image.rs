@@ -123,10 +123,10 @@ pub fn open(req: &OpenRequest) -> Result<Opened, String> {
         }
         let mut m = blockd_block::options::parse(name).map_err(wrap)?;
         // A `file` child given without a driver is a file (QEMU probes the protocol).
-        if let Some(Value::Object(f)) = m.get_mut("file") {
-            if !f.contains_key("driver") {
-                f.insert("driver".into(), Value::String("file".into()));
-            }
+        if let Some(Value::Object(f)) = m.get_mut("file")
+            && !f.contains_key("driver")
+        {
+            f.insert("driver".into(), Value::String("file".into()));
         }
         m
     } else {

@@ -42,9 +42,9 @@ pub fn strtol(s: &str) -> Result<i64, NumError> {
 /// needs a suffix other than b; negative or ≥ 2^63 is out of range.
 pub fn cvtnum(s: &str) -> Result<u64, NumError> {
     let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
-    if t.starts_with('-') {
+    if let Some(pos) = t.strip_prefix('-') {
         // A valid-looking negative number is a range error, garbage is invalid.
-        return match cvtnum(&t[1..]) {
+        return match cvtnum(pos) {
             Err(NumError::Invalid) => Err(NumError::Invalid),
             _ => Err(NumError::Range),
         };

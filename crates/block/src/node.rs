@@ -78,7 +78,7 @@ impl Node {
             children: ArcSwap::from_pointee(children),
             parents: Mutex::new(Vec::new()),
             quiesce: AtomicUsize::new(0),
-            length: AtomicU64::new(length),
+            length: AtomicU64::new(round_to_sector(length)),
             read_only: AtomicBool::new(read_only),
             limits,
             auto_named,
@@ -103,8 +103,10 @@ impl Node {
         self.length.load(Ordering::Acquire)
     }
 
+    /// Lengths are whole 512-byte sectors, rounded up, as in QEMU (the tail of a file whose
+    /// size is not a multiple of 512 reads as zeroes).
     pub(crate) fn set_length(&self, len: u64) {
-        self.length.store(len, Ordering::Release);
+        self.length.store(round_to_sector(len), Ordering::Release);
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -248,6 +250,10 @@ impl Node {
             self.refresh_perms();
         }
     }
+}
+
+fn round_to_sector(len: u64) -> u64 {
+    len.div_ceil(512).saturating_mul(512)
 }
 
 fn collect_backends(node: &Arc<Node>, out: &mut Vec<Arc<BackendShared>>) {

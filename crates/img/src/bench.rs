@@ -470,8 +470,9 @@ async fn run_bench(blk: BlockBackend, p: Params, flags: ReqFlags) -> io::Result<
     let tasks: Vec<_> = (0..workers)
         .map(|_| blockd_aio::spawn(worker(st.clone())))
         .collect();
-    // Like qemu-img, the first failed request ends the run at once: requests still in flight
-    // are not waited for.
+    // Like qemu-img, the first failed request ends the run: no new request is issued, and the
+    // ones already issued finish (qemu-img's are in the kernel already; ours may still be
+    // queued for this turn's submission, so they are awaited rather than dropped).
     poll_fn(|cx| {
         if st.running.get() == 0 || st.error.borrow().is_some() {
             Poll::Ready(())
@@ -481,8 +482,12 @@ async fn run_bench(blk: BlockBackend, p: Params, flags: ReqFlags) -> io::Result<
         }
     })
     .await;
-    if let Some(e) = st.error.borrow_mut().take() {
-        return Err(e);
+    if st.error.borrow().is_some() {
+        for t in tasks {
+            t.await;
+        }
+        let e = st.error.borrow_mut().take();
+        return Err(e.expect("error recorded"));
     }
     drop(tasks);
     let flushes: Vec<_> = st.flushes.borrow_mut().drain(..).collect();

@@ -346,7 +346,8 @@ fn bench_writes_leave_the_same_image() {
         "bench -f raw -w -c 200 -s 64k -d 8 --flush-interval 8 --no-drain --pattern 4 bench.img",
         "bench -f raw -w -c 50 -d 1 -t writethrough --pattern 5 -i threads bench.img",
         "bench -f raw -w -c 50 -t none -i native --pattern 6 bench.img",
-        "bench -f raw -w -c 100 -o 61M -S 1M -s 2M --pattern 9 bench.img",
+        // (A run that fails part-way is not compared: what qemu-img's already issued requests
+        // leave behind depends on whether its worker threads ran before it exited.)
         "bench -f raw -w -c 20 -s 300 --pattern 0xee r2.img",
     ];
     for (i, cmd) in cases.iter().enumerate() {

@@ -2,8 +2,20 @@
 # README's first command: the main job.
 #
 # The daemon (blockd-storage-daemon serving an image over NBD with a QMP socket) lands with the
-# block layer, daemon and NBD issues. Until then this runs what exists: the event loop's
-# benchmark, which starts iothreads, crosses threads and drives io_uring through the executor.
+# daemon and NBD issues. Until then this runs what exists on an image: `blockd-img info` and
+# `blockd-img bench` (reads, then writes, through the block layer and the event loop).
+#
+#   scripts/demo.sh [IMAGE]     IMAGE defaults to a demo raw image created under target/
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec cargo bench -p blockd-aio --bench aio_bench -- "$@"
+cargo build --release -q -p blockd-img
+BIN=target/release
+IMG="${1:-target/demo.img}"
+if [ ! -e "$IMG" ]; then
+    echo "creating demo image $IMG"
+    "$BIN/blockd-img" create -f raw "$IMG" 256M
+fi
+"$BIN/blockd-img" info -f raw "$IMG"
+echo
+"$BIN/blockd-img" bench -f raw -t none -c 100000 -d 32 "$IMG"
+"$BIN/blockd-img" bench -f raw -t none -w -c 100000 -d 32 --pattern 0x5a "$IMG"

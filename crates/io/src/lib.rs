@@ -8,9 +8,11 @@
 //!
 //! Behaviour follows `docs/reference/qemu-io-behaviour.md` (black-box
 //! observations of the real tool); no QEMU source was consulted.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod command;
+#[allow(unsafe_code)] // raise(3) for `sigraise`, poll(2) on stdin
+pub mod exec;
 pub mod format;
 pub mod getopt;
 pub mod help;

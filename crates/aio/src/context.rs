@@ -143,7 +143,6 @@ pub(crate) struct Core {
     /// Wakers of every live task, so shutdown can cancel them all.
     active: RefCell<Slab<Waker>>,
     poll: RefCell<AdaptivePoll>,
-    completions: RefCell<Vec<Completion>>,
     wake_buf: RefCell<Box<u64>>,
     wake_armed: Cell<bool>,
     running: Cell<bool>,
@@ -235,7 +234,6 @@ impl AioContext {
             linux_aio: RefCell::new(None),
             active: RefCell::new(Slab::default()),
             poll: RefCell::new(AdaptivePoll::new(PollParams::disabled())),
-            completions: RefCell::new(Vec::with_capacity(256)),
             wake_buf: RefCell::new(Box::new(0)),
             wake_armed: Cell::new(false),
             running: Cell::new(false),
@@ -577,18 +575,20 @@ impl Core {
 
     /// Reap completions in user space and act on them with no borrow held.
     fn reap(&self) -> bool {
-        let mut list = std::mem::take(&mut *self.completions.borrow_mut());
-        let n = self.ring.borrow_mut().reap(&mut list);
-        for c in list.drain(..) {
-            match c {
-                Completion::Woke(Some(w)) => w.wake(),
-                Completion::Woke(None) | Completion::Ignored => {}
-                Completion::Released(keep) => drop(keep),
-                Completion::Wake => self.wake_armed.set(false),
-                Completion::LinuxAio => LinuxAio::on_eventfd(self),
-            }
+        let mut linux_aio = false;
+        let n = self.ring.borrow_mut().reap(|c| match c {
+            // Waking only pushes the task on this context's run queue: no ring access.
+            Completion::Woke(Some(w)) => w.wake(),
+            Completion::Woke(None) | Completion::Ignored => {}
+            // Orphans hold plain memory (buffers, iovecs, addresses).
+            Completion::Released(keep) => drop(keep),
+            Completion::Wake => self.wake_armed.set(false),
+            Completion::LinuxAio => linux_aio = true,
+        });
+        if linux_aio {
+            // Reaping Linux AIO events may re-arm its eventfd read: needs the ring.
+            LinuxAio::on_eventfd(self);
         }
-        *self.completions.borrow_mut() = list;
         n > 0
     }
 

@@ -234,7 +234,10 @@ impl Ring {
 
     /// Move completions from the CQ into their slots. `out` receives what the caller must do
     /// once it no longer borrows the ring (wake tasks, drop orphans' memory).
-    pub(crate) fn reap(&mut self, out: &mut Vec<Completion>) -> usize {
+    /// Move completions from the CQ into their slots, handing each to `on` as it goes. `on`
+    /// runs while the ring is borrowed: it may wake tasks (which only queues them) and drop
+    /// orphans' memory, but must not touch the ring.
+    pub(crate) fn reap(&mut self, mut on: impl FnMut(Completion)) -> usize {
         let mut n = 0;
         loop {
             // Copy a batch of CQEs out (one head update per batch), then act on them.
@@ -254,7 +257,7 @@ impl Ring {
                     TOKEN_LINUX_AIO => Completion::LinuxAio,
                     _ => self.complete(user_data, res, flags),
                 };
-                out.push(c);
+                on(c);
             }
             if count < batch.len() {
                 break;

@@ -890,12 +890,12 @@ impl<'a> Parser<'a> {
 }
 
 fn sector_aligned(offset: u64, len: u64) -> Result<(), CommandError> {
-    if offset % 512 != 0 {
+    if !offset.is_multiple_of(512) {
         return Err(CommandError::stdout(format!(
             "{offset} is not a sector-aligned value for 'offset'"
         )));
     }
-    if len % 512 != 0 {
+    if !len.is_multiple_of(512) {
         return Err(CommandError::stdout(format!(
             "{len} is not a sector-aligned value for 'count'"
         )));

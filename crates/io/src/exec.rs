@@ -397,6 +397,33 @@ impl Executor {
         }
     }
 
+    /// Print the completions of aio requests that have finished, in completion order, without
+    /// waiting for the others. qemu-io processes completions whenever a command runs the event
+    /// loop (read, write, readv, writev, discard, sleep), before that command's own output.
+    async fn reap_now(&mut self) {
+        // Let the event loop reap completions that are already in the ring.
+        for _ in 0..4 {
+            blockd_aio::yield_now().await;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut done = Vec::new();
+        let mut i = 0;
+        while i < self.pending.len() {
+            if let std::task::Poll::Ready(d) =
+                std::pin::Pin::new(&mut self.pending[i]).poll(&mut cx)
+            {
+                drop(self.pending.remove(i));
+                done.push(d);
+            } else {
+                i += 1;
+            }
+        }
+        done.sort_by_key(|d| d.end);
+        for d in done {
+            self.out.out(&d.text);
+        }
+    }
+
     /// Print completions of aio requests that have already finished (without waiting).
     fn reap_finished(&mut self, cx: &mut std::task::Context<'_>) -> bool {
         let mut any = false;
@@ -474,8 +501,8 @@ impl Executor {
             Command::Write(c) => self.write(c).await,
             Command::Readv(c) => self.readv(c).await,
             Command::Writev(c) => self.writev(c).await,
-            Command::AioRead(c) => self.aio_read(c),
-            Command::AioWrite(c) => self.aio_write(c),
+            Command::AioRead(c) => self.aio_read(c).await,
+            Command::AioWrite(c) => self.aio_write(c).await,
             Command::AioInvalid { write } => {
                 self.out.out(&format::injecting_invalid(write));
                 true
@@ -530,6 +557,7 @@ impl Executor {
             Command::Quit => true,
             Command::Sleep { ms } => {
                 blockd_aio::sleep(Duration::from_millis(ms)).await;
+                self.reap_now().await;
                 true
             }
             Command::Sigraise { signal } => {
@@ -581,6 +609,13 @@ impl Executor {
         }
     }
 
+    /// Start aio requests submitted before a synchronous one, so they reach the kernel first.
+    async fn submit_pending(&self) {
+        if !self.pending.is_empty() {
+            blockd_aio::yield_now().await;
+        }
+    }
+
     async fn read(&mut self, c: ReadCmd) -> bool {
         if c.vmstate {
             self.out
@@ -588,19 +623,21 @@ impl Executor {
             return false;
         }
         let b = self.backend();
+        self.submit_pending().await;
         let start = Instant::now();
         let (r, buf) = b.read(c.offset, read_buf(c.len)).await;
         let elapsed = start.elapsed();
+        self.reap_now().await;
         if let Err(e) = r {
             self.out.out(&format::io_failed("read", &strerror(&e)));
             return false;
         }
         let mut ok = true;
-        if let Some(p) = c.check {
-            if let Some(m) = format::verify_pattern(c.offset, &buf, p.pattern, p.start, p.len) {
-                self.out.out(&m);
-                ok = false;
-            }
+        if let Some(p) = c.check
+            && let Some(m) = format::verify_pattern(c.offset, &buf, p.pattern, p.start, p.len)
+        {
+            self.out.out(&m);
+            ok = false;
         }
         if c.verbose && !c.report.quiet {
             self.out.out(&format::hexdump(c.offset, &buf));
@@ -669,6 +706,7 @@ impl Executor {
                 if *no_fallback {
                     flags = flags | ReqFlags::NO_FALLBACK;
                 }
+                self.submit_pending().await;
                 start = Instant::now();
                 zero_write(&b, c.offset, c.len, flags).await
             }
@@ -681,6 +719,7 @@ impl Executor {
                         .out(&format::io_failed("write", "Operation not permitted"));
                     return false;
                 }
+                self.submit_pending().await;
                 start = Instant::now();
                 b.write(c.offset, buf, flags).await.0
             }
@@ -690,6 +729,7 @@ impl Executor {
             e => e,
         };
         let elapsed = start.elapsed();
+        self.reap_now().await;
         if let Err(e) = r {
             self.out.out(&format::io_failed("write", &strerror(&e)));
             return false;
@@ -708,7 +748,9 @@ impl Executor {
 
     async fn readv(&mut self, c: VectoredReadCmd) -> bool {
         let b = self.backend();
+        self.submit_pending().await;
         let (ok, text) = vectored_read(&b, &c, "readv").await;
+        self.reap_now().await;
         self.out.out(&text);
         ok
     }
@@ -729,6 +771,7 @@ impl Executor {
                 .out(&format::io_failed("writev", "Operation not permitted"));
             return false;
         }
+        self.submit_pending().await;
         let flags = if c.fua { ReqFlags::FUA } else { ReqFlags::NONE };
         let start = Instant::now();
         let r = match b.write(c.offset, buf, flags).await.0 {
@@ -736,6 +779,7 @@ impl Executor {
             e => e,
         };
         let elapsed = start.elapsed();
+        self.reap_now().await;
         if let Err(e) = r {
             self.out.out(&format::io_failed("writev", &strerror(&e)));
             return false;
@@ -752,7 +796,16 @@ impl Executor {
         true
     }
 
-    fn aio_read(&mut self, c: VectoredReadCmd) -> bool {
+    /// qemu-io's aio commands run their request until it is submitted before returning: let the
+    /// new task reach the ring.
+    async fn start_task(&mut self, t: Task<AioDone>) {
+        self.pending.push(t);
+        for _ in 0..3 {
+            blockd_aio::yield_now().await;
+        }
+    }
+
+    async fn aio_read(&mut self, c: VectoredReadCmd) -> bool {
         let b = self.backend();
         let t = blockd_aio::spawn(async move {
             let (_, text) = vectored_read(&b, &c, "readv").await;
@@ -761,11 +814,11 @@ impl Executor {
                 text,
             }
         });
-        self.pending.push(t);
+        self.start_task(t).await;
         true
     }
 
-    fn aio_write(&mut self, c: VectoredWriteCmd) -> bool {
+    async fn aio_write(&mut self, c: VectoredWriteCmd) -> bool {
         if self.read_only_error() {
             return false;
         }
@@ -822,7 +875,7 @@ impl Executor {
                 text,
             }
         });
-        self.pending.push(t);
+        self.start_task(t).await;
         true
     }
 
@@ -831,9 +884,11 @@ impl Executor {
             return false;
         }
         let b = self.backend();
+        self.submit_pending().await;
         let start = Instant::now();
         let r = b.discard(c.offset, c.len).await;
         let elapsed = start.elapsed();
+        self.reap_now().await;
         if let Err(e) = r {
             self.out.out(&format::io_failed("discard", &strerror(&e)));
             return false;
@@ -999,11 +1054,7 @@ impl Executor {
         if probed && spec.format.is_none() && !spec.image_opts {
             spec.format = Some("raw".into());
         }
-        if self.try_open_quiet(&spec, probed) {
-            true
-        } else {
-            false
-        }
+        self.try_open_quiet(&spec, probed)
     }
 
     fn try_open_quiet(&mut self, spec: &OpenSpec, probed: bool) -> bool {
@@ -1049,11 +1100,11 @@ async fn vectored_read(b: &BlockBackend, c: &VectoredReadCmd, what: &str) -> (bo
     }
     let mut text = String::new();
     let mut ok = true;
-    if let Some(p) = c.pattern {
-        if let Some(m) = format::verify_pattern(c.offset, &buf, p, 0, total) {
-            text.push_str(&m);
-            ok = false;
-        }
+    if let Some(p) = c.pattern
+        && let Some(m) = format::verify_pattern(c.offset, &buf, p, 0, total)
+    {
+        text.push_str(&m);
+        ok = false;
     }
     if c.verbose && !c.report.quiet {
         text.push_str(&format::hexdump(c.offset, &buf));

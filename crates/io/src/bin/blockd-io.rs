@@ -164,10 +164,12 @@ fn getopt(args: &[String]) -> (Vec<Parsed>, Vec<String>) {
     (opts, pos)
 }
 
+/// Option errors are glibc getopt's: prefixed with argv[0] as typed.
 fn usage_error(msg: Option<&str>) -> ExitCode {
     print!("{USAGE}");
     if let Some(m) = msg {
-        eprintln!("qemu-io: {m}");
+        let argv0 = std::env::args().next().unwrap_or_else(|| "qemu-io".into());
+        eprintln!("{argv0}: {m}");
     }
     ExitCode::FAILURE
 }

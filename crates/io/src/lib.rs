@@ -6,6 +6,9 @@
 //! `-v` hexdump, pattern-verification messages, `map`/`alloc`/`length`/`info`
 //! lines and the `help` texts.
 //!
+//! [`exec`] runs the commands on blockd's block layer; `src/bin/blockd-io.rs` is the
+//! executable (qemu-io's command line and interactive mode).
+//!
 //! Behaviour follows `docs/reference/qemu-io-behaviour.md` (black-box
 //! observations of the real tool); no QEMU source was consulted.
 #![deny(unsafe_code)]

@@ -175,7 +175,14 @@ impl Graph {
                 .node(&n)
                 .map(Some)
                 .ok_or_else(|| format!("Cannot find device='' nor node-name='{n}'")),
-            Some(ChildSpec::Options(m)) => self.open_with(m, flags).map(Some),
+            Some(ChildSpec::Options(mut m)) => {
+                // A child given only a filename is a file (QEMU picks the protocol from the
+                // filename; blockd has one filename protocol).
+                if !m.contains_key("driver") && m.contains_key("filename") {
+                    m.insert("driver".into(), serde_json::Value::String("file".into()));
+                }
+                self.open_with(m, flags).map(Some)
+            }
         }
     }
 

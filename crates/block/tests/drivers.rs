@@ -271,6 +271,16 @@ fn options_are_refused_with_qemus_words() {
         e,
         "aio=native was specified, but it requires cache.direct=on, which was not specified."
     );
+    // A child given only a filename is a file.
+    let n = open(
+        &mut g,
+        &format!(
+            "driver=raw,read-only=on,force-share=on,file.filename={}",
+            path.display()
+        ),
+    )
+    .unwrap();
+    assert_eq!(n.child("file").unwrap().driver().format_name(), "file");
     // The JSON spelling opens the same thing.
     let n = g
         .open(

@@ -373,3 +373,62 @@ fn length_is_readable_from_another_thread_while_resizing() {
     be.detach();
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn replace_child_and_swap_backend_root() {
+    let p1 = temp_image("swap1", 1 << 20);
+    let p2 = temp_image("swap2", 1 << 20);
+    let p3 = temp_image("swap3", 1 << 20);
+    let mut g = Graph::new();
+    let a = open(
+        &mut g,
+        &format!(
+            "driver=raw,node-name=a,file.driver=file,file.node-name=fa,file.filename={}",
+            p1.display()
+        ),
+    )
+    .unwrap();
+    let b = open(
+        &mut g,
+        &format!(
+            "driver=raw,node-name=b,file.driver=file,file.filename={}",
+            p2.display()
+        ),
+    )
+    .unwrap();
+    let f3 = open(
+        &mut g,
+        &format!("driver=file,node-name=f3,filename={}", p3.display()),
+    )
+    .unwrap();
+    let be = BlockBackend::new("dev", &a, rw(), Perm::ALL).unwrap();
+    block_on(async {
+        let (r, _) = be.write(0, pattern(4096, 1), ReqFlags::NONE).await;
+        r.unwrap();
+        // The backend now sends its requests to b.
+        g.set_backend_root(&be, &b).await.unwrap();
+        assert_eq!(be.root().name(), "b");
+        assert_eq!(a.parent_count(), 0);
+        let (r, _) = be.write(0, pattern(4096, 2), ReqFlags::NONE).await;
+        r.unwrap();
+        // b's file child is replaced by f3: the next write lands in the third file.
+        g.replace_child(&b, "file", &f3).await.unwrap();
+        assert_eq!(b.child("file").unwrap().name(), "f3");
+        let (r, _) = be.write(0, pattern(4096, 3), ReqFlags::NONE).await;
+        r.unwrap();
+        assert!(
+            g.replace_child(&b, "backing", &f3)
+                .await
+                .unwrap_err()
+                .contains("has no child 'backing'")
+        );
+    })
+    .unwrap();
+    assert_eq!(std::fs::read(&p1).unwrap()[0], 1);
+    assert_eq!(std::fs::read(&p2).unwrap()[0], 2);
+    assert_eq!(std::fs::read(&p3).unwrap()[0], 3);
+    be.detach();
+    for p in [p1, p2, p3] {
+        let _ = std::fs::remove_file(p);
+    }
+}

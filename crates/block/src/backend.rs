@@ -137,8 +137,12 @@ pub struct BlockBackend {
 
 impl BlockBackend {
     /// Attach a backend named `name` to `root` with the given permissions, checking them
-    /// against the node's other users.
+    /// against the node's other users. A graph change: it takes the main context's [`Graph`]
+    /// token (`!Send`), so it cannot be called from another thread.
+    ///
+    /// [`Graph`]: crate::graph::Graph
     pub fn new(
+        _main: &crate::graph::Graph,
         name: &str,
         root: &Arc<Node>,
         perm: Perm,
@@ -326,8 +330,8 @@ impl BlockBackend {
         }
     }
 
-    /// Detach from the root node (main context).
-    pub fn detach(self) {
+    /// Detach from the root node (a graph change: main context only).
+    pub fn detach(self, _main: &crate::graph::Graph) {
         let root = self.shared.root.load_full();
         root.remove_parent(&self.parent_ref());
     }

@@ -215,7 +215,7 @@ impl Graph {
         perm: Perm,
         shared: Perm,
     ) -> Result<BlockBackend, String> {
-        BlockBackend::new(name, node, perm, shared)
+        BlockBackend::new(self, name, node, perm, shared)
     }
 
     /// Point `parent`'s child `child_name` at `new_child`, inside a drain of all three nodes.

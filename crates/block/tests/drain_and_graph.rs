@@ -246,6 +246,7 @@ fn eight_writers_on_two_iothreads_while_main_drains_1000_times() {
     let backends: Vec<BlockBackend> = (0..4)
         .map(|i| {
             BlockBackend::new(
+                &g,
                 &format!("dev{i}"),
                 &counting,
                 Perm::CONSISTENT_READ | Perm::WRITE,
@@ -305,7 +306,7 @@ fn eight_writers_on_two_iothreads_while_main_drains_1000_times() {
         "every writer made progress: {seqs:?}"
     );
     for be in backends {
-        be.detach();
+        be.detach(&g);
     }
     check_landed(&path, &seqs);
     let _ = std::fs::remove_file(path);
@@ -324,6 +325,7 @@ fn filter_inserted_and_removed_1000_times_under_load() {
     let backends: Vec<BlockBackend> = (0..2)
         .map(|i| {
             BlockBackend::new(
+                &g,
                 &format!("dev{i}"),
                 &fmt,
                 Perm::CONSISTENT_READ | Perm::WRITE,
@@ -381,7 +383,7 @@ fn filter_inserted_and_removed_1000_times_under_load() {
     );
     let seqs = finish_load(load, &backends);
     for be in backends {
-        be.detach();
+        be.detach(&g);
     }
     assert_eq!(fmt.parent_count(), 0);
     drop(g);

@@ -52,7 +52,7 @@ fn raw_file_round_trip_with_every_aio_engine() {
         )
         .unwrap();
         assert_eq!(node.length(), 1 << 20);
-        let be = BlockBackend::new("", &node, rw(), Perm::ALL).unwrap();
+        let be = BlockBackend::new(&g, "", &node, rw(), Perm::ALL).unwrap();
         block_on(async {
             let (r, _) = be.write(4096, pattern(8192, 0x5a), ReqFlags::NONE).await;
             r.unwrap();
@@ -76,7 +76,7 @@ fn raw_file_round_trip_with_every_aio_engine() {
         .unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert!(bytes[4096..12288].iter().all(|&b| b == 0x5a), "{aio}");
-        be.detach();
+        be.detach(&g);
         let _ = std::fs::remove_file(path);
     }
 }
@@ -101,7 +101,7 @@ fn o_direct_with_unaligned_requests_and_native_aio() {
     };
     let file = node.child("file").unwrap();
     assert!(file.limits().request_alignment >= 512);
-    let be = BlockBackend::new("", &node, rw(), Perm::ALL).unwrap();
+    let be = BlockBackend::new(&g, "", &node, rw(), Perm::ALL).unwrap();
     block_on(async {
         // Unaligned offset and length: read-modify-write underneath.
         let (r, _) = be.write(1000, pattern(3000, 0x77), ReqFlags::NONE).await;
@@ -112,7 +112,7 @@ fn o_direct_with_unaligned_requests_and_native_aio() {
         assert_eq!(d[3001], 0);
     })
     .unwrap();
-    be.detach();
+    be.detach(&g);
     let _ = std::fs::remove_file(path);
 }
 
@@ -128,7 +128,7 @@ fn discard_write_zeroes_block_status_and_truncate() {
         ),
     )
     .unwrap();
-    let be = BlockBackend::new("", &node, rw(), Perm::ALL).unwrap();
+    let be = BlockBackend::new(&g, "", &node, rw(), Perm::ALL).unwrap();
     block_on(async {
         let st = be.block_status(0, 1 << 20).await.unwrap();
         assert!(!st.data && st.zero, "fresh sparse file is a hole: {st:?}");
@@ -158,7 +158,7 @@ fn discard_write_zeroes_block_status_and_truncate() {
     })
     .unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 << 20);
-    be.detach();
+    be.detach(&g);
     let _ = std::fs::remove_file(path);
 }
 
@@ -180,7 +180,7 @@ fn raw_offset_and_size_window() {
     )
     .unwrap();
     assert_eq!(node.length(), 16384);
-    let be = BlockBackend::new("", &node, rw(), Perm::ALL).unwrap();
+    let be = BlockBackend::new(&g, "", &node, rw(), Perm::ALL).unwrap();
     block_on(async {
         let d = read(&be, 0, 16384).await.unwrap();
         assert!(d[..4096].iter().all(|&b| b == 2));
@@ -197,7 +197,7 @@ fn raw_offset_and_size_window() {
     )
     .unwrap_err();
     assert!(e.starts_with("The sum of offset (60000) and size (16384) has to be smaller or equal to the  actual size of the containing file (65536)"), "{e}");
-    be.detach();
+    be.detach(&g);
     let _ = std::fs::remove_file(path);
 }
 
@@ -213,7 +213,7 @@ fn null_co_sizes_and_read_zeroes() {
     )
     .unwrap();
     assert_eq!(z.length(), 1 << 20);
-    let be = BlockBackend::new("", &z, rw(), Perm::ALL).unwrap();
+    let be = BlockBackend::new(&g, "", &z, rw(), Perm::ALL).unwrap();
     block_on(async {
         let mut b = IoBuf::new(4096, 4096);
         b.fill(0xab);
@@ -305,13 +305,14 @@ fn permission_conflicts_are_refused_and_explained() {
     let mut g = Graph::new();
     let n = open(&mut g, "driver=null-co,node-name=disk").unwrap();
     let writer = BlockBackend::new(
+        &g,
         "vm",
         &n,
         Perm::CONSISTENT_READ | Perm::WRITE,
         Perm::CONSISTENT_READ,
     )
     .unwrap();
-    let e = BlockBackend::new("other", &n, Perm::WRITE, Perm::ALL)
+    let e = BlockBackend::new(&g, "other", &n, Perm::WRITE, Perm::ALL)
         .err()
         .unwrap();
     assert_eq!(
@@ -319,16 +320,16 @@ fn permission_conflicts_are_refused_and_explained() {
         "Conflicts with use by block device 'vm' as 'root', which does not allow 'write' on disk"
     );
     // A reader that shares everything may join.
-    let reader = BlockBackend::new("ro", &n, Perm::CONSISTENT_READ, Perm::ALL).unwrap();
+    let reader = BlockBackend::new(&g, "ro", &n, Perm::CONSISTENT_READ, Perm::ALL).unwrap();
     // A node in use cannot be deleted; after the users detach it can.
     assert!(g.remove("disk").unwrap_err().contains("is busy"));
-    writer.detach();
-    reader.detach();
+    writer.detach(&g);
+    reader.detach(&g);
     g.remove("disk").unwrap();
     // Read-only nodes refuse writers.
     let ro = open(&mut g, "driver=null-co,node-name=ro,read-only=on").unwrap();
     assert_eq!(
-        BlockBackend::new("", &ro, Perm::WRITE, Perm::ALL)
+        BlockBackend::new(&g, "", &ro, Perm::WRITE, Perm::ALL)
             .err()
             .unwrap(),
         "Block node is read-only"
@@ -347,7 +348,7 @@ fn length_is_readable_from_another_thread_while_resizing() {
         ),
     )
     .unwrap();
-    let be = BlockBackend::new("", &node, rw(), Perm::ALL).unwrap();
+    let be = BlockBackend::new(&g, "", &node, rw(), Perm::ALL).unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let n2 = node.clone();
     let s2 = stop.clone();
@@ -370,7 +371,7 @@ fn length_is_readable_from_another_thread_while_resizing() {
         seen.iter()
             .all(|&l| l >= 1 << 20 && (l - (1 << 20)) % 4096 == 0 && l <= (1 << 20) + 50 * 4096)
     );
-    be.detach();
+    be.detach(&g);
     let _ = std::fs::remove_file(path);
 }
 
@@ -401,7 +402,7 @@ fn replace_child_and_swap_backend_root() {
         &format!("driver=file,node-name=f3,filename={}", p3.display()),
     )
     .unwrap();
-    let be = BlockBackend::new("dev", &a, rw(), Perm::ALL).unwrap();
+    let be = BlockBackend::new(&g, "dev", &a, rw(), Perm::ALL).unwrap();
     block_on(async {
         let (r, _) = be.write(0, pattern(4096, 1), ReqFlags::NONE).await;
         r.unwrap();
@@ -427,7 +428,7 @@ fn replace_child_and_swap_backend_root() {
     assert_eq!(std::fs::read(&p1).unwrap()[0], 1);
     assert_eq!(std::fs::read(&p2).unwrap()[0], 2);
     assert_eq!(std::fs::read(&p3).unwrap()[0], 3);
-    be.detach();
+    be.detach(&g);
     for p in [p1, p2, p3] {
         let _ = std::fs::remove_file(p);
     }

@@ -65,7 +65,14 @@ fn host_device_reads_writes_and_reports_the_device_size() {
         node.child("file").unwrap().driver().format_name(),
         "host_device"
     );
-    let be = BlockBackend::new("", &node, Perm::CONSISTENT_READ | Perm::WRITE, Perm::ALL).unwrap();
+    let be = BlockBackend::new(
+        &g,
+        "",
+        &node,
+        Perm::CONSISTENT_READ | Perm::WRITE,
+        Perm::ALL,
+    )
+    .unwrap();
     block_on(async {
         let mut b = IoBuf::new(4096, 4096);
         b.fill(0x3c);
@@ -78,7 +85,7 @@ fn host_device_reads_writes_and_reports_the_device_size() {
         be.flush().await.unwrap();
     })
     .unwrap();
-    be.detach();
+    be.detach(&g);
     drop(node);
     drop(g);
     let data = std::fs::read(&dev.backing).unwrap();

@@ -244,7 +244,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     } else {
         Perm::CONSISTENT_READ
     };
-    let blk = BlockBackend::new("", &opened.node, perm, Perm::ALL)
+    let blk = BlockBackend::new(&opened._graph, "", &opened.node, perm, Perm::ALL)
         .map_err(|e| Failure::new(format!("Could not open '{name}': {e}")))?;
 
     println!(

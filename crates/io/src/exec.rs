@@ -365,7 +365,7 @@ impl Executor {
         } else {
             Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE
         };
-        let backend = match BlockBackend::new("", &node, perm, Perm::ALL) {
+        let backend = match BlockBackend::new(&self.graph, "", &node, perm, Perm::ALL) {
             Ok(b) => b,
             Err(e) => {
                 let _ = self.graph.remove(node.name());
@@ -445,7 +445,7 @@ impl Executor {
         if let Some(img) = self.image.take() {
             let name = img.node.name().to_string();
             drop(img.node);
-            img.backend.detach();
+            img.backend.detach(&self.graph);
             let _ = self.graph.remove(&name);
         }
     }

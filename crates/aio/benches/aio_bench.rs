@@ -132,14 +132,18 @@ fn executor_nops(depth: u32, total: u64) -> f64 {
 }
 
 fn nops() {
-    const TOTAL: u64 = 2_000_000;
+    // AIO_BENCH_NOPS shrinks the run (e.g. under valgrind --tool=callgrind).
+    let total: u64 = std::env::var("AIO_BENCH_NOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000_000);
     for depth in [1u32, 32] {
         // Interleave the two to share the machine's noise.
         let mut raw = Vec::new();
         let mut exe = Vec::new();
         for _ in 0..3 {
-            raw.push(raw_nops(depth, TOTAL));
-            exe.push(executor_nops(depth, TOTAL));
+            raw.push(raw_nops(depth, total));
+            exe.push(executor_nops(depth, total));
         }
         let raw = raw.into_iter().fold(0.0, f64::max);
         let exe = exe.into_iter().fold(0.0, f64::max);

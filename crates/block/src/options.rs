@@ -135,7 +135,7 @@ impl Opts {
         match self.map.remove(key) {
             None => Ok(None),
             Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| self.size_error(key)),
-            Some(Value::String(s)) => parse_size(&s).map(Some).ok_or_else(|| self.size_error(key)),
+            Some(Value::String(s)) => parse_size(&s).map(Some).map_err(|_| self.size_error(key)),
             Some(_) => Err(format!(
                 "Invalid parameter type for '{}', expected: integer",
                 self.name(key)
@@ -193,11 +193,33 @@ pub enum ChildSpec {
     Options(Map<String, Value>),
 }
 
-/// Parse a size with an optional binary suffix.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last()? {
-        (i, c) if c.is_ascii_alphabetic() => {
+/// Why a size did not parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeError {
+    /// Not a number.
+    Invalid,
+    /// A number, but negative or too large.
+    Range,
+}
+
+/// A size as QEMU reads one (`qemu_strtosz`): decimal or `0x` hex, an optional binary suffix
+/// (b k M G T P E, any case), a fraction only with a suffix other than b, rounded to the
+/// nearest byte; negative or ≥ 2^64 is out of range. The one size parser of the project:
+/// blockd-img's `cvtnum` adds qemu-img's 2^63 limit on top.
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    if let Some(pos) = t.strip_prefix('-') {
+        // A valid-looking negative number is a range error, garbage is invalid.
+        return match parse_size(pos) {
+            Err(SizeError::Invalid) => Err(SizeError::Invalid),
+            _ => Err(SizeError::Range),
+        };
+    }
+    let (num, mult) = match t.char_indices().last() {
+        None => return Err(SizeError::Invalid),
+        Some((i, c))
+            if c.is_ascii_alphabetic() && !(t.starts_with("0x") && c.is_ascii_hexdigit()) =>
+        {
             let m: u64 = match c.to_ascii_lowercase() {
                 'b' => 1,
                 'k' => 1 << 10,
@@ -206,21 +228,40 @@ pub fn parse_size(s: &str) -> Option<u64> {
                 't' => 1 << 40,
                 'p' => 1 << 50,
                 'e' => 1 << 60,
-                _ => return None,
+                _ => return Err(SizeError::Invalid),
             };
-            (&s[..i], m)
+            (&t[..i], m)
         }
-        _ => (s, 1),
+        Some(_) => (t, 1),
     };
-    if num.is_empty() || num.starts_with('-') {
-        return None;
+    let num = num.strip_prefix('+').unwrap_or(num);
+    if num.is_empty() {
+        return Err(SizeError::Invalid);
     }
-    if let Ok(n) = num.parse::<u64>() {
-        return n.checked_mul(mult);
-    }
-    let f: f64 = num.parse().ok()?;
-    let v = f * mult as f64;
-    (v.is_finite() && (0.0..18446744073709551616.0).contains(&v)).then_some(v as u64)
+    let v: u128 = if let Some(h) = num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
+        if h.is_empty() || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(SizeError::Invalid);
+        }
+        let x = u128::from_str_radix(h, 16).map_err(|_| SizeError::Range)?;
+        x.saturating_mul(mult as u128)
+    } else if num.chars().all(|c| c.is_ascii_digit()) {
+        let x: u128 = num.parse().map_err(|_| SizeError::Range)?;
+        x.saturating_mul(mult as u128)
+    } else {
+        let ok = num.chars().all(|c| c.is_ascii_digit() || c == '.')
+            && num.matches('.').count() == 1
+            && num.chars().any(|c| c.is_ascii_digit());
+        if !ok || mult == 1 {
+            return Err(SizeError::Invalid);
+        }
+        let f: f64 = num.parse().map_err(|_| SizeError::Invalid)?;
+        let v = (f * mult as f64).round();
+        if v >= 18446744073709551616.0 {
+            return Err(SizeError::Range);
+        }
+        v as u128
+    };
+    u64::try_from(v).map_err(|_| SizeError::Range)
 }
 
 #[cfg(test)]
@@ -254,8 +295,11 @@ mod tests {
                 .unwrap_err()
                 .starts_with("Parameter 'offset' expects a non-negative number below 2^64")
         );
-        assert_eq!(parse_size("1.5k"), Some(1536));
-        assert_eq!(parse_size("-1"), None);
-        assert_eq!(parse_size("16E"), None);
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        assert_eq!(parse_size("0x10"), Ok(16));
+        assert_eq!(parse_size("1.5"), Err(SizeError::Invalid));
+        assert_eq!(parse_size("-1"), Err(SizeError::Range));
+        assert_eq!(parse_size("15E"), Ok(15 << 60));
+        assert_eq!(parse_size("16E"), Err(SizeError::Range));
     }
 }

@@ -201,13 +201,13 @@ pub fn run(argv: &[String]) -> CmdResult {
         match k.as_str() {
             "size" => {
                 let n =
-                    blockd_block::options::parse_size(v).ok_or_else(|| ferr(size_param_error()))?;
+                    blockd_block::options::parse_size(v).map_err(|_| ferr(size_param_error()))?;
                 size_opt = Some((n, v.clone()));
             }
             "nocow" => nocow = Some(v.clone()),
             "preallocation" => prealloc = Some(v.clone()),
             "extent_size_hint" => {
-                let n = blockd_block::options::parse_size(v).ok_or_else(|| {
+                let n = blockd_block::options::parse_size(v).map_err(|_| {
                     ferr(
                         "Parameter 'extent_size_hint' expects a non-negative number below 2^64\n\
                          Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\

@@ -38,67 +38,15 @@ pub fn strtol(s: &str) -> Result<i64, NumError> {
     i64::try_from(v).map_err(|_| NumError::Range)
 }
 
-/// qemu's cvtnum: a size with an optional binary suffix (b k M G T P E, any case); a fraction
-/// needs a suffix other than b; negative or ≥ 2^63 is out of range.
+/// qemu's cvtnum: a size as blockd-block's options read one (suffixes, hex, fractions with a
+/// suffix), limited to below 2^63.
 pub fn cvtnum(s: &str) -> Result<u64, NumError> {
-    let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
-    if let Some(pos) = t.strip_prefix('-') {
-        // A valid-looking negative number is a range error, garbage is invalid.
-        return match cvtnum(pos) {
-            Err(NumError::Invalid) => Err(NumError::Invalid),
-            _ => Err(NumError::Range),
-        };
+    use blockd_block::options::{SizeError, parse_size};
+    match parse_size(s) {
+        Ok(v) if v <= i64::MAX as u64 => Ok(v),
+        Ok(_) | Err(SizeError::Range) => Err(NumError::Range),
+        Err(SizeError::Invalid) => Err(NumError::Invalid),
     }
-    let (num, mult) = match t.char_indices().last() {
-        None => return Err(NumError::Invalid),
-        Some((i, c))
-            if c.is_ascii_alphabetic() && !(t.starts_with("0x") && c.is_ascii_hexdigit()) =>
-        {
-            let m: u64 = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1 << 40,
-                'p' => 1 << 50,
-                'e' => 1 << 60,
-                _ => return Err(NumError::Invalid),
-            };
-            (&t[..i], m)
-        }
-        Some(_) => (t, 1),
-    };
-    let num = num.strip_prefix('+').unwrap_or(num);
-    if num.is_empty() {
-        return Err(NumError::Invalid);
-    }
-    let v: u128 = if let Some(h) = num.strip_prefix("0x").or_else(|| num.strip_prefix("0X")) {
-        if h.is_empty() || !h.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(NumError::Invalid);
-        }
-        let x = u128::from_str_radix(h, 16).map_err(|_| NumError::Range)?;
-        x.saturating_mul(mult as u128)
-    } else if num.chars().all(|c| c.is_ascii_digit()) {
-        let x: u128 = num.parse().map_err(|_| NumError::Range)?;
-        x.saturating_mul(mult as u128)
-    } else {
-        let ok = num.chars().all(|c| c.is_ascii_digit() || c == '.')
-            && num.matches('.').count() == 1
-            && num.chars().any(|c| c.is_ascii_digit());
-        if !ok || mult == 1 {
-            return Err(NumError::Invalid);
-        }
-        let f: f64 = num.parse().map_err(|_| NumError::Invalid)?;
-        let v = (f * mult as f64).round();
-        if v >= 9.3e18 {
-            return Err(NumError::Range);
-        }
-        v as u128
-    };
-    if v > i64::MAX as u128 {
-        return Err(NumError::Range);
-    }
-    Ok(v as u64)
 }
 
 #[cfg(test)]

@@ -262,9 +262,6 @@ fn eight_writers_on_two_iothreads_while_main_drains_1000_times() {
     let st = started.clone();
     block_on(async move {
         for round in 0..1000 {
-            if std::env::var_os("DRAIN_DEBUG").is_some() && round % 100 == 0 {
-                eprintln!("round {round}");
-            }
             // Drain the format node under the filter: parents up to the backends quiesce.
             let guard = drained(&node).await;
             for be in &bes {

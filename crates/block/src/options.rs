@@ -15,7 +15,7 @@ pub fn parse(s: &str) -> Result<Map<String, Value>, String> {
         };
     }
     let mut root = Map::new();
-    for item in split_unescaped(s) {
+    for item in split_list(s) {
         if item.is_empty() {
             continue;
         }
@@ -28,7 +28,8 @@ pub fn parse(s: &str) -> Result<Map<String, Value>, String> {
     Ok(root)
 }
 
-fn split_unescaped(s: &str) -> Vec<String> {
+/// Split a QEMU option list at commas (`,,` stands for a comma inside a value).
+pub fn split_list(s: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars().peekable();

@@ -72,22 +72,7 @@ Specify the target filename to include those options.
 
 /// Split an option list (`a=b,c=d`, `,,` escapes a comma). `None` when it is malformed.
 fn split_opts(s: &str) -> Option<Vec<(String, String)>> {
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
+    let items = blockd_block::options::split_list(s);
     let mut out = Vec::new();
     for it in items {
         if it.is_empty() {

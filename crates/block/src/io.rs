@@ -11,9 +11,8 @@ use crate::driver::{BufResult, ReqFlags};
 use crate::node::Node;
 
 fn aligned(node: &Node, offset: u64, len: u64) -> bool {
-    let a = node.limits().request_alignment as u64;
-    let m = node.limits().min_mem_alignment as usize;
-    a <= 1 && m <= 1 || (offset.is_multiple_of(a) && len.is_multiple_of(a))
+    let a = (node.limits().request_alignment as u64).max(1);
+    offset.is_multiple_of(a) && len.is_multiple_of(a)
 }
 
 fn mem_ok(node: &Node, buf: &IoBuf) -> bool {

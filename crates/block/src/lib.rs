@@ -26,18 +26,10 @@ pub use perm::Perm;
 
 /// `strerror` text of an I/O error, as QEMU prints it ("No such file or directory").
 pub fn strerror(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(code) => {
-            let s = e.to_string();
-            // std formats as "<text> (os error N)".
-            match s.rfind(" (os error") {
-                Some(i) => s[..i].to_string(),
-                None => {
-                    let _ = code;
-                    s
-                }
-            }
-        }
-        None => e.to_string(),
+    // std formats OS errors as "<text> (os error N)".
+    let s = e.to_string();
+    match (e.raw_os_error(), s.rfind(" (os error")) {
+        (Some(_), Some(i)) => s[..i].to_string(),
+        _ => s,
     }
 }

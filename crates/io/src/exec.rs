@@ -226,8 +226,9 @@ fn protocol_opts(map: &mut Map<String, Value>) -> Option<&mut Map<String, Value>
     }
 }
 
-/// A nested `file` object with a filename but no driver uses the `file` protocol (QEMU
-/// probes the protocol from the filename; blockd has only `file`).
+/// A nested `file` object with a filename but no driver uses the `file` protocol (the graph
+/// does the same when opening; it is done here too so `protocol_opts` can find that node and
+/// give it the `-i`/`-k` engine).
 fn default_protocol(map: &mut Map<String, Value>) {
     if let Some(Value::Object(f)) = map.get_mut("file") {
         if !f.contains_key("driver") && f.contains_key("filename") {
@@ -347,16 +348,14 @@ impl Executor {
         };
         map.entry("discard")
             .or_insert(Value::String(discard.into()));
-        if let Some(p) = protocol_opts(&mut map) {
-            p.entry("discard").or_insert(Value::String(discard.into()));
-            if let Some(a) = spec.aio {
-                let a = match a {
-                    AioMode::Threads => "threads",
-                    AioMode::Native => "native",
-                    AioMode::IoUring => "io_uring",
-                };
-                p.insert("aio".into(), Value::String(a.into()));
-            }
+        // (Children inherit `discard` from the node they are opened with.)
+        if let (Some(p), Some(a)) = (protocol_opts(&mut map), spec.aio) {
+            let a = match a {
+                AioMode::Threads => "threads",
+                AioMode::Native => "native",
+                AioMode::IoUring => "io_uring",
+            };
+            p.insert("aio".into(), Value::String(a.into()));
         }
         let node = self.graph.open(map)?;
         let read_only = node.is_read_only();

@@ -170,41 +170,38 @@ impl FileDriver {
             Aio::IoUring => ops::read_at(self.fd(), buf, offset).await,
             Aio::Native => linux_aio::read_at(self.fd(), buf, offset).await,
             Aio::Threads => {
-                let f = self.file.clone();
-                let mut buf = buf;
-                match blocking::spawn_blocking(move || {
-                    let r = f.read_at(&mut buf, offset);
-                    (r, buf)
+                self.on_pool(want, move |f| {
+                    let mut buf = buf;
+                    (f.read_at(&mut buf, offset), buf)
                 })
                 .await
-                {
-                    Ok(x) => x,
-                    Err(_) => {
-                        return (
-                            Err(io::Error::other("I/O thread died")),
-                            IoBuf::new(want, 512),
-                        );
-                    }
-                }
             }
         };
         match r {
             Ok(n) if n == want => (Ok(()), buf),
-            Ok(n) => {
-                // Short read: past EOF of a file that shrank under us, or a partial transfer.
-                // Finish the rest synchronously-correct: zero past EOF like QEMU does.
-                let mut buf = buf;
-                if n < want {
-                    let (r2, b2) = self.read_tail(offset, buf, n).await;
-                    buf = b2;
-                    if let Err(e) = r2 {
-                        return (Err(e), buf);
-                    }
-                }
-                (Ok(()), buf)
-            }
+            // Short read: a partial transfer, or the end of the file inside the node's last
+            // (rounded-up) sector: finish it, reading zeroes past the end like QEMU.
+            Ok(n) => self.read_tail(offset, buf, n).await,
             Err(e) => (Err(e), buf),
         }
+    }
+
+    /// Run a transfer on the blocking pool (`aio=threads`). If the pool thread dies the buffer
+    /// is lost with it; a fresh one comes back with the error.
+    async fn on_pool(
+        &self,
+        want: usize,
+        job: impl FnOnce(&File) -> (io::Result<usize>, IoBuf) + Send + 'static,
+    ) -> (io::Result<usize>, IoBuf) {
+        let f = self.file.clone();
+        blocking::spawn_blocking(move || job(&f))
+            .await
+            .unwrap_or_else(|_| {
+                (
+                    Err(io::Error::other("I/O thread died")),
+                    IoBuf::new(want, 512),
+                )
+            })
     }
 
     /// Complete a short read: read the remainder, or zero-fill at end of file.
@@ -244,24 +241,14 @@ impl FileDriver {
             Aio::IoUring => ops::write_at_flags(self.fd(), buf, offset, rw).await,
             Aio::Native => linux_aio::write_at(self.fd(), buf, offset, rw).await,
             Aio::Threads => {
-                let f = self.file.clone();
                 let fua = rw != 0;
-                match blocking::spawn_blocking(move || {
+                self.on_pool(want, move |f| {
                     let r = f
                         .write_all_at(&buf, offset)
                         .and_then(|_| if fua { f.sync_data() } else { Ok(()) });
                     (r.map(|_| want), buf)
                 })
                 .await
-                {
-                    Ok(x) => x,
-                    Err(_) => {
-                        return (
-                            Err(io::Error::other("I/O thread died")),
-                            IoBuf::new(want, 512),
-                        );
-                    }
-                }
             }
         };
         match r {

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p blockd-img
-BIN=target/release
+BIN="${CARGO_TARGET_DIR:-target}/release"
 IMG="${1:-target/demo.img}"
 if [ ! -e "$IMG" ]; then
     echo "creating demo image $IMG"

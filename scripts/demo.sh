@@ -12,6 +12,7 @@ cargo build --release -q -p blockd-img
 BIN="${CARGO_TARGET_DIR:-target}/release"
 IMG="${1:-target/demo.img}"
 if [ ! -e "$IMG" ]; then
+    mkdir -p "$(dirname "$IMG")"
     echo "creating demo image $IMG"
     "$BIN/blockd-img" create -f raw "$IMG" 256M
 fi

@@ -33,6 +33,7 @@ pub struct OpenFlags {
 pub struct Graph {
     nodes: BTreeMap<String, Arc<Node>>,
     next_auto: u64,
+    drivers: Vec<drivers::DriverEntry>,
     _main_context_only: PhantomData<*const ()>,
 }
 
@@ -47,8 +48,32 @@ impl Graph {
         Graph {
             nodes: BTreeMap::new(),
             next_auto: 0,
+            drivers: drivers::builtin(),
             _main_context_only: PhantomData,
         }
+    }
+
+    /// Add a driver (a format or protocol from another crate) to this graph's registry; a
+    /// driver of the same name is replaced.
+    pub fn register_driver(&mut self, entry: drivers::DriverEntry) {
+        self.drivers.retain(|d| d.name != entry.name);
+        self.drivers.push(entry);
+    }
+
+    /// Names of the drivers this graph can open.
+    pub fn driver_names(&self) -> Vec<&'static str> {
+        self.drivers.iter().map(|d| d.name).collect()
+    }
+
+    /// The format whose probe scores highest for these first bytes of an image (QEMU's
+    /// `bdrv_probe_all`); `raw` when none claims it.
+    pub fn probe_format(&self, header: &[u8], filename: &str) -> &'static str {
+        self.drivers
+            .iter()
+            .filter_map(|d| d.probe.map(|p| (p(header, filename), d.name)))
+            .filter(|(score, _)| *score > 0)
+            .max_by_key(|(score, _)| *score)
+            .map_or("raw", |(_, name)| name)
     }
 
     pub fn node(&self, name: &str) -> Option<Arc<Node>> {
@@ -106,7 +131,13 @@ impl Graph {
             Some(other) => return Err(format!("Invalid discard option '{other}'")),
         }
         let _detect_zeroes = o.take_str("detect-zeroes")?;
-        let opened = drivers::open(self, &driver, &mut o, flags)?;
+        let entry = self
+            .drivers
+            .iter()
+            .find(|d| d.name == driver)
+            .copied()
+            .ok_or_else(|| format!("Unknown driver '{driver}'"))?;
+        let opened = (entry.open)(self, &driver, &mut o, flags)?;
         let is_format = opened.driver.is_format();
         o.finish(&driver, is_format)?;
         let (name, auto) = match name {
@@ -163,7 +194,7 @@ impl Graph {
     }
 
     /// Open or look up a child given as nested options or a node-name reference.
-    pub(crate) fn open_child(
+    pub fn open_child(
         &mut self,
         o: &mut Opts,
         key: &str,

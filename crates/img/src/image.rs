@@ -197,7 +197,7 @@ pub fn open(req: &OpenRequest) -> Result<Opened, String> {
         force_share: req.force_share,
         ..OpenFlags::default()
     };
-    let mut graph = Graph::new();
+    let mut graph = blockd_drivers::graph();
     let node = graph.open_with(options.clone(), flags).map_err(wrap)?;
     Ok(Opened {
         _graph: graph,

@@ -241,7 +241,7 @@ fn default_protocol(map: &mut Map<String, Value>) {
 impl Executor {
     pub fn new() -> Executor {
         Executor {
-            graph: Graph::new(),
+            graph: blockd_drivers::graph(),
             image: None,
             out: Out::new(),
             pending: Vec::new(),

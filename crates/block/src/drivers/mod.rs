@@ -18,25 +18,56 @@ pub struct Opened {
     pub length: u64,
 }
 
-/// Names of the drivers blockd has.
+/// Names of the drivers built into this crate (others register with
+/// [`Graph::register_driver`]).
 pub const DRIVERS: &[&str] = &["file", "host_device", "raw", "null-co", "null-aio"];
 
-pub(crate) fn open(
-    graph: &mut Graph,
-    driver: &str,
-    o: &mut Opts,
-    flags: OpenFlags,
-) -> Result<Opened, String> {
-    match driver {
-        "file" | "host_device" => file::open(driver, o, flags),
-        "null-co" | "null-aio" => null::open(driver, o),
-        "raw" => raw::open(graph, o, flags),
-        other => Err(format!("Unknown driver '{other}'")),
-    }
+/// A driver's open: the graph (to open or look up children), the driver name it was opened
+/// under, its options (take what you use; the rest is an error) and the inherited flags.
+pub type OpenFn = fn(&mut Graph, &str, &mut Opts, OpenFlags) -> Result<Opened, String>;
+
+/// A format's probe: a score (0 = not this format, 100 = certain) for the first bytes of an
+/// image (up to 2048) and its file name, as QEMU's `bdrv_probe`.
+pub type ProbeFn = fn(header: &[u8], filename: &str) -> u32;
+
+/// One entry of a graph's driver registry.
+#[derive(Clone, Copy)]
+pub struct DriverEntry {
+    pub name: &'static str,
+    pub open: OpenFn,
+    pub probe: Option<ProbeFn>,
+}
+
+fn open_file(_g: &mut Graph, d: &str, o: &mut Opts, f: OpenFlags) -> Result<Opened, String> {
+    file::open(d, o, f)
+}
+
+fn open_null(_g: &mut Graph, d: &str, o: &mut Opts, _f: OpenFlags) -> Result<Opened, String> {
+    null::open(d, o)
+}
+
+fn open_raw(g: &mut Graph, _d: &str, o: &mut Opts, f: OpenFlags) -> Result<Opened, String> {
+    raw::open(g, o, f)
+}
+
+/// The drivers every graph starts with.
+pub(crate) fn builtin() -> Vec<DriverEntry> {
+    let e = |name, open| DriverEntry {
+        name,
+        open,
+        probe: None,
+    };
+    vec![
+        e("file", open_file),
+        e("host_device", open_file),
+        e("raw", open_raw),
+        e("null-co", open_null),
+        e("null-aio", open_null),
+    ]
 }
 
 /// Open a child and keep an edge to it.
-pub(crate) fn child_edge(
+pub fn child_edge(
     name: &str,
     node: Arc<crate::node::Node>,
     perm: crate::perm::Perm,

@@ -30,6 +30,9 @@ impl ReqFlags {
     pub const MAY_UNMAP: ReqFlags = ReqFlags(2);
     /// Write-zeroes must be fast (no fallback to writing a buffer of zeroes).
     pub const NO_FALLBACK: ReqFlags = ReqFlags(4);
+    /// Store the data compressed (qcow2's compressed clusters; `convert -c`, backup
+    /// `compress`). Only whole, aligned clusters; drivers without it fail with ENOTSUP.
+    pub const WRITE_COMPRESSED: ReqFlags = ReqFlags(8);
 
     pub fn contains(self, other: ReqFlags) -> bool {
         self.0 & other.0 == other.0
@@ -149,6 +152,22 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// Extra lines for qemu-io's `info` (format-specific), as (label, value) pairs.
     fn info(&self) -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    /// The cluster size, for formats that have one (qemu-img info's `cluster-size`).
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// QEMU's ImageInfoSpecific for this driver (`{"type": "qcow2", "data": {...}}`), as
+    /// `qemu-img info --output=json` prints it under `format-specific`.
+    fn format_specific(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Whether the image was not closed cleanly (qemu-img info's `dirty-flag`).
+    fn is_dirty(&self) -> bool {
+        false
     }
 }
 

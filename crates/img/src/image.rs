@@ -76,17 +76,52 @@ const QEMU_ONLY_FORMATS: &[&str] = &[
     "quorum",
 ];
 
-fn is_qcow2(name: &str) -> std::io::Result<bool> {
+/// The first 2 KiB of a file (fewer when it is shorter): what format probes look at.
+fn read_header(name: &str) -> std::io::Result<Vec<u8>> {
     let mut f = std::fs::File::open(name)?;
-    let mut magic = [0u8; 4];
+    let mut buf = vec![0u8; 2048];
     let mut n = 0;
-    while n < 4 {
-        match f.read(&mut magic[n..])? {
-            0 => break,
-            k => n += k,
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
-    Ok(n == 4 && magic == *b"QFI\xfb")
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Formats QEMU recognises by their magic that blockd has no driver for: probing them as raw
+/// would silently show the container bytes, so they are refused by name instead.
+fn foreign_format(header: &[u8]) -> Option<&'static str> {
+    let be32 = |o: usize| {
+        header
+            .get(o..o + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if header.starts_with(b"QFI\xfb") {
+        return Some(if be32(4) == Some(1) { "qcow" } else { "qcow2" });
+    }
+    const MAGICS: &[(&[u8], &str)] = &[
+        (b"QED\0", "qed"),
+        (b"KDMV", "vmdk"),
+        (b"COWD", "vmdk"),
+        (b"conectix", "vpc"),
+        (b"vhdxfile", "vhdx"),
+        (b"LUKS\xba\xbe", "luks"),
+        (b"WithoutFreeSpace", "parallels"),
+        (b"WithouFreSpacExt", "parallels"),
+    ];
+    if let Some((_, f)) = MAGICS.iter().find(|(m, _)| header.starts_with(m)) {
+        return Some(f);
+    }
+    // VDI: the signature sits after the 64-byte text banner.
+    if header.get(64..68) == Some(&[0x7f, 0x10, 0xda, 0xbe][..]) {
+        return Some("vdi");
+    }
+    None
 }
 
 /// Put `aio` into every file-protocol node of the options.
@@ -115,6 +150,7 @@ pub struct Opened {
 pub fn open(req: &OpenRequest) -> Result<Opened, String> {
     let name = req.name;
     let wrap = |e: String| format!("Could not open '{name}': {e}");
+    let mut graph = blockd_drivers::graph();
     let mut options = if req.image_opts {
         if !name.contains('=') && !name.trim_start().starts_with('{') {
             return Err(wrap(format!(
@@ -133,10 +169,19 @@ pub fn open(req: &OpenRequest) -> Result<Opened, String> {
         let fmt = match req.format {
             Some(f) => f.to_string(),
             None => {
-                // Probe: only raw (and recognising qcow2 to refuse it) here.
-                match is_qcow2(name) {
-                    Ok(true) => "qcow2".to_string(),
-                    Ok(false) => {
+                let header = read_header(name).map_err(|e| {
+                    wrap(format!(
+                        "Could not open '{name}': {}",
+                        blockd_block::strerror(&e)
+                    ))
+                })?;
+                match graph.probe_format(&header, name) {
+                    "raw" => {
+                        if let Some(f) = foreign_format(&header) {
+                            return Err(wrap(format!(
+                                "Block format '{f}' is not supported by blockd-img yet"
+                            )));
+                        }
                         if req.warn_probe {
                             eprint!(
                                 "WARNING: Image format was not specified for '{name}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.\n"
@@ -144,12 +189,7 @@ pub fn open(req: &OpenRequest) -> Result<Opened, String> {
                         }
                         "raw".to_string()
                     }
-                    Err(e) => {
-                        return Err(wrap(format!(
-                            "Could not open '{name}': {}",
-                            blockd_block::strerror(&e)
-                        )));
-                    }
+                    f => f.to_string(),
                 }
             }
         };
@@ -167,11 +207,18 @@ pub fn open(req: &OpenRequest) -> Result<Opened, String> {
                 m
             }
             "file" => file(),
+            f if graph.driver_names().contains(&f) => {
+                let mut m = Map::new();
+                m.insert("driver".into(), Value::String(f.into()));
+                m.insert("file".into(), Value::Object(file()));
+                m
+            }
             "qcow2" => {
-                return Err(wrap(match is_qcow2(name) {
+                // No qcow2 driver registered: still tell a non-qcow2 file apart, as QEMU does.
+                return Err(wrap(match read_header(name) {
                     Err(e) => format!("Could not open '{name}': {}", blockd_block::strerror(&e)),
-                    Ok(false) => "Image is not in qcow2 format".into(),
-                    Ok(true) => "Block format 'qcow2' is not supported by blockd-img yet".into(),
+                    Ok(h) if !h.starts_with(b"QFI\xfb") => "Image is not in qcow2 format".into(),
+                    Ok(_) => "Block format 'qcow2' is not supported by blockd-img yet".into(),
                 }));
             }
             f if QEMU_ONLY_FORMATS.contains(&f) => {
@@ -197,7 +244,6 @@ pub fn open(req: &OpenRequest) -> Result<Opened, String> {
         force_share: req.force_share,
         ..OpenFlags::default()
     };
-    let mut graph = blockd_drivers::graph();
     let node = graph.open_with(options.clone(), flags).map_err(wrap)?;
     Ok(Opened {
         _graph: graph,

@@ -148,6 +148,12 @@ pub struct Opened {
 }
 
 pub fn open(req: &OpenRequest) -> Result<Opened, String> {
+    open_ext(req, false)
+}
+
+/// [`open`] with `discard=unmap` (qemu-img opens convert and dd targets so: zero runs become
+/// holes).
+pub fn open_ext(req: &OpenRequest, discard_unmap: bool) -> Result<Opened, String> {
     let name = req.name;
     let wrap = |e: String| format!("Could not open '{name}': {e}");
     let mut graph = blockd_drivers::graph();
@@ -242,7 +248,7 @@ pub fn open(req: &OpenRequest) -> Result<Opened, String> {
         cache_direct: req.cache.direct,
         no_flush: req.cache.no_flush,
         force_share: req.force_share,
-        ..OpenFlags::default()
+        discard_unmap,
     };
     let node = graph.open_with(options.clone(), flags).map_err(wrap)?;
     Ok(Opened {

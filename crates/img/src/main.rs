@@ -5,12 +5,17 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod convert;
 mod create;
 mod getopt;
 mod help;
 mod image;
 mod info;
+mod map;
 mod num;
+mod progress;
+mod status;
+mod target;
 
 use std::process::ExitCode;
 
@@ -89,8 +94,10 @@ fn main() -> ExitCode {
         "create" => create::run(rest),
         "info" => info::run(rest),
         "bench" => bench::run(rest),
-        "amend" | "bitmap" | "check" | "commit" | "compare" | "convert" | "dd" | "map"
-        | "measure" | "rebase" | "resize" | "snapshot" => Err(Failure::new(format!(
+        "convert" => convert::run(rest),
+        "map" => map::run(rest),
+        "amend" | "bitmap" | "check" | "commit" | "compare" | "dd" | "measure" | "rebase"
+        | "resize" | "snapshot" => Err(Failure::new(format!(
             "Command not implemented by blockd-img yet: {cmd}"
         ))),
         other => Err(Failure::usage(format!("Command not found: {other}"), "")),

@@ -1,0 +1,155 @@
+//! `blockd-img convert` against `qemu-img convert` on identically prepared raw images: stdout
+//! (including `-p` progress lines), stderr, exit codes, and the resulting files byte for byte
+//! with the same allocation (sparseness).
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+const M: u64 = 1 << 20;
+
+fn prepare(d: &Path) {
+    // Data, holes, a run of written zeroes (must come out sparse), short zero gaps inside
+    // data (must stay data), a tail that is not a multiple of the chunk size.
+    image(
+        d,
+        "s.img",
+        10 * M,
+        &[
+            (0, 0x11, M as usize),
+            (3 * M, 0x22, 100 << 10),
+            (6 * M, 0x33, 4096),
+            (6 * M + 6144, 0x33, 8192),
+            (8 * M, 0, 65536),
+            (8 * M + 65536, 0x44, 512),
+            (10 * M - 512, 0x55, 512),
+        ],
+    );
+    image(d, "odd.img", 1000, &[(0, 0x66, 1000)]);
+    image(d, "e.img", 10 * M, &[]);
+    image(d, "big.img", 12 * M, &[(0, 0x77, 12 * M as usize)]);
+    image(d, "t.img", 10 * M, &[]);
+    image(d, "small.img", M, &[]);
+    // 2 MiB chunks of data, one of zeroes, unaligned ends.
+    image(
+        d,
+        "f.img",
+        9 * M + 4096,
+        &[
+            (0, 0x12, 4 * M as usize),
+            (6 * M, 0x13, 3 * M as usize + 4096),
+        ],
+    );
+}
+
+fn check(i: usize, cmd: &str) {
+    let (q, b) = both(&format!("convert{i}"), cmd, prepare);
+    same_files(&q, &b, cmd);
+    for f in ["out.img", "big.img", "t.img"] {
+        assert_eq!(
+            file_facts(&b.join(f)),
+            file_facts(&q.join(f)),
+            "`{cmd}`: size/allocation of {f}"
+        );
+    }
+    cleanup((q, b));
+}
+
+#[test]
+fn convert_copies_like_qemu_img() {
+    if !have_qemu_img() {
+        return;
+    }
+    let cases = [
+        "convert s.img out.img",
+        "convert -O raw -f raw s.img out.img",
+        "convert -p s.img out.img",
+        "convert -p -S 0 s.img out.img",
+        "convert -S 0 s.img out.img",
+        "convert -S 512 s.img out.img",
+        "convert -S 64k s.img out.img",
+        "convert -p -S 1M f.img out.img",
+        "convert -W -m 16 s.img out.img",
+        "convert -m 1 -p f.img out.img",
+        "convert -W -p f.img out.img",
+        "convert -n s.img big.img",
+        "convert -n -p s.img big.img",
+        "convert -n -S 0 s.img big.img",
+        "convert -n --target-is-zero s.img t.img",
+        "convert -t writethrough -T writeback s.img out.img",
+        "convert -t none -T none s.img out.img",
+        "convert -t directsync s.img out.img",
+        "convert s.img odd.img out.img",
+        "convert -p odd.img s.img odd.img out.img",
+        "convert odd.img out.img",
+        "convert e.img out.img",
+        "convert -p e.img out.img",
+        "convert -q -p s.img out.img",
+        "convert -o preallocation=full s.img out.img",
+        "convert -o preallocation=falloc s.img out.img",
+        "convert -o size=1M s.img out.img",
+        "convert -o nocow=off s.img out.img",
+        "convert --image-opts driver=raw,file.filename=s.img out.img",
+        "convert --source-image-opts driver=file,filename=odd.img out.img",
+        "convert -n --target-image-opts s.img driver=raw,file.filename=big.img",
+        "convert -U s.img out.img",
+        "convert -r 1G s.img out.img",
+        "convert -C s.img out.img",
+        "convert --salvage s.img out.img",
+        "convert --parallel=2 --oob-writes --sparse-size=8k s.img out.img",
+        "convert --output-format=raw --source-format=raw s.img out.img",
+        "convert -f raw -O raw -n -W -m 3 s.img big.img",
+        // errors
+        "convert",
+        "convert s.img",
+        "convert -x s.img out.img",
+        "convert --bogus s.img out.img",
+        "convert --b s.img out.img",
+        "convert --o s.img out.img",
+        "convert --target s.img out.img",
+        "convert -m 0 s.img out.img",
+        "convert -m 17 s.img out.img",
+        "convert -m x s.img out.img",
+        "convert -m 1k s.img out.img",
+        "convert -m 0x2 s.img out.img",
+        "convert -S 100 s.img out.img",
+        "convert -S x s.img out.img",
+        "convert -S -1 s.img out.img",
+        "convert -S 32M s.img out.img",
+        "convert -r x s.img out.img",
+        "convert -r -1 s.img out.img",
+        "convert -t bogus s.img out.img",
+        "convert -T bogus s.img out.img",
+        "convert -c s.img out.img",
+        "convert -W -c s.img out.img",
+        "convert -n -c s.img big.img",
+        "convert --target-is-zero s.img out.img",
+        "convert -n -o size=1M s.img big.img",
+        "convert -O bogus s.img out.img",
+        "convert -f bogus s.img out.img",
+        "convert -o bogus=1 s.img out.img",
+        "convert -o size=x s.img out.img",
+        "convert -o preallocation=bogus s.img out.img",
+        "convert -o preallocation=metadata s.img out.img",
+        "convert -o help",
+        "convert -o help s.img out.img",
+        "convert -n s.img small.img",
+        "convert -n s.img nonexist.img",
+        "convert nonexist.img out.img",
+        "convert -B s.img s.img out.img",
+        "convert -F raw s.img out.img",
+        "convert -l snap s.img out.img",
+        "convert --bitmaps s.img out.img",
+        "convert --skip-broken-bitmaps s.img out.img",
+        "convert --image-opts -f raw s.img out.img",
+        "convert --image-opts s.img out.img",
+        "convert --target-image-opts s.img out.img",
+        "convert s.img /nonexist/dir/out.img",
+        "convert -h",
+        "convert --help",
+    ];
+    for (i, cmd) in cases.iter().enumerate() {
+        check(i, cmd);
+    }
+}

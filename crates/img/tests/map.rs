@@ -1,0 +1,85 @@
+//! `blockd-img map` against `qemu-img map` on identically prepared raw images: the human table
+//! and the JSON lines (merging, depth, present/zero/data, host offsets), `--start-offset`,
+//! `--max-length`, and the errors.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+const M: u64 = 1 << 20;
+
+fn prepare(d: &Path) {
+    image(
+        d,
+        "s.img",
+        10 * M,
+        &[
+            (0, 0x11, M as usize),
+            (3 * M, 0x22, 100 << 10),
+            (8 * M, 0, 65536),
+            (10 * M - 512, 0x55, 512),
+        ],
+    );
+    image(d, "odd.img", 1000, &[(0, 0x66, 1000)]);
+    image(d, "e.img", 10 * M, &[]);
+    image(d, "z.img", 0, &[]);
+    image(d, "full.img", 3 * M, &[(0, 1, 3 * M as usize)]);
+}
+
+#[test]
+fn map_matches_qemu_img() {
+    if !have_qemu_img() {
+        return;
+    }
+    let cases = [
+        "map s.img",
+        "map -f raw s.img",
+        "map --output=json s.img",
+        "map --output json -f raw s.img",
+        "map --output=human s.img",
+        "map --start-offset=1M s.img",
+        "map --start-offset=1000 --output=json s.img",
+        "map --start-offset=1M --max-length=2M --output=json s.img",
+        "map --max-length=1000 --output=json s.img",
+        "map --max-length=0 --output=json s.img",
+        "map --max-length=0 s.img",
+        "map --start-offset=100M --output=json s.img",
+        "map --start-offset=100M s.img",
+        "map --start-offset=10M --output=json s.img",
+        "map -s 0x100000 -l 1k --output=json s.img",
+        "map --max-length=100G --output=json s.img",
+        "map odd.img",
+        "map --output=json odd.img",
+        "map --output=json e.img",
+        "map e.img",
+        "map --output=json z.img",
+        "map z.img",
+        "map --output=json full.img",
+        "map full.img",
+        "map -U s.img",
+        "map --image-opts driver=raw,file.filename=s.img",
+        "map --output=json --image-opts driver=raw,file.filename=s.img",
+        "map --output=json --image-opts driver=file,filename=s.img",
+        // errors
+        "map",
+        "map a b",
+        "map --output=bogus s.img",
+        "map --start-offset=x s.img",
+        "map --max-length=x s.img",
+        "map --start-offset=-1 s.img",
+        "map --max-length=-1 s.img",
+        "map --max-length=8E s.img",
+        "map nonexist",
+        "map -f bogus s.img",
+        "map -x s.img",
+        "map --bogus s.img",
+        "map --image-opts -f raw s.img",
+        "map --image-opts s.img",
+        "map -h",
+        "map --help",
+    ];
+    for (i, cmd) in cases.iter().enumerate() {
+        cleanup(both(&format!("map{i}"), cmd, prepare));
+    }
+}

@@ -1,0 +1,509 @@
+//! The transmission phase of one connection, run entirely on the export's context.
+//!
+//! One reader loop parses requests (and receives write payloads) and spawns a task per request,
+//! at most [`MAX_IN_FLIGHT`] at a time; tasks finish in any order and queue their encoded
+//! replies; one writer task sends whatever is queued, several replies per `sendmsg`. A reply is
+//! queued whole, so chunks of different requests never interleave mid-chunk.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+
+use blockd_aio::IoBuf;
+use blockd_block::{BlockBackend, ReqFlags};
+use event_listener::Event;
+
+use crate::proto::{self, Put, Request};
+use crate::server::ConnSocket;
+use crate::server::handshake::Session;
+use crate::sock::{discard, recv_exact, recv_fill, send_all};
+
+/// Requests served concurrently per connection.
+pub(crate) const MAX_IN_FLIGHT: usize = 64;
+/// Extents per block status chunk at most (the spec allows 2^20; this keeps replies small).
+const MAX_EXTENTS: usize = 1 << 16;
+/// Iovecs per `sendmsg`.
+const MAX_BATCH: usize = 256;
+
+struct Conn {
+    fd: RawFd,
+    session: Session,
+    backend: BlockBackend,
+    size: u64,
+    out: RefCell<VecDeque<Vec<IoBuf>>>,
+    out_event: Event,
+    closing: Cell<bool>,
+    broken: Cell<bool>,
+    in_flight: Cell<usize>,
+    slot_event: Event,
+}
+
+pub(crate) async fn run(sock: ConnSocket, session: Session) {
+    let backend = session.export.backend().clone();
+    let conn = Rc::new(Conn {
+        fd: sock.raw(),
+        size: backend.length(),
+        backend,
+        session,
+        out: RefCell::new(VecDeque::new()),
+        out_event: Event::new(),
+        closing: Cell::new(false),
+        broken: Cell::new(false),
+        in_flight: Cell::new(0),
+        slot_event: Event::new(),
+    });
+    let writer = blockd_aio::spawn(writer(conn.clone()));
+    reader(&conn).await;
+    // Answer what was admitted, then close.
+    wait_until(&conn.slot_event, || conn.in_flight.get() == 0).await;
+    conn.closing.set(true);
+    conn.out_event.notify(usize::MAX);
+    writer.await;
+    drop(sock);
+}
+
+async fn wait_until(ev: &Event, cond: impl Fn() -> bool) {
+    loop {
+        if cond() {
+            return;
+        }
+        let l = ev.listen();
+        if cond() {
+            return;
+        }
+        l.await;
+    }
+}
+
+async fn writer(conn: Rc<Conn>) {
+    loop {
+        let batch: Vec<IoBuf> = {
+            let mut q = conn.out.borrow_mut();
+            let mut b = Vec::new();
+            while let Some(front) = q.front() {
+                if !b.is_empty() && b.len() + front.len() > MAX_BATCH {
+                    break;
+                }
+                b.extend(q.pop_front().expect("front"));
+            }
+            b
+        };
+        if batch.is_empty() {
+            if conn.closing.get() {
+                return;
+            }
+            let l = conn.out_event.listen();
+            if !conn.out.borrow().is_empty() || conn.closing.get() {
+                continue;
+            }
+            l.await;
+            continue;
+        }
+        if conn.broken.get() {
+            continue; // drop replies nobody can receive
+        }
+        if send_all(conn.fd, batch).await.is_err() {
+            conn.broken.set(true);
+            // Make the reader stop too.
+            // SAFETY: our own open socket; shutdown touches no memory.
+            unsafe {
+                libc::shutdown(conn.fd, libc::SHUT_RDWR);
+            }
+        }
+    }
+}
+
+fn queue(conn: &Conn, bufs: Vec<IoBuf>) {
+    conn.out.borrow_mut().push_back(bufs);
+    conn.out_event.notify(1);
+}
+
+fn buf(v: &[u8]) -> IoBuf {
+    IoBuf::from_slice(v)
+}
+
+async fn reader(conn: &Rc<Conn>) {
+    let extended = conn.session.extended;
+    let hlen = if extended {
+        proto::EXTENDED_REQUEST_LEN
+    } else {
+        proto::COMPACT_REQUEST_LEN
+    };
+    loop {
+        wait_until(&conn.slot_event, || conn.in_flight.get() < MAX_IN_FLIGHT).await;
+        if conn.broken.get() {
+            return;
+        }
+        let Ok(hb) = recv_exact(conn.fd, hlen).await else {
+            return;
+        };
+        let Ok(req) = Request::parse(&hb, extended) else {
+            // Wrong magic: the stream cannot be resynchronised.
+            return;
+        };
+        let payload_len = req.payload_len(extended);
+        let mut payload = None;
+        if let Err(errno) = validate(conn, &req) {
+            if payload_len > 0
+                && (payload_len > u32::MAX as u64 || discard(conn.fd, payload_len).await.is_err())
+            {
+                return;
+            }
+            queue(conn, error_reply(conn, &req, errno, ""));
+            continue;
+        }
+        if req.typ == proto::CMD_DISC {
+            return;
+        }
+        if payload_len > 0 {
+            let b = IoBuf::new(payload_len as usize, 4096);
+            let (r, b) = recv_fill(conn.fd, b).await;
+            if r.is_err() {
+                return;
+            }
+            payload = Some(b);
+        }
+        conn.in_flight.set(conn.in_flight.get() + 1);
+        let c = conn.clone();
+        blockd_aio::spawn(async move {
+            let reply = handle(&c, req, payload).await;
+            queue(&c, reply);
+            c.in_flight.set(c.in_flight.get() - 1);
+            c.slot_event.notify(usize::MAX);
+        })
+        .detach();
+    }
+}
+
+/// Checks before serving: an error value for a request that must be refused.
+fn validate(conn: &Conn, r: &Request) -> Result<(), u32> {
+    let s = &conn.session;
+    let writable = s.export.writable();
+    let known = match r.typ {
+        proto::CMD_READ => proto::CMD_FLAG_FUA | if s.structured { proto::CMD_FLAG_DF } else { 0 },
+        proto::CMD_WRITE => proto::CMD_FLAG_FUA,
+        proto::CMD_WRITE_ZEROES => {
+            proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO
+        }
+        proto::CMD_BLOCK_STATUS => proto::CMD_FLAG_FUA | proto::CMD_FLAG_REQ_ONE,
+        proto::CMD_DISC | proto::CMD_FLUSH | proto::CMD_TRIM | proto::CMD_CACHE => {
+            proto::CMD_FLAG_FUA
+        }
+        _ => return Err(proto::EINVAL),
+    };
+    let known = known
+        | if s.extended && r.typ == proto::CMD_WRITE {
+            proto::CMD_FLAG_PAYLOAD_LEN
+        } else {
+            0
+        };
+    if r.flags & !known != 0 {
+        return Err(proto::EINVAL);
+    }
+    if (r.typ == proto::CMD_READ || r.typ == proto::CMD_WRITE) && r.len > proto::MAX_PAYLOAD as u64
+    {
+        return Err(proto::EINVAL);
+    }
+    let is_write = matches!(
+        r.typ,
+        proto::CMD_WRITE | proto::CMD_TRIM | proto::CMD_WRITE_ZEROES
+    );
+    if is_write && !writable {
+        return Err(proto::EPERM);
+    }
+    let in_range = r.offset.checked_add(r.len).is_some_and(|e| e <= conn.size);
+    match r.typ {
+        proto::CMD_READ | proto::CMD_TRIM | proto::CMD_CACHE | proto::CMD_BLOCK_STATUS
+            if !in_range =>
+        {
+            return Err(proto::EINVAL);
+        }
+        proto::CMD_WRITE | proto::CMD_WRITE_ZEROES if !in_range => return Err(proto::ENOSPC),
+        _ => {}
+    }
+    if r.typ == proto::CMD_BLOCK_STATUS {
+        if !s.structured || (s.base_ctx.is_none() && s.depth_ctx.is_none()) {
+            return Err(proto::EINVAL);
+        }
+        if r.len == 0 {
+            return Err(proto::EINVAL);
+        }
+    }
+    Ok(())
+}
+
+fn done_reply(conn: &Conn, r: &Request) -> Vec<IoBuf> {
+    if conn.session.structured {
+        vec![buf(&proto::chunk_header(
+            conn.session.extended,
+            proto::REPLY_FLAG_DONE,
+            proto::REPLY_TYPE_NONE,
+            r.cookie,
+            r.offset,
+            0,
+        ))]
+    } else {
+        vec![buf(&proto::simple_reply(0, r.cookie))]
+    }
+}
+
+fn error_reply(conn: &Conn, r: &Request, errno: u32, msg: &str) -> Vec<IoBuf> {
+    if conn.session.structured {
+        let msg = proto::clamp_string(msg);
+        let mut p = Vec::new();
+        p.put_u32(errno);
+        p.put_u16(msg.len() as u16);
+        p.extend_from_slice(msg.as_bytes());
+        let mut h = proto::chunk_header(
+            conn.session.extended,
+            proto::REPLY_FLAG_DONE,
+            proto::REPLY_TYPE_ERROR,
+            r.cookie,
+            r.offset,
+            p.len() as u64,
+        );
+        h.extend_from_slice(&p);
+        vec![buf(&h)]
+    } else {
+        vec![buf(&proto::simple_reply(errno, r.cookie))]
+    }
+}
+
+fn io_reply(conn: &Conn, r: &Request, res: io::Result<()>) -> Vec<IoBuf> {
+    match res {
+        Ok(()) => done_reply(conn, r),
+        Err(e) => error_reply(conn, r, proto::errno_to_nbd(&e), ""),
+    }
+}
+
+async fn handle(conn: &Conn, r: Request, payload: Option<IoBuf>) -> Vec<IoBuf> {
+    let b = &conn.backend;
+    let fua = r.flags & proto::CMD_FLAG_FUA != 0;
+    match r.typ {
+        proto::CMD_READ => read(conn, &r).await,
+        proto::CMD_WRITE => {
+            let Some(data) = payload else {
+                return done_reply(conn, &r); // zero-length write
+            };
+            let durable = fua || conn.session.export.cfg.writethrough;
+            let flags = if durable {
+                ReqFlags::FUA
+            } else {
+                ReqFlags::NONE
+            };
+            let (res, _) = b.write(r.offset, data, flags).await;
+            io_reply(conn, &r, res)
+        }
+        proto::CMD_FLUSH => io_reply(conn, &r, b.flush().await),
+        proto::CMD_TRIM => {
+            let mut res = if r.len == 0 {
+                Ok(())
+            } else {
+                b.discard(r.offset, r.len).await
+            };
+            if res.is_ok() && fua {
+                res = b.flush().await;
+            }
+            io_reply(conn, &r, res)
+        }
+        proto::CMD_WRITE_ZEROES => {
+            let mut flags = if fua { ReqFlags::FUA } else { ReqFlags::NONE };
+            if r.flags & proto::CMD_FLAG_NO_HOLE == 0 {
+                flags = flags | ReqFlags::MAY_UNMAP;
+            }
+            if r.flags & proto::CMD_FLAG_FAST_ZERO != 0 {
+                flags = flags | ReqFlags::NO_FALLBACK;
+            }
+            let res = if r.len == 0 {
+                Ok(())
+            } else {
+                b.write_zeroes(r.offset, r.len, flags).await
+            };
+            io_reply(conn, &r, res)
+        }
+        proto::CMD_CACHE => {
+            // Advisory: read (part of) the range so it is warm; the data is dropped.
+            let mut off = r.offset;
+            let end = r.offset + r.len.min(proto::MAX_PAYLOAD as u64);
+            let mut res = Ok(());
+            while off < end && res.is_ok() {
+                let n = (end - off).min(1 << 20);
+                let (x, _) = b.read(off, IoBuf::new(n as usize, 4096)).await;
+                res = x;
+                off += n;
+            }
+            io_reply(conn, &r, res)
+        }
+        proto::CMD_BLOCK_STATUS => match block_status(conn, &r).await {
+            Ok(v) => v,
+            Err(e) => error_reply(conn, &r, proto::errno_to_nbd(&e), ""),
+        },
+        _ => error_reply(conn, &r, proto::EINVAL, "unknown command"),
+    }
+}
+
+/// Encode chunks: (type, payload pieces), the last one flagged DONE.
+fn chunks(conn: &Conn, r: &Request, parts: Vec<(u16, Vec<IoBuf>)>) -> Vec<IoBuf> {
+    let n = parts.len();
+    let mut out = Vec::with_capacity(n * 2);
+    for (i, (typ, pieces)) in parts.into_iter().enumerate() {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        let flags = if i + 1 == n {
+            proto::REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        out.push(buf(&proto::chunk_header(
+            conn.session.extended,
+            flags,
+            typ,
+            r.cookie,
+            r.offset,
+            len as u64,
+        )));
+        out.extend(pieces);
+    }
+    out
+}
+
+async fn read(conn: &Conn, r: &Request) -> Vec<IoBuf> {
+    let b = &conn.backend;
+    let len = r.len as usize;
+    if !conn.session.structured {
+        if len == 0 {
+            return done_reply(conn, r);
+        }
+        let (res, data) = b.read(r.offset, IoBuf::new(len, 4096)).await;
+        return match res {
+            Ok(()) => vec![buf(&proto::simple_reply(0, r.cookie)), data],
+            Err(e) => error_reply(conn, r, proto::errno_to_nbd(&e), ""),
+        };
+    }
+    if len == 0 {
+        return done_reply(conn, r);
+    }
+    let df = r.flags & proto::CMD_FLAG_DF != 0;
+    let mut parts: Vec<(u16, Vec<IoBuf>)> = Vec::new();
+    let end = r.offset + r.len;
+    let mut off = r.offset;
+    while off < end {
+        // Holes go out as OFFSET_HOLE chunks (unless the client wants one data chunk).
+        let (ext_len, zero) = if df {
+            (end - off, false)
+        } else {
+            match b.block_status(off, end - off).await {
+                Ok(s) => (s.len.clamp(1, end - off), s.zero),
+                Err(_) => (end - off, false),
+            }
+        };
+        if zero {
+            let mut p = Vec::with_capacity(12);
+            p.put_u64(off);
+            p.put_u32(ext_len as u32);
+            parts.push((proto::REPLY_TYPE_OFFSET_HOLE, vec![buf(&p)]));
+        } else {
+            let (res, data) = b.read(off, IoBuf::new(ext_len as usize, 4096)).await;
+            if let Err(e) = res {
+                return error_reply(conn, r, proto::errno_to_nbd(&e), "");
+            }
+            parts.push((
+                proto::REPLY_TYPE_OFFSET_DATA,
+                vec![buf(&off.to_be_bytes()), data],
+            ));
+        }
+        off += ext_len;
+    }
+    chunks(conn, r, parts)
+}
+
+/// One extent seen through the backing chain: length, data, zero, depth (0 = unallocated).
+async fn status_above(b: &BlockBackend, off: u64, len: u64) -> io::Result<(u64, bool, bool, u32)> {
+    let s = b.block_status(off, len).await?;
+    let s_len = s.len.clamp(1, len);
+    if s.allocated {
+        return Ok((s_len, s.data, s.zero, 1));
+    }
+    let mut cur = s_len;
+    let mut node = b.root().child("backing");
+    let mut depth = 2;
+    while let Some(n) = node {
+        if off >= n.length() {
+            break;
+        }
+        let bs = n
+            .driver()
+            .block_status(&n, off, cur.min(n.length() - off))
+            .await?;
+        cur = bs.len.clamp(1, cur);
+        if bs.allocated {
+            return Ok((cur, bs.data, bs.zero, depth));
+        }
+        node = n.child("backing");
+        depth += 1;
+    }
+    Ok((cur, false, true, 0))
+}
+
+async fn block_status(conn: &Conn, r: &Request) -> io::Result<Vec<IoBuf>> {
+    let s = &conn.session;
+    let req_one = r.flags & proto::CMD_FLAG_REQ_ONE != 0;
+    let cap = if req_one { 1 } else { MAX_EXTENTS };
+    let end = r.offset + r.len;
+    let mut base: Vec<(u64, u64)> = Vec::new();
+    let mut depth: Vec<(u64, u64)> = Vec::new();
+    let mut off = r.offset;
+    // Merge runs of equal flags; stop when both lists are full or the range is covered.
+    let push = |v: &mut Vec<(u64, u64)>, len: u64, flags: u64| -> bool {
+        if let Some(last) = v.last_mut()
+            && last.1 == flags
+        {
+            last.0 += len;
+            return true;
+        }
+        if v.len() >= cap {
+            return false;
+        }
+        v.push((len, flags));
+        true
+    };
+    while off < end {
+        let (len, data, zero, d) = status_above(&conn.backend, off, end - off).await?;
+        let mut flags = 0u64;
+        if !data {
+            flags |= proto::STATE_HOLE as u64;
+        }
+        if zero {
+            flags |= proto::STATE_ZERO as u64;
+        }
+        let a = s.base_ctx.is_none() || push(&mut base, len, flags);
+        let b = s.depth_ctx.is_none() || push(&mut depth, len, d as u64);
+        if !a || !b {
+            break;
+        }
+        off += len;
+    }
+    let mut parts = Vec::new();
+    for (id, list) in [(s.base_ctx, base), (s.depth_ctx, depth)] {
+        let Some(id) = id else { continue };
+        let mut p = Vec::with_capacity(8 + list.len() * 16);
+        p.put_u32(id);
+        if s.extended {
+            p.put_u32(list.len() as u32);
+            for (len, flags) in &list {
+                p.put_u64(*len);
+                p.put_u64(*flags);
+            }
+            parts.push((proto::REPLY_TYPE_BLOCK_STATUS_EXT, vec![buf(&p)]));
+        } else {
+            for (len, flags) in &list {
+                // Compact requests are < 4 GiB, so each extent fits.
+                p.put_u32(*len as u32);
+                p.put_u32(*flags as u32);
+            }
+            parts.push((proto::REPLY_TYPE_BLOCK_STATUS, vec![buf(&p)]));
+        }
+    }
+    Ok(chunks(conn, r, parts))
+}

@@ -6,7 +6,7 @@ use blockd_block::Graph;
 
 /// Register every driver blockd has on `graph`.
 pub fn register_all(graph: &mut Graph) {
-    let _ = graph;
+    blockd_nbd::client::register(graph);
 }
 
 /// A new graph that can open every driver blockd has.

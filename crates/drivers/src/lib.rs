@@ -6,6 +6,7 @@ use blockd_block::Graph;
 
 /// Register every driver blockd has on `graph`.
 pub fn register_all(graph: &mut Graph) {
+    graph.register_driver(blockd_qcow2::driver_entry());
     blockd_nbd::client::register(graph);
 }
 

@@ -1,0 +1,470 @@
+//! The `qcow2` block driver: opening (header, tables, backing file), the BlockDriver trait,
+//! probing, and what `qemu-img info` shows.
+
+use std::cell::Cell;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use blockd_aio::IoBuf;
+use blockd_block::drivers::{Opened, child_edge};
+use blockd_block::options::{ChildSpec, Opts};
+use blockd_block::{
+    BlockDriver, BlockStatus, BufResult, Graph, IoFuture, Node, OpenFlags, Perm, ReqFlags,
+};
+use serde_json::{Map, Value, json};
+
+use crate::cache::CacheConfig;
+use crate::header::{self, Header};
+use crate::image::{Image, pread, pwrite};
+
+pub struct Qcow2 {
+    pub image: Image,
+}
+
+/// QEMU's probe: the magic and a version it knows.
+pub fn probe(buf: &[u8], _filename: &str) -> u32 {
+    if buf.len() >= 8 && buf[..4] == header::MAGIC.to_be_bytes() {
+        let v = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        if v >= 2 { 100 } else { 0 }
+    } else {
+        0
+    }
+}
+
+/// Run open-time I/O to completion from synchronous code: on this thread when it runs no
+/// event loop, else on a helper thread with its own (never a nested loop, DESIGN.md rule 3).
+pub fn run_sync<T: Send, F: std::future::Future<Output = T>>(make: impl FnOnce() -> F + Send) -> T {
+    if blockd_aio::block_on(async {}).is_ok() {
+        if let Ok(v) = blockd_aio::block_on(make()) {
+            return v;
+        }
+        unreachable!("the loop was idle a moment ago on this very thread");
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| blockd_aio::block_on(make()).expect("a fresh thread runs no loop"))
+            .join()
+            .expect("open I/O thread panicked")
+    })
+}
+
+thread_local! {
+    static BACKING_DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+const MAX_BACKING_DEPTH: u32 = 64;
+
+/// Whether a backing name starts with a protocol prefix (`nbd:`, `http:`, `json:` ...):
+/// a colon before any slash, as QEMU's path_has_protocol.
+fn has_protocol(name: &str) -> bool {
+    match name.find(':') {
+        Some(c) => !name[..c].contains('/'),
+        None => false,
+    }
+}
+
+/// Resolve an image-provided backing name against the image's directory.
+pub fn resolve_backing(image_filename: Option<&str>, name: &str) -> Result<String, String> {
+    if name.starts_with("json:") {
+        return Err(format!(
+            "Could not open backing file: backing file name '{name}' is a json: specification, which is refused for names stored in images"
+        ));
+    }
+    if has_protocol(name) {
+        return Err(format!(
+            "Could not open backing file: backing file name '{name}' has a protocol prefix, which is refused for names stored in images"
+        ));
+    }
+    if name.contains('\0') {
+        return Err("Could not open backing file: backing file name contains a NUL byte".into());
+    }
+    if name.starts_with('/') {
+        return Ok(name.to_string());
+    }
+    match image_filename.and_then(|f| f.rfind('/').map(|i| &f[..=i])) {
+        Some(dir) => Ok(format!("{dir}{name}")),
+        None => Ok(name.to_string()),
+    }
+}
+
+fn read_probe_bytes(path: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| {
+        format!(
+            "Could not open backing file: Could not open '{path}': {}",
+            blockd_block::strerror(&e)
+        )
+    })?;
+    let mut buf = vec![0u8; 2048];
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
+pub fn open(
+    graph: &mut Graph,
+    _driver: &str,
+    o: &mut Opts,
+    flags: OpenFlags,
+) -> Result<Opened, String> {
+    // The file child, remembering its filename to resolve relative backing names.
+    let (file, filename) = match o.take_child("file") {
+        None => return Err("A block device must be specified for \"file\"".into()),
+        Some(ChildSpec::Reference(n)) => (
+            graph
+                .node(&n)
+                .ok_or_else(|| format!("Cannot find device='' nor node-name='{n}'"))?,
+            None,
+        ),
+        Some(ChildSpec::Options(mut m)) => {
+            let filename = m
+                .get("filename")
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
+            if !m.contains_key("driver") && m.contains_key("filename") {
+                m.insert("driver".into(), Value::String("file".into()));
+            }
+            (graph.open_with(m, flags)?, filename)
+        }
+    };
+    let overlap = match o.take("overlap-check") {
+        None => true,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => false,
+            "constant" | "cached" | "all" => true,
+            _ => {
+                return Err(format!(
+                    "Unsupported value '{s}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
+                ));
+            }
+        },
+        Some(Value::Object(m)) => {
+            let mut sub = Opts::nested(m, "overlap-check.");
+            let template = sub.take_str("template")?;
+            let mut any = template.as_deref() != Some("none");
+            for k in [
+                "main-header",
+                "active-l1",
+                "active-l2",
+                "refcount-table",
+                "refcount-block",
+                "snapshot-table",
+                "inactive-l1",
+                "inactive-l2",
+                "bitmap-directory",
+            ] {
+                if let Some(b) = sub.take_bool(k)? {
+                    any |= b;
+                }
+            }
+            sub.finish("qcow2", true)?;
+            any
+        }
+        Some(_) => {
+            return Err("Invalid parameter type for 'overlap-check', expected: string".into());
+        }
+    };
+    let lazy = o.take_bool("lazy-refcounts")?;
+    let pass_discard = o.take_bool("pass-discard-request")?.unwrap_or(true);
+    let _ = o.take_bool("pass-discard-snapshot")?;
+    let _ = o.take_bool("pass-discard-other")?;
+    let _ = o.take_bool("discard-no-unref")?;
+    if o.take("data-file").is_some() {
+        return Err("qcow2 images with an external data file are not supported yet".into());
+    }
+    if o.take("encrypt").is_some() {
+        return Err("Encrypted qcow2 images are not supported yet".into());
+    }
+
+    let file2 = file.clone();
+    let hdr = run_sync(move || async move {
+        let flen = file2.length();
+        let first = pread(&file2, 0, flen.min(512) as usize)
+            .await
+            .map_err(|e| {
+                format!(
+                    "Could not read qcow2 header: {}",
+                    blockd_block::strerror(&e)
+                )
+            })?;
+        let cs = Header::needed_len(&first)?;
+        let buf = pread(&file2, 0, cs.min(flen) as usize).await.map_err(|e| {
+            format!(
+                "Could not read qcow2 header: {}",
+                blockd_block::strerror(&e)
+            )
+        })?;
+        Header::parse(&buf, flen)
+    })?;
+    if lazy == Some(true) && hdr.version < 3 {
+        return Err(
+            "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+                .into(),
+        );
+    }
+    if !flags.read_only && hdr.incompatible & header::INCOMPAT_CORRUPT != 0 {
+        return Err("qcow2: Image is corrupt; cannot be opened read/write".into());
+    }
+    let cache = CacheConfig::from_opts(o, hdr.size, hdr.cluster_size(), hdr.l2_entry_size())?;
+
+    // The backing file: explicit option, `null`, or the header's name.
+    let backing = match o.take("backing") {
+        Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(n)) => Some(
+            graph
+                .node(&n)
+                .ok_or_else(|| format!("Cannot find device='' nor node-name='{n}'"))?,
+        ),
+        Some(Value::Object(mut m)) => {
+            if !m.contains_key("driver") && m.contains_key("filename") {
+                m.insert("driver".into(), Value::String("file".into()));
+            }
+            Some(open_backing(graph, m, flags)?)
+        }
+        Some(_) => return Err("Invalid parameter type for 'backing', expected: string".into()),
+        None => match &hdr.backing_file {
+            None => None,
+            Some(name) => {
+                let path = resolve_backing(filename.as_deref(), name)?;
+                let fmt = match &hdr.backing_format {
+                    Some(f) => f.clone(),
+                    None => {
+                        let bytes = read_probe_bytes(&path)?;
+                        graph.probe_format(&bytes, &path).to_string()
+                    }
+                };
+                let mut m = Map::new();
+                m.insert("driver".into(), Value::String(fmt));
+                m.insert("file".into(), json!({"driver": "file", "filename": path}));
+                Some(open_backing(graph, m, flags)?)
+            }
+        },
+    };
+
+    let read_only = flags.read_only;
+    let file2 = file.clone();
+    let hdr2 = hdr.clone();
+    let image = run_sync(move || async move {
+        let img = Image::load(&file2, hdr2, cache, read_only, overlap, pass_discard).await?;
+        if !read_only {
+            img.prepare_writable(&file2).await?;
+        }
+        Ok::<Image, String>(img)
+    })?;
+
+    let mut perm = Perm::CONSISTENT_READ;
+    if !flags.read_only {
+        perm = perm | Perm::WRITE | Perm::RESIZE;
+    }
+    let shared = if flags.force_share {
+        Perm::ALL
+    } else {
+        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED
+    };
+    let mut children = vec![child_edge("file", file, perm, shared)];
+    if let Some(b) = backing {
+        children.push(child_edge("backing", b, Perm::CONSISTENT_READ, Perm::ALL));
+    }
+    let length = hdr.size;
+    Ok(Opened {
+        driver: Box::new(Qcow2 { image }),
+        children,
+        length,
+    })
+}
+
+fn open_backing(
+    graph: &mut Graph,
+    mut m: Map<String, Value>,
+    flags: OpenFlags,
+) -> Result<Arc<Node>, String> {
+    let depth = BACKING_DEPTH.with(|d| d.get());
+    if depth >= MAX_BACKING_DEPTH {
+        return Err("Could not open backing file: backing chain too deep (a loop?)".into());
+    }
+    m.entry("read-only").or_insert(Value::Bool(true));
+    let bflags = OpenFlags {
+        read_only: true,
+        ..flags
+    };
+    BACKING_DEPTH.with(|d| d.set(depth + 1));
+    let r = graph.open_with(m, bflags);
+    BACKING_DEPTH.with(|d| d.set(depth));
+    r.map_err(|e| {
+        if e.starts_with("Could not open backing file") {
+            e
+        } else {
+            format!("Could not open backing file: {e}")
+        }
+    })
+}
+
+impl Image {
+    /// A writable open: clear autoclear bits we do not maintain (bitmaps are not updated by
+    /// our writes, so they must not claim to be consistent), and repair a dirty image.
+    async fn prepare_writable(&self, file: &Arc<Node>) -> Result<(), String> {
+        let (dirty, autoclear, version) = {
+            let h = self.header.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                h.incompatible & header::INCOMPAT_DIRTY != 0,
+                h.autoclear,
+                h.version,
+            )
+        };
+        if version >= 3 && autoclear != 0 {
+            pwrite(file, 88, &0u64.to_be_bytes()).await.map_err(|e| {
+                format!(
+                    "Could not update qcow2 header: {}",
+                    blockd_block::strerror(&e)
+                )
+            })?;
+            self.header
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .autoclear = 0;
+        }
+        if dirty {
+            crate::check::repair_dirty(self, file).await?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDriver for Qcow2 {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn is_format(&self) -> bool {
+        true
+    }
+
+    fn read<'a>(&'a self, node: &'a Node, off: u64, buf: IoBuf) -> IoFuture<'a, BufResult> {
+        Box::pin(self.image.read(node, off, buf))
+    }
+
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        off: u64,
+        buf: IoBuf,
+        flags: ReqFlags,
+    ) -> IoFuture<'a, BufResult> {
+        Box::pin(self.image.write(node, off, buf, flags))
+    }
+
+    fn flush<'a>(&'a self, node: &'a Node) -> IoFuture<'a, io::Result<()>> {
+        Box::pin(async move {
+            // Metadata is written through; making it durable is the file's flush.
+            let f = node
+                .child("file")
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))?;
+            f.driver().flush(&f).await
+        })
+    }
+
+    fn discard<'a>(&'a self, node: &'a Node, off: u64, len: u64) -> IoFuture<'a, io::Result<()>> {
+        Box::pin(self.image.discard(node, off, len))
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        off: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> IoFuture<'a, io::Result<()>> {
+        Box::pin(self.image.write_zeroes(node, off, len, flags))
+    }
+
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        off: u64,
+        len: u64,
+    ) -> IoFuture<'a, io::Result<BlockStatus>> {
+        Box::pin(self.image.block_status(node, off, len))
+    }
+
+    fn truncate<'a>(&'a self, node: &'a Node, len: u64) -> IoFuture<'a, io::Result<u64>> {
+        Box::pin(self.image.truncate(node, len))
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.image.geo.cluster_size)
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.image.header().incompatible & header::INCOMPAT_DIRTY != 0
+    }
+
+    fn format_specific(&self) -> Option<Value> {
+        Some(format_specific(
+            &self.image.header(),
+            self.image.corrupt.load(Ordering::SeqCst),
+        ))
+    }
+
+    fn info(&self) -> Vec<(String, String)> {
+        let h = self.image.header();
+        let mut v = vec![("compat".to_string(), compat(&h).to_string())];
+        if h.version >= 3 {
+            v.push(("compression type".into(), compression(&h).into()));
+            v.push((
+                "lazy refcounts".into(),
+                (h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0).to_string(),
+            ));
+            v.push(("refcount bits".into(), h.refcount_bits().to_string()));
+            v.push((
+                "corrupt".into(),
+                (h.incompatible & header::INCOMPAT_CORRUPT != 0).to_string(),
+            ));
+            v.push(("extended l2".into(), h.extended_l2().to_string()));
+        } else {
+            v.push(("compression type".into(), compression(&h).into()));
+        }
+        v
+    }
+}
+
+fn compat(h: &Header) -> &'static str {
+    if h.version >= 3 { "1.1" } else { "0.10" }
+}
+
+fn compression(h: &Header) -> &'static str {
+    if h.compression_type == 1 {
+        "zstd"
+    } else {
+        "zlib"
+    }
+}
+
+/// QEMU's ImageInfoSpecific for qcow2.
+pub fn format_specific(h: &Header, corrupt_now: bool) -> Value {
+    let mut d = Map::new();
+    d.insert("compat".into(), json!(compat(h)));
+    d.insert("compression-type".into(), json!(compression(h)));
+    if h.version >= 3 {
+        d.insert(
+            "lazy-refcounts".into(),
+            json!(h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0),
+        );
+        d.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        d.insert(
+            "corrupt".into(),
+            json!(h.incompatible & header::INCOMPAT_CORRUPT != 0 || corrupt_now),
+        );
+        d.insert("extended-l2".into(), json!(h.extended_l2()));
+    } else {
+        d.insert("refcount-bits".into(), json!(h.refcount_bits()));
+    }
+    json!({"type": "qcow2", "data": Value::Object(d)})
+}

@@ -1,0 +1,952 @@
+//! The open image: in-memory L1 and refcount tables, the metadata caches, and the metadata
+//! operations (lookups, L2 table allocation, refcount updates, cluster allocation).
+//!
+//! Concurrency (DESIGN.md rule 4): `meta` is a std mutex held for a few instructions, never
+//! across an await. Every metadata change happens under the async `alloc` mutex, held only
+//! across I/O of this node's own children. Metadata is written through (the cache is always
+//! clean) in crash-safe order: a refcount block before the L2 entry using its cluster, data
+//! before the L2 entry pointing at it, an L2 table before the L1 entry pointing at it.
+//! Writes into already-owned clusters skip `alloc` and hold `data_io` for reading; freeing
+//! clusters holds it for writing, so no write can land in a cluster being given away.
+
+use std::collections::HashSet;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use blockd_aio::IoBuf;
+use blockd_block::Node;
+use blockd_block::ReqFlags;
+use blockd_block::io::{aligned_read, aligned_write};
+
+use crate::cache::{Cache, CacheConfig};
+use crate::header::{self, Header};
+use crate::layout::*;
+
+pub(crate) fn eio() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
+}
+
+fn err_msg(kind: i32, msg: &str) -> io::Error {
+    let e = io::Error::from_raw_os_error(kind);
+    io::Error::new(e.kind(), format!("{msg}: {}", blockd_block::strerror(&e)))
+}
+
+/// Read `len` bytes at `off` of `file`.
+pub(crate) async fn pread(file: &Arc<Node>, off: u64, len: usize) -> io::Result<IoBuf> {
+    if off
+        .checked_add(len as u64)
+        .is_none_or(|e| e > file.length())
+    {
+        return Err(eio());
+    }
+    let (r, b) = aligned_read(file, off, IoBuf::new(len, 4096)).await;
+    r.map(|_| b)
+}
+
+pub(crate) async fn pwrite(file: &Arc<Node>, off: u64, data: &[u8]) -> io::Result<()> {
+    let (r, _) = aligned_write(file, off, IoBuf::from_slice(data), ReqFlags::NONE).await;
+    r
+}
+
+/// One internal snapshot's table entry (what check, info and the overlap checks need).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub l1_offset: u64,
+    pub l1_size: u32,
+    pub id: String,
+    pub name: String,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub vm_state_size: u64,
+    pub disk_size: Option<u64>,
+    pub icount: Option<u64>,
+}
+
+/// A run of guest bytes with one mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// The mapping of the first byte (host offsets point at that byte).
+    pub kind: Kind,
+    pub len: u64,
+    /// The L2 entry's COPIED bit (refcount exactly 1).
+    pub copied: bool,
+}
+
+pub(crate) struct Meta {
+    pub l1: Vec<u64>,
+    pub l1_offset: u64,
+    pub l2: Cache<Vec<u64>>,
+    /// Bumped around every L2 change, so a reader that loaded a slice while it changed does
+    /// not cache the stale copy.
+    pub epoch: u64,
+    pub reftable: Vec<u64>,
+    pub reftable_offset: u64,
+    pub rc: Cache<Vec<u8>>,
+    pub free_hint: u64,
+    /// Host offsets of the active L2 tables and of the refcount blocks (overlap checks).
+    pub l2_tables: HashSet<u64>,
+    pub refblocks: HashSet<u64>,
+    /// The snapshot table's byte range.
+    pub snapshot_area: (u64, u64),
+    pub snapshots: Vec<Snapshot>,
+}
+
+pub struct Image {
+    pub geo: Geometry,
+    pub header: Mutex<Header>,
+    pub size: AtomicU64,
+    pub(crate) meta: Mutex<Meta>,
+    pub(crate) alloc: async_lock::Mutex<()>,
+    pub(crate) data_io: async_lock::RwLock<()>,
+    pub read_only: bool,
+    pub corrupt: AtomicBool,
+    pub overlap_check: bool,
+    pub cache: CacheConfig,
+    pub pass_discard: bool,
+}
+
+impl Image {
+    pub(crate) fn meta(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn header(&self) -> Header {
+        self.header
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.meta().snapshots.clone()
+    }
+
+    /// Load the image's tables. `h` was parsed and validated from `file`.
+    pub async fn load(
+        file: &Arc<Node>,
+        h: Header,
+        cache: CacheConfig,
+        read_only: bool,
+        overlap_check: bool,
+        pass_discard: bool,
+    ) -> Result<Image, String> {
+        let geo = Geometry::new(&h);
+        let cs = geo.cluster_size;
+        let l1_bytes = h.l1_size as usize * 8;
+        let l1 = if l1_bytes > 0 {
+            let b = pread(file, h.l1_table_offset, l1_bytes)
+                .await
+                .map_err(|e| format!("Could not read L1 table: {}", blockd_block::strerror(&e)))?;
+            b.chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let rt_bytes = h.refcount_table_clusters as usize * cs as usize;
+        let rt = pread(file, h.refcount_table_offset, rt_bytes)
+            .await
+            .map_err(|e| {
+                format!(
+                    "Could not initialize refcount handling: {}",
+                    blockd_block::strerror(&e)
+                )
+            })?;
+        let reftable: Vec<u64> = rt
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect();
+        let mut refblocks = HashSet::new();
+        for &e in &reftable {
+            let o = e & REFT_OFFSET_MASK;
+            if o != 0 {
+                refblocks.insert(o);
+            }
+        }
+        let mut l2_tables = HashSet::new();
+        for &e in &l1 {
+            let o = e & L1E_OFFSET_MASK;
+            if o != 0 {
+                l2_tables.insert(o);
+            }
+        }
+        let (snapshots, snap_len) = read_snapshots(file, &h).await?;
+        let meta = Meta {
+            l1,
+            l1_offset: h.l1_table_offset,
+            l2: Cache::new(cache.l2_entries, cache.clean_interval),
+            epoch: 0,
+            reftable,
+            reftable_offset: h.refcount_table_offset,
+            rc: Cache::new(cache.refcount_entries, cache.clean_interval),
+            free_hint: 0,
+            l2_tables,
+            refblocks,
+            snapshot_area: (h.snapshots_offset, snap_len),
+            snapshots,
+        };
+        Ok(Image {
+            geo,
+            size: AtomicU64::new(h.size),
+            header: Mutex::new(h),
+            meta: Mutex::new(meta),
+            alloc: async_lock::Mutex::new(()),
+            data_io: async_lock::RwLock::new(()),
+            read_only,
+            corrupt: AtomicBool::new(false),
+            overlap_check,
+            cache,
+            pass_discard,
+        })
+    }
+
+    /// QEMU's qcow2_signal_corruption: report once, set the corrupt bit when writable, and
+    /// refuse writes from now on.
+    pub(crate) async fn corruption(&self, file: &Arc<Node>, msg: &str) -> io::Error {
+        if !self.corrupt.swap(true, Ordering::SeqCst) {
+            if self.read_only {
+                eprintln!(
+                    "qcow2: Image is corrupt: {msg}; further non-fatal corruption events will be suppressed"
+                );
+            } else {
+                eprintln!(
+                    "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed"
+                );
+                let bits = {
+                    let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
+                    h.incompatible |= header::INCOMPAT_CORRUPT;
+                    h.incompatible
+                };
+                if self.geo.version >= 3 {
+                    let _ = pwrite(file, 72, &bits.to_be_bytes()).await;
+                    let _ = file.driver().flush(file).await;
+                }
+            }
+        }
+        eio()
+    }
+
+    // ---------------------------------------------------------------- L2 lookups
+
+    fn slice_entries(&self) -> u64 {
+        self.cache.l2_entry_size / self.geo.l2_entry_bytes
+    }
+
+    /// Run `f` on the cached L2 slice at host offset `slice_off` (loading it if needed).
+    async fn with_slice<R>(
+        &self,
+        file: &Arc<Node>,
+        slice_off: u64,
+        f: impl Fn(&[u64]) -> R,
+    ) -> io::Result<R> {
+        let epoch = {
+            let mut m = self.meta();
+            if let Some(s) = m.l2.get_mut(slice_off) {
+                return Ok(f(s));
+            }
+            m.epoch
+        };
+        let raw = pread(file, slice_off, self.cache.l2_entry_size as usize).await?;
+        let words: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect();
+        let r = f(&words);
+        let mut m = self.meta();
+        if m.epoch == epoch && !m.l2.contains(slice_off) {
+            m.l2.insert(slice_off, words);
+        }
+        Ok(r)
+    }
+
+    /// The L2 table of L1 index `l1i` (0 when none), checked.
+    async fn l2_table(&self, file: &Arc<Node>, l1i: u64) -> io::Result<(u64, bool)> {
+        let e = self.meta().l1.get(l1i as usize).copied().unwrap_or(0);
+        let off = e & L1E_OFFSET_MASK;
+        if off & (self.geo.cluster_size - 1) != 0 {
+            return Err(self
+                .corruption(
+                    file,
+                    &format!("L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})"),
+                )
+                .await);
+        }
+        Ok((off, e & OFLAG_COPIED != 0))
+    }
+
+    /// The L2 entry (standard word, bitmap) of guest cluster index `cluster`.
+    pub(crate) async fn l2_entry(
+        &self,
+        file: &Arc<Node>,
+        l2_off: u64,
+        l2i: u64,
+    ) -> io::Result<(u64, u64)> {
+        let se = self.slice_entries();
+        let slice_off = l2_off + (l2i / se) * self.cache.l2_entry_size;
+        let i = (l2i % se) as usize;
+        let ext = self.geo.extended;
+        self.with_slice(file, slice_off, |s| {
+            if ext {
+                (s[2 * i], s[2 * i + 1])
+            } else {
+                (s[i], 0)
+            }
+        })
+        .await
+    }
+
+    /// The mapping of the guest bytes from `guest` on, at most `max` bytes, up to the end of
+    /// the L2 slice.
+    pub async fn map(&self, file: &Arc<Node>, guest: u64, max: u64) -> io::Result<Run> {
+        let g = self.geo;
+        let (l1i, l2i) = g.indices(guest);
+        let (l2_off, _) = self.l2_table(file, l1i).await?;
+        if l2_off == 0 {
+            let end = (l1i + 1) * g.l2_coverage();
+            return Ok(Run {
+                kind: Kind::Unallocated,
+                len: max.min(end - guest),
+                copied: false,
+            });
+        }
+        let se = self.slice_entries();
+        let slice_off = l2_off + (l2i / se) * self.cache.l2_entry_size;
+        let first = (l2i % se) as usize;
+        let cluster_start = guest - g.offset_in_cluster(guest);
+        let r = self
+            .with_slice(file, slice_off, |s| -> Result<Run, String> {
+                let entry = |i: usize| {
+                    if g.extended {
+                        (s[2 * i], s[2 * i + 1])
+                    } else {
+                        (s[i], 0)
+                    }
+                };
+                let in_cl = g.offset_in_cluster(guest);
+                let (e0, b0) = entry(first);
+                let k0 = g.classify(e0, b0, in_cl)?;
+                let copied = e0 & OFLAG_COPIED != 0;
+                let unit_start = cluster_start + in_cl / g.unit * g.unit;
+                let mut len = unit_start + g.unit - guest;
+                if matches!(k0, Kind::Compressed { .. }) {
+                    len = cluster_start + g.cluster_size - guest;
+                    return Ok(Run {
+                        kind: k0,
+                        len: len.min(max),
+                        copied,
+                    });
+                }
+                // Walk following units while the mapping continues.
+                let mut pos = unit_start + g.unit;
+                while len < max {
+                    let idx = first as u64 + (pos - cluster_start) / g.cluster_size;
+                    if idx >= se {
+                        break;
+                    }
+                    let (e, b) = entry(idx as usize);
+                    if (e & OFLAG_COPIED != 0) != copied {
+                        break;
+                    }
+                    let k = g.classify(e, b, g.offset_in_cluster(pos))?;
+                    if !k0.continues(&k, pos - unit_start) {
+                        break;
+                    }
+                    len += g.unit;
+                    pos += g.unit;
+                }
+                let kind = match k0 {
+                    Kind::Normal(h) => Kind::Normal(h + guest - unit_start),
+                    Kind::ZeroAlloc(h) => Kind::ZeroAlloc(h + guest - unit_start),
+                    Kind::UnallocatedAlloc(h) => Kind::UnallocatedAlloc(h + guest - unit_start),
+                    k => k,
+                };
+                Ok(Run {
+                    kind,
+                    len: len.min(max),
+                    copied,
+                })
+            })
+            .await?;
+        match r {
+            Ok(run) => Ok(run),
+            Err(msg) => {
+                let full = format!("{msg} (L2 offset: {l2_off:#x}, L2 index: {l2i:#x})");
+                Err(self.corruption(file, &full).await)
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- overlap checks
+
+    /// Whether host range [off, off+len) touches metadata (QEMU's overlap check).
+    pub(crate) fn overlaps_metadata(&self, off: u64, len: u64) -> Option<&'static str> {
+        if !self.overlap_check || len == 0 {
+            return None;
+        }
+        let cs = self.geo.cluster_size;
+        let end = off + len;
+        let within = |start: u64, size: u64| size > 0 && off < start + size && start < end;
+        if off < cs {
+            return Some("main header");
+        }
+        let m = self.meta();
+        if within(m.l1_offset, m.l1.len() as u64 * 8) {
+            return Some("active L1 table");
+        }
+        let rt_bytes = (m.reftable.len() as u64 * 8).div_ceil(cs) * cs;
+        if within(m.reftable_offset, rt_bytes) {
+            return Some("refcount table");
+        }
+        if within(m.snapshot_area.0, m.snapshot_area.1) {
+            return Some("snapshot table");
+        }
+        let mut c = off / cs * cs;
+        while c < end {
+            if m.l2_tables.contains(&c) {
+                return Some("active L2 table");
+            }
+            if m.refblocks.contains(&c) {
+                return Some("refcount block");
+            }
+            c += cs;
+        }
+        None
+    }
+
+    /// Refuse (and mark the image corrupt) a data write that would hit metadata.
+    pub(crate) async fn check_overlap(
+        &self,
+        file: &Arc<Node>,
+        off: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        if let Some(what) = self.overlaps_metadata(off, len) {
+            let msg = format!(
+                "Preventing invalid write on metadata (overlaps with {what}); image marked as corrupt"
+            );
+            return Err(self.corruption(file, &msg).await);
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- refcounts
+
+    fn rc_get_in(&self, block: &[u8], i: u64) -> u64 {
+        let w = 1u64 << self.geo.refcount_order;
+        if w >= 8 {
+            let bytes = (w / 8) as usize;
+            let s = &block[i as usize * bytes..(i as usize + 1) * bytes];
+            s.iter().fold(0u64, |a, &b| a << 8 | b as u64)
+        } else {
+            let bit = i * w;
+            let byte = block[(bit / 8) as usize];
+            (byte as u64 >> (bit % 8)) & ((1 << w) - 1)
+        }
+    }
+
+    fn rc_set_in(&self, block: &mut [u8], i: u64, v: u64) {
+        let w = 1u64 << self.geo.refcount_order;
+        if w >= 8 {
+            let bytes = (w / 8) as usize;
+            let be = v.to_be_bytes();
+            block[i as usize * bytes..(i as usize + 1) * bytes].copy_from_slice(&be[8 - bytes..]);
+        } else {
+            let bit = i * w;
+            let mask = ((1u64 << w) - 1) as u8;
+            let b = &mut block[(bit / 8) as usize];
+            *b = (*b & !(mask << (bit % 8))) | ((v as u8 & mask) << (bit % 8));
+        }
+    }
+
+    /// Make sure the refcount block at `off` is cached (call with `alloc` held).
+    async fn load_refblock(&self, file: &Arc<Node>, off: u64) -> io::Result<()> {
+        if self.meta().rc.get_mut(off).is_some() {
+            return Ok(());
+        }
+        if off & (self.geo.cluster_size - 1) != 0 {
+            return Err(self
+                .corruption(file, &format!("Refblock offset {off:#x} unaligned"))
+                .await);
+        }
+        let b = pread(file, off, self.geo.cluster_size as usize).await?;
+        self.meta().rc.insert(off, b.to_vec());
+        Ok(())
+    }
+
+    /// Refcount of host cluster index `c` (call with `alloc` held).
+    pub(crate) async fn refcount(&self, file: &Arc<Node>, c: u64) -> io::Result<u64> {
+        let e = self.geo.rc_entries;
+        let rb = {
+            let m = self.meta();
+            m.reftable
+                .get((c / e) as usize)
+                .map_or(0, |x| x & REFT_OFFSET_MASK)
+        };
+        if rb == 0 {
+            return Ok(0);
+        }
+        self.load_refblock(file, rb).await?;
+        let mut m = self.meta();
+        let blk = m.rc.get_mut(rb).ok_or_else(eio)?;
+        let blk = std::mem::take(blk);
+        let v = self.rc_get_in(&blk, c % e);
+        *m.rc.get_mut(rb).ok_or_else(eio)? = blk;
+        Ok(v)
+    }
+
+    /// Add `delta` to the refcounts of clusters [c, c+n) and write the blocks through.
+    /// Freed clusters lower the allocation hint and are discarded in the file when asked.
+    pub(crate) async fn update_refcounts(
+        &self,
+        file: &Arc<Node>,
+        c: u64,
+        n: u64,
+        delta: i64,
+    ) -> io::Result<()> {
+        let e = self.geo.rc_entries;
+        let cs = self.geo.cluster_size;
+        let mut i = c;
+        let end = c + n;
+        let mut freed: Vec<u64> = Vec::new();
+        while i < end {
+            let t = i / e;
+            let chunk_end = end.min((t + 1) * e);
+            let rb = {
+                let m = self.meta();
+                m.reftable
+                    .get(t as usize)
+                    .map_or(0, |x| x & REFT_OFFSET_MASK)
+            };
+            if rb == 0 {
+                if delta < 0 {
+                    return Err(self
+                        .corruption(
+                            file,
+                            &format!("Freeing cluster {:#x} without a refcount block", i * cs),
+                        )
+                        .await);
+                }
+                return Err(eio());
+            }
+            self.load_refblock(file, rb).await?;
+            let (lo, hi, bytes) = {
+                let mut m = self.meta();
+                let mut blk = std::mem::take(m.rc.get_mut(rb).ok_or_else(eio)?);
+                let mut bad = None;
+                for j in i..chunk_end {
+                    let old = self.rc_get_in(&blk, j % e);
+                    let new = old as i128 + delta as i128;
+                    if new < 0 || new > self.geo.max_refcount() as i128 {
+                        bad = Some(j);
+                        break;
+                    }
+                    self.rc_set_in(&mut blk, j % e, new as u64);
+                    if new == 0 {
+                        freed.push(j);
+                    }
+                }
+                if let Some(j) = bad {
+                    // Undo nothing: the block was not written; reload it next time.
+                    m.rc.remove(rb);
+                    drop(m);
+                    return Err(self
+                        .corruption(
+                            file,
+                            &format!("Invalid refcount update for cluster {:#x}", j * cs),
+                        )
+                        .await);
+                }
+                let w = 1u64 << self.geo.refcount_order;
+                let lo = ((i % e) * w / 8) / 512 * 512;
+                let hi = (((chunk_end - 1) % e * w + w).div_ceil(8)).div_ceil(512) * 512;
+                let hi = hi.min(cs);
+                let bytes = blk[lo as usize..hi as usize].to_vec();
+                *m.rc.get_mut(rb).ok_or_else(eio)? = blk;
+                (lo, hi, bytes)
+            };
+            let _ = hi;
+            pwrite(file, rb + lo, &bytes).await?;
+            i = chunk_end;
+        }
+        if let Some(&first) = freed.first() {
+            let mut m = self.meta();
+            if first < m.free_hint {
+                m.free_hint = first;
+            }
+        }
+        if self.pass_discard {
+            for c in freed {
+                let _ = file.driver().discard(file, c * cs, cs).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocate up to `n` contiguous free clusters (at least one); refcounts are set to 1
+    /// and on disk before this returns. Returns (host offset, count). Call with `alloc` held.
+    pub(crate) async fn alloc_clusters(&self, file: &Arc<Node>, n: u64) -> io::Result<(u64, u64)> {
+        let e = self.geo.rc_entries;
+        let cb = self.geo.cluster_bits;
+        loop {
+            let mut c = self.meta().free_hint.max(1);
+            while self.refcount(file, c).await? != 0 {
+                c += 1;
+            }
+            let range_end = (c / e + 1) * e;
+            let mut k = 1;
+            while k < n && c + k < range_end && self.refcount(file, c + k).await? == 0 {
+                k += 1;
+            }
+            if (c + k) << cb > header::MAX_HOST_OFFSET {
+                return Err(io::Error::from_raw_os_error(libc::EFBIG));
+            }
+            let t = c / e;
+            let (rt_len, entry) = {
+                let m = self.meta();
+                (
+                    m.reftable.len() as u64,
+                    m.reftable.get(t as usize).copied().unwrap_or(0),
+                )
+            };
+            if t >= rt_len {
+                self.grow_reftable(file, t).await?;
+                continue;
+            }
+            if entry & REFT_OFFSET_MASK == 0 {
+                // The range is uncovered, hence wholly free: its new block goes inside it.
+                let x = if c > t * e {
+                    t * e
+                } else {
+                    if c + k == range_end {
+                        k -= 1;
+                    }
+                    c + k
+                };
+                self.create_refblock(file, t, x).await?;
+                if k == 0 {
+                    continue;
+                }
+            }
+            if let Some(what) = self.overlaps_metadata(c << cb, k << cb) {
+                let msg = format!(
+                    "Preventing invalid allocation of cluster {:#x} (overlaps with {what})",
+                    c << cb
+                );
+                return Err(self.corruption(file, &msg).await);
+            }
+            self.update_refcounts(file, c, k, 1).await?;
+            self.meta().free_hint = c + k;
+            return Ok((c << cb, k));
+        }
+    }
+
+    async fn create_refblock(&self, file: &Arc<Node>, t: u64, x: u64) -> io::Result<()> {
+        let cs = self.geo.cluster_size;
+        let e = self.geo.rc_entries;
+        let mut blk = vec![0u8; cs as usize];
+        self.rc_set_in(&mut blk, x % e, 1);
+        let off = x * cs;
+        pwrite(file, off, &blk).await?;
+        let rt_off = self.meta().reftable_offset;
+        pwrite(file, rt_off + t * 8, &off.to_be_bytes()).await?;
+        let mut m = self.meta();
+        m.reftable[t as usize] = off;
+        m.refblocks.insert(off);
+        m.rc.insert(off, blk);
+        Ok(())
+    }
+
+    /// Grow the refcount table so it covers range `need_t`: the new table and the blocks
+    /// describing it go at the first uncovered cluster; the header then points at it.
+    async fn grow_reftable(&self, file: &Arc<Node>, need_t: u64) -> io::Result<()> {
+        let cs = self.geo.cluster_size;
+        let e = self.geo.rc_entries;
+        let (old, old_off) = {
+            let m = self.meta();
+            (m.reftable.clone(), m.reftable_offset)
+        };
+        let old_len = old.len() as u64;
+        let l = old_len * e;
+        let mut new_len = (need_t + 1).max(old_len + old_len / 2).max(old_len + 1);
+        let (k, m_blocks) = loop {
+            let k = (new_len * 8).div_ceil(cs);
+            let mut m = 1;
+            loop {
+                let m2 = (k + m).div_ceil(e);
+                if m2 <= m {
+                    break;
+                }
+                m = m2;
+            }
+            let need = (l + k + m).div_ceil(e);
+            if need <= new_len {
+                break (k, m);
+            }
+            new_len = need;
+        };
+        let new_len = k * cs / 8;
+        if new_len * 8 > header::MAX_REFTABLE_BYTES {
+            return Err(err_msg(
+                libc::EFBIG,
+                "This operation would make the refcount table grow beyond the maximum size supported by QEMU, aborting",
+            ));
+        }
+        let area_end = l + k + m_blocks;
+        let mut table = old.clone();
+        table.resize(new_len as usize, 0);
+        let mut blocks = Vec::new();
+        for j in 0..m_blocks {
+            let t = old_len + j;
+            let mut blk = vec![0u8; cs as usize];
+            let lo = (t * e).max(l);
+            let hi = ((t + 1) * e).min(area_end);
+            for c in lo..hi {
+                self.rc_set_in(&mut blk, c % e, 1);
+            }
+            let at = (l + k + j) * cs;
+            pwrite(file, at, &blk).await?;
+            table[t as usize] = at;
+            blocks.push((at, blk));
+        }
+        let bytes: Vec<u8> = table.iter().flat_map(|x| x.to_be_bytes()).collect();
+        pwrite(file, l * cs, &bytes).await?;
+        file.driver().flush(file).await?;
+        let mut hdr = (l * cs).to_be_bytes().to_vec();
+        hdr.extend_from_slice(&(k as u32).to_be_bytes());
+        pwrite(file, 48, &hdr).await?;
+        file.driver().flush(file).await?;
+        {
+            let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
+            h.refcount_table_offset = l * cs;
+            h.refcount_table_clusters = k as u32;
+        }
+        {
+            let mut m = self.meta();
+            m.reftable = table;
+            m.reftable_offset = l * cs;
+            for (at, blk) in blocks {
+                m.refblocks.insert(at);
+                m.rc.insert(at, blk);
+            }
+        }
+        let old_clusters = (old_len * 8).div_ceil(cs);
+        self.update_refcounts(file, old_off / cs, old_clusters, -1)
+            .await
+    }
+
+    // ---------------------------------------------------------------- L1 / L2 updates
+
+    /// The L2 table for `l1i`, allocated (or copied, when shared with a snapshot) so it can
+    /// be written. Call with `alloc` held.
+    pub(crate) async fn writable_l2(&self, file: &Arc<Node>, l1i: u64) -> io::Result<u64> {
+        if l1i as usize >= self.meta().l1.len() {
+            return Err(eio());
+        }
+        let (old, copied) = self.l2_table(file, l1i).await?;
+        if old != 0 && copied {
+            return Ok(old);
+        }
+        let cs = self.geo.cluster_size;
+        let (new, _) = self.alloc_clusters(file, 1).await?;
+        let content = if old != 0 {
+            pread(file, old, cs as usize).await?.to_vec()
+        } else {
+            vec![0u8; cs as usize]
+        };
+        pwrite(file, new, &content).await?;
+        let l1_off = self.meta().l1_offset;
+        let entry = new | OFLAG_COPIED;
+        pwrite(file, l1_off + l1i * 8, &entry.to_be_bytes()).await?;
+        {
+            let mut m = self.meta();
+            m.l1[l1i as usize] = entry;
+            m.l2_tables.insert(new);
+            if old != 0 {
+                m.l2_tables.remove(&old);
+            }
+        }
+        if old != 0 {
+            self.update_refcounts(file, old / cs, 1, -1).await?;
+        }
+        Ok(new)
+    }
+
+    /// Write L2 entries `entries` (standard word, bitmap) starting at index `l2i` of the table
+    /// at `l2_off`, in the cache and on disk. Call with `alloc` held.
+    pub(crate) async fn set_l2(
+        &self,
+        file: &Arc<Node>,
+        l2_off: u64,
+        l2i: u64,
+        entries: &[(u64, u64)],
+    ) -> io::Result<()> {
+        let esz = self.geo.l2_entry_bytes;
+        let se = self.slice_entries();
+        let mut bytes = Vec::with_capacity(entries.len() * esz as usize);
+        for &(e, b) in entries {
+            bytes.extend_from_slice(&e.to_be_bytes());
+            if self.geo.extended {
+                bytes.extend_from_slice(&b.to_be_bytes());
+            }
+        }
+        {
+            let mut m = self.meta();
+            m.epoch += 1;
+            for (j, &(e, b)) in entries.iter().enumerate() {
+                let idx = l2i + j as u64;
+                let slice_off = l2_off + (idx / se) * self.cache.l2_entry_size;
+                if let Some(s) = m.l2.get_mut(slice_off) {
+                    let i = (idx % se) as usize;
+                    if self.geo.extended {
+                        s[2 * i] = e;
+                        s[2 * i + 1] = b;
+                    } else {
+                        s[i] = e;
+                    }
+                }
+            }
+        }
+        let r = pwrite(file, l2_off + l2i * esz, &bytes).await;
+        let mut m = self.meta();
+        m.epoch += 1;
+        if r.is_err() {
+            // The disk may not match the cache: forget the table.
+            let n = self.geo.cluster_size / self.cache.l2_entry_size;
+            for s in 0..n {
+                m.l2.remove(l2_off + s * self.cache.l2_entry_size);
+            }
+        }
+        r
+    }
+
+    /// Release the host clusters an L2 entry owned (compressed sectors included).
+    pub(crate) async fn free_entry(&self, file: &Arc<Node>, e: u64) -> io::Result<()> {
+        let cs = self.geo.cluster_size;
+        if e & OFLAG_COMPRESSED != 0 {
+            if let Ok(Kind::Compressed { offset, len }) = self.geo.classify(e, 0, 0) {
+                let first = offset / cs;
+                let last = (offset + len - 1) / cs;
+                return self
+                    .update_refcounts(file, first, last - first + 1, -1)
+                    .await;
+            }
+            return Ok(());
+        }
+        let host = e & L2E_OFFSET_MASK;
+        if host != 0 {
+            self.update_refcounts(file, host / cs, 1, -1).await?;
+        }
+        Ok(())
+    }
+
+    /// Make the L1 table hold at least `entries` entries (truncate growing the image).
+    pub(crate) async fn grow_l1(&self, file: &Arc<Node>, entries: u64) -> io::Result<()> {
+        let cs = self.geo.cluster_size;
+        let (old_len, old_off) = {
+            let m = self.meta();
+            (m.l1.len() as u64, m.l1_offset)
+        };
+        if entries <= old_len {
+            return Ok(());
+        }
+        if entries * 8 > header::MAX_L1_BYTES {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        // QEMU grows by half again, to amortise repeated growth.
+        let new_len = entries
+            .max(old_len + old_len / 2)
+            .min(header::MAX_L1_BYTES / 8);
+        let clusters = (new_len * 8).div_ceil(cs);
+        let mut got = 0;
+        let mut start = 0;
+        // Needs contiguous clusters; retry until a long enough run is found.
+        while got < clusters {
+            let (s, n) = self.alloc_clusters(file, clusters).await?;
+            if n == clusters {
+                start = s;
+                got = n;
+            } else {
+                // Too short: keep it allocated (leaked by design would be wrong), free it.
+                self.update_refcounts(file, s / cs, n, -1).await?;
+                let mut m = self.meta();
+                m.free_hint = s / cs + n + 1;
+            }
+        }
+        let mut table = self.meta().l1.clone();
+        table.resize(new_len as usize, 0);
+        let mut bytes: Vec<u8> = table.iter().flat_map(|x| x.to_be_bytes()).collect();
+        bytes.resize((clusters * cs) as usize, 0);
+        pwrite(file, start, &bytes).await?;
+        file.driver().flush(file).await?;
+        let mut hdr = (new_len as u32).to_be_bytes().to_vec();
+        hdr.extend_from_slice(&start.to_be_bytes());
+        pwrite(file, 36, &hdr).await?;
+        file.driver().flush(file).await?;
+        {
+            let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
+            h.l1_size = new_len as u32;
+            h.l1_table_offset = start;
+        }
+        {
+            let mut m = self.meta();
+            m.l1 = table;
+            m.l1_offset = start;
+        }
+        if old_len > 0 {
+            self.update_refcounts(file, old_off / cs, (old_len * 8).div_ceil(cs), -1)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Read and check the snapshot table; returns the snapshots and the table's byte length.
+async fn read_snapshots(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64), String> {
+    let mut out = Vec::new();
+    let mut off = h.snapshots_offset;
+    let fail = |e: io::Error| format!("Could not read snapshots: {}", blockd_block::strerror(&e));
+    for _ in 0..h.nb_snapshots {
+        let fixed = pread(file, off, 40).await.map_err(fail)?;
+        let be32 = |o: usize| u32::from_be_bytes(fixed[o..o + 4].try_into().unwrap());
+        let be64 = |o: usize| u64::from_be_bytes(fixed[o..o + 8].try_into().unwrap());
+        let l1_offset = be64(0);
+        let l1_size = be32(8);
+        let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as u64;
+        let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as u64;
+        let extra_len = be32(36) as u64;
+        if extra_len > 1024 {
+            return Err("Too much extra metadata in snapshot table entry".into());
+        }
+        let rest = extra_len + id_len + name_len;
+        let var = pread(file, off + 40, rest as usize).await.map_err(fail)?;
+        let ex = &var[..extra_len as usize];
+        let ex64 = |o: usize| {
+            (ex.len() >= o + 8).then(|| u64::from_be_bytes(ex[o..o + 8].try_into().unwrap()))
+        };
+        let id = String::from_utf8_lossy(&var[extra_len as usize..(extra_len + id_len) as usize])
+            .into_owned();
+        let name = String::from_utf8_lossy(&var[(extra_len + id_len) as usize..]).into_owned();
+        if l1_offset % h.cluster_size() != 0 {
+            return Err("Snapshot L1 table offset invalid".into());
+        }
+        if l1_size as u64 * 8 > header::MAX_L1_BYTES {
+            return Err("Snapshot L1 table too large".into());
+        }
+        out.push(Snapshot {
+            l1_offset,
+            l1_size,
+            id,
+            name,
+            date_sec: be32(16),
+            date_nsec: be32(20),
+            vm_clock_nsec: be64(24),
+            vm_state_size: ex64(0).unwrap_or(be32(32) as u64),
+            disk_size: ex64(8),
+            icount: ex64(16).filter(|&v| v != u64::MAX),
+        });
+        off += (40 + rest).div_ceil(8) * 8;
+    }
+    Ok((out, off - h.snapshots_offset))
+}

@@ -1,0 +1,621 @@
+//! Guest I/O on an open image: reads (straight into the caller's buffer when the range maps
+//! to one host run), allocating writes with copy-on-write, write-zeroes, discard,
+//! decompression.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use blockd_aio::IoBuf;
+use blockd_block::io::{aligned_read, aligned_write};
+use blockd_block::{BlockStatus, Node, ReqFlags};
+
+use crate::image::{Image, eio, pread, pwrite};
+use crate::layout::*;
+
+fn file_of(node: &Node) -> io::Result<Arc<Node>> {
+    node.child("file")
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
+}
+
+/// Decompress one cluster from `src` (deflate without header, or zstd), exactly
+/// `cluster_size` bytes of output.
+pub fn decompress(kind: u8, src: &[u8], cluster_size: usize) -> io::Result<Vec<u8>> {
+    let mut out = vec![0u8; cluster_size];
+    match kind {
+        0 => {
+            let mut d = flate2::Decompress::new(false);
+            match d.decompress(src, &mut out, flate2::FlushDecompress::Finish) {
+                Ok(_) if d.total_out() as usize == cluster_size => Ok(out),
+                _ => Err(eio()),
+            }
+        }
+        1 => {
+            use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+            let mut dec = Decoder::new().map_err(|_| eio())?;
+            let mut input = InBuffer::around(src);
+            let mut output = OutBuffer::around(&mut out[..]);
+            // Frames may follow each other; stop once the cluster is full.
+            while output.pos() < cluster_size {
+                let before = (input.pos(), output.pos());
+                dec.run(&mut input, &mut output).map_err(|_| eio())?;
+                if (input.pos(), output.pos()) == before {
+                    break;
+                }
+            }
+            if output.pos() == cluster_size {
+                Ok(out)
+            } else {
+                Err(eio())
+            }
+        }
+        _ => Err(eio()),
+    }
+}
+
+impl Image {
+    /// Fill `dst` with guest bytes from `off` (every mapping kind, piece by piece).
+    pub(crate) async fn read_into(&self, node: &Node, off: u64, dst: &mut [u8]) -> io::Result<()> {
+        let file = file_of(node)?;
+        let mut pos = 0usize;
+        while pos < dst.len() {
+            let g = off + pos as u64;
+            let run = self.map(&file, g, (dst.len() - pos) as u64).await?;
+            let n = run.len as usize;
+            let out = &mut dst[pos..pos + n];
+            match run.kind {
+                Kind::Normal(h) => {
+                    let b = pread(&file, h, n).await?;
+                    out.copy_from_slice(&b);
+                }
+                Kind::ZeroPlain | Kind::ZeroAlloc(_) => out.fill(0),
+                Kind::Unallocated | Kind::UnallocatedAlloc(_) => {
+                    self.read_backing(node, g, out).await?
+                }
+                Kind::Compressed { offset, len } => {
+                    let data = self.read_compressed(&file, offset, len).await?;
+                    let in_cl = self.geo.offset_in_cluster(g) as usize;
+                    out.copy_from_slice(&data[in_cl..in_cl + n]);
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    async fn read_compressed(
+        &self,
+        file: &Arc<Node>,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<Vec<u8>> {
+        // The last compressed cluster may claim sectors past the end of the file.
+        let avail = file.length().saturating_sub(offset).min(len);
+        if avail == 0 {
+            return Err(eio());
+        }
+        let src = pread(file, offset, avail as usize).await?;
+        decompress(
+            self.geo.compression_type,
+            &src,
+            self.geo.cluster_size as usize,
+        )
+    }
+
+    /// Guest bytes not allocated here: the backing file's, zeroes past its end or without one.
+    async fn read_backing(&self, node: &Node, off: u64, out: &mut [u8]) -> io::Result<()> {
+        let Some(b) = node.child("backing") else {
+            out.fill(0);
+            return Ok(());
+        };
+        let blen = b.length();
+        let n = if off >= blen {
+            0
+        } else {
+            (blen - off).min(out.len() as u64) as usize
+        };
+        if n > 0 {
+            let (r, buf) = aligned_read(&b, off, IoBuf::new(n, 4096)).await;
+            r?;
+            out[..n].copy_from_slice(&buf);
+        }
+        out[n..].fill(0);
+        Ok(())
+    }
+
+    pub(crate) async fn read(&self, node: &Node, off: u64, buf: IoBuf) -> (io::Result<()>, IoBuf) {
+        let file = match file_of(node) {
+            Ok(f) => f,
+            Err(e) => return (Err(e), buf),
+        };
+        let len = buf.len() as u64;
+        match self.map(&file, off, len).await {
+            Err(e) => return (Err(e), buf),
+            Ok(run) if run.len == len => {
+                if let Kind::Normal(h) = run.kind {
+                    return aligned_read(&file, h, buf).await;
+                }
+            }
+            Ok(_) => {}
+        }
+        let mut buf = buf;
+        let r = self.read_into(node, off, &mut buf).await;
+        (r, buf)
+    }
+
+    pub(crate) async fn block_status(
+        &self,
+        node: &Node,
+        off: u64,
+        len: u64,
+    ) -> io::Result<BlockStatus> {
+        let file = file_of(node)?;
+        let run = self.map(&file, off, len).await?;
+        let (data, zero, allocated, offset) = match run.kind {
+            Kind::Normal(h) => (true, false, true, Some(h)),
+            Kind::ZeroPlain => (false, true, true, None),
+            Kind::ZeroAlloc(h) => (false, true, true, Some(h)),
+            Kind::Compressed { .. } => (true, false, true, None),
+            Kind::Unallocated | Kind::UnallocatedAlloc(_) => (false, false, false, None),
+        };
+        Ok(BlockStatus {
+            len: run.len,
+            data,
+            zero,
+            allocated,
+            offset,
+        })
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.corrupt.load(Ordering::SeqCst) {
+            return Err(eio());
+        }
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn write(
+        &self,
+        node: &Node,
+        off: u64,
+        buf: IoBuf,
+        flags: ReqFlags,
+    ) -> (io::Result<()>, IoBuf) {
+        if let Err(e) = self.check_writable() {
+            return (Err(e), buf);
+        }
+        if flags.contains(ReqFlags::WRITE_COMPRESSED) {
+            return (Err(blockd_block::driver::not_supported()), buf);
+        }
+        let file = match file_of(node) {
+            Ok(f) => f,
+            Err(e) => return (Err(e), buf),
+        };
+        let len = buf.len() as u64;
+        // Fast path: the whole request lands in clusters this image alone owns.
+        {
+            let _io = self.data_io.read().await;
+            match self.map(&file, off, len).await {
+                Err(e) => return (Err(e), buf),
+                Ok(run) if run.len == len && run.copied => {
+                    if let Kind::Normal(h) = run.kind {
+                        if let Err(e) = self.check_overlap(&file, h, len).await {
+                            return (Err(e), buf);
+                        }
+                        return aligned_write(&file, h, buf, flags).await;
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+        let _a = self.alloc.lock().await;
+        let r = self.write_slow(node, &file, off, &buf, flags).await;
+        (r, buf)
+    }
+
+    /// Allocating write of `data` at guest `off`, cluster run by cluster run. `alloc` held.
+    async fn write_slow(
+        &self,
+        node: &Node,
+        file: &Arc<Node>,
+        off: u64,
+        data: &[u8],
+        flags: ReqFlags,
+    ) -> io::Result<()> {
+        let mut pos = 0u64;
+        let len = data.len() as u64;
+        while pos < len {
+            let n = self
+                .write_step(node, file, off + pos, &data[pos as usize..], flags)
+                .await?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// One step of an allocating write: handles the clusters from `g` on that share one
+    /// treatment, returns the bytes consumed.
+    async fn write_step(
+        &self,
+        node: &Node,
+        file: &Arc<Node>,
+        g: u64,
+        data: &[u8],
+        flags: ReqFlags,
+    ) -> io::Result<u64> {
+        let geo = self.geo;
+        let cs = geo.cluster_size;
+        let (l1i, l2i) = geo.indices(g);
+        let in_cl = geo.offset_in_cluster(g);
+        let cstart = g - in_cl;
+        let l2_off = self.writable_l2(file, l1i).await?;
+        let (e, bm) = self.l2_entry(file, l2_off, l2i).await?;
+        let first_len = (cs - in_cl).min(data.len() as u64);
+        let host = e & L2E_OFFSET_MASK;
+        let owned = e & OFLAG_COPIED != 0 && e & OFLAG_COMPRESSED == 0 && host != 0;
+
+        if owned {
+            // Write in place; only subclusters or the zero flag change.
+            return self
+                .write_in_place(
+                    node,
+                    file,
+                    l2_off,
+                    l2i,
+                    (e, bm),
+                    g,
+                    &data[..first_len as usize],
+                    flags,
+                )
+                .await
+                .map(|_| first_len);
+        }
+
+        // New clusters: this one and the following ones of the same L2 table that the write
+        // covers and that need a new cluster too.
+        let end_guest = g + data.len() as u64;
+        let mut want = 1u64;
+        let mut olds = vec![(e, bm)];
+        while l2i + want < geo.l2_entries && cstart + want * cs < end_guest {
+            let (e2, b2) = self.l2_entry(file, l2_off, l2i + want).await?;
+            let h2 = e2 & L2E_OFFSET_MASK;
+            if e2 & OFLAG_COPIED != 0 && e2 & OFLAG_COMPRESSED == 0 && h2 != 0 {
+                break;
+            }
+            olds.push((e2, b2));
+            want += 1;
+        }
+        let (host_start, got) = self.alloc_clusters(file, want).await?;
+        olds.truncate(got as usize);
+        let run_end = cstart + got * cs;
+        let wend = end_guest.min(run_end);
+
+        // Whole clusters are written except, with extended L2, the untouched subclusters of
+        // the first and last cluster when their old state can stay (no host cluster before).
+        let whole = |e: u64| e & OFLAG_COMPRESSED != 0 || e & L2E_OFFSET_MASK != 0;
+        let unit = geo.unit;
+        let (buf_start, buf_end) = if geo.extended {
+            let s = if whole(olds[0].0) {
+                cstart
+            } else {
+                g / unit * unit
+            };
+            let last = olds[olds.len() - 1].0;
+            let e_ = if whole(last) {
+                run_end
+            } else {
+                wend.div_ceil(unit) * unit
+            };
+            (s, e_.min(run_end))
+        } else {
+            (cstart, run_end)
+        };
+        let mut buf = IoBuf::new((buf_end - buf_start) as usize, 4096);
+        let head = (g - buf_start) as usize;
+        let body = (wend - g) as usize;
+        if head > 0 {
+            self.read_into(node, buf_start, &mut buf[..head]).await?;
+        }
+        buf[head..head + body].copy_from_slice(&data[..body]);
+        if head + body < buf.len() {
+            let tail_at = wend;
+            self.read_into(node, tail_at, &mut buf[head + body..])
+                .await?;
+        }
+        let host_buf = host_start + (buf_start - cstart);
+        self.check_overlap(file, host_buf, buf.len() as u64).await?;
+        let (r, _) = aligned_write(file, host_buf, buf, flags.without(ReqFlags::MAY_UNMAP)).await;
+        r?;
+
+        let mut entries = Vec::with_capacity(olds.len());
+        for (j, &(oe, ob)) in olds.iter().enumerate() {
+            let h = host_start + j as u64 * cs;
+            let bitmap = if !geo.extended {
+                0
+            } else if whole(oe) {
+                BITMAP_ALL_ALLOC
+            } else {
+                let c0 = cstart + j as u64 * cs;
+                let a = buf_start.max(c0);
+                let b = buf_end.min(c0 + cs);
+                let mut nb = ob;
+                let (sa, sb) = ((a - c0) / unit, (b - c0).div_ceil(unit));
+                for s in sa..sb {
+                    nb |= 1 << s;
+                    nb &= !(1 << (32 + s));
+                }
+                nb
+            };
+            entries.push((h | OFLAG_COPIED, bitmap));
+        }
+        self.set_l2(file, l2_off, l2i, &entries).await?;
+        for &(oe, _) in &olds {
+            self.free_entry(file, oe).await?;
+        }
+        Ok(wend - g)
+    }
+
+    /// A write into a cluster the image owns (COPIED): data goes to its host cluster; a
+    /// preallocated zero cluster or unallocated subclusters get their neighbourhood filled.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_in_place(
+        &self,
+        node: &Node,
+        file: &Arc<Node>,
+        l2_off: u64,
+        l2i: u64,
+        (e, bm): (u64, u64),
+        g: u64,
+        data: &[u8],
+        flags: ReqFlags,
+    ) -> io::Result<()> {
+        let geo = self.geo;
+        let cs = geo.cluster_size;
+        let host = e & L2E_OFFSET_MASK;
+        let cstart = g - geo.offset_in_cluster(g);
+        let wend = g + data.len() as u64;
+        let (new_e, new_bm, a, b) = if !geo.extended {
+            if e & OFLAG_ZERO != 0 {
+                (e & !OFLAG_ZERO, 0, cstart, cstart + cs)
+            } else {
+                (e, 0, g, wend)
+            }
+        } else {
+            let unit = geo.unit;
+            let (sa, sb) = ((g - cstart) / unit, (wend - cstart).div_ceil(unit));
+            let mut nb = bm;
+            let mut a = g;
+            let mut b = wend;
+            for s in sa..sb {
+                let allocated = bm >> s & 1 != 0;
+                if !allocated {
+                    // The subcluster's untouched bytes must be filled from its old state.
+                    a = a.min(cstart + s * unit);
+                    b = b.max(cstart + (s + 1) * unit);
+                }
+                nb |= 1 << s;
+                nb &= !(1 << (32 + s));
+            }
+            (e, nb, a, b)
+        };
+        let mut buf = IoBuf::new((b - a) as usize, 4096);
+        let head = (g - a) as usize;
+        if head > 0 {
+            self.read_into(node, a, &mut buf[..head]).await?;
+        }
+        buf[head..head + data.len()].copy_from_slice(data);
+        if wend < b {
+            self.read_into(node, wend, &mut buf[head + data.len()..])
+                .await?;
+        }
+        let h = host + (a - cstart);
+        self.check_overlap(file, h, b - a).await?;
+        let (r, _) = aligned_write(file, h, buf, flags.without(ReqFlags::MAY_UNMAP)).await;
+        r?;
+        if (new_e, new_bm) != (e, bm) {
+            self.set_l2(file, l2_off, l2i, &[(new_e, new_bm)]).await?;
+        }
+        Ok(())
+    }
+
+    /// Discard whole clusters of [off, off+len): they become unallocated, or zero when a
+    /// backing file would otherwise show through (v3), and their host clusters are freed.
+    pub(crate) async fn discard(&self, node: &Node, off: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        let cs = self.geo.cluster_size;
+        let start = off.div_ceil(cs) * cs;
+        let end = if off + len >= self.size.load(Ordering::Acquire) {
+            (off + len).div_ceil(cs) * cs
+        } else {
+            (off + len) / cs * cs
+        };
+        if start >= end {
+            return Ok(());
+        }
+        let zero = node.child("backing").is_some() && self.geo.version >= 3;
+        let new = if zero {
+            if self.geo.extended {
+                (0, BITMAP_ALL_ZERO)
+            } else {
+                (OFLAG_ZERO, 0)
+            }
+        } else {
+            (0, 0)
+        };
+        self.replace_clusters(node, start, end, |_, _| Some(new))
+            .await
+    }
+
+    /// Set the L2 entries of the clusters in [start, end) (cluster aligned) to what `f`
+    /// returns for the old entry (None: keep), freeing host clusters no longer referenced.
+    async fn replace_clusters(
+        &self,
+        node: &Node,
+        start: u64,
+        end: u64,
+        f: impl Fn(u64, u64) -> Option<(u64, u64)>,
+    ) -> io::Result<()> {
+        let file = file_of(node)?;
+        let cs = self.geo.cluster_size;
+        let _a = self.alloc.lock().await;
+        let _io = self.data_io.write().await;
+        let mut g = start;
+        while g < end {
+            let (l1i, l2i) = self.geo.indices(g);
+            let n = (self.geo.l2_entries - l2i).min((end - g) / cs);
+            let run = self.map(&file, g, n * cs).await?;
+            if !run.kind.allocated() && run.kind.host().is_none() && f(0, 0) == Some((0, 0)) {
+                // Already unallocated and staying so.
+                g += run.len.div_ceil(cs) * cs;
+                continue;
+            }
+            let l2_off = self.writable_l2(&file, l1i).await?;
+            let mut olds = Vec::with_capacity(n as usize);
+            let mut news = Vec::with_capacity(n as usize);
+            for j in 0..n {
+                let old = self.l2_entry(&file, l2_off, l2i + j).await?;
+                news.push(f(old.0, old.1).unwrap_or(old));
+                olds.push(old);
+            }
+            self.set_l2(&file, l2_off, l2i, &news).await?;
+            for (o, nw) in olds.iter().zip(&news) {
+                let keeps_host =
+                    o.0 & OFLAG_COMPRESSED == 0 && nw.0 & L2E_OFFSET_MASK == o.0 & L2E_OFFSET_MASK;
+                if !keeps_host {
+                    self.free_entry(&file, o.0).await?;
+                }
+            }
+            g += n * cs;
+        }
+        Ok(())
+    }
+
+    /// Write zeroes: aligned clusters (or subclusters) get the zero flag; unaligned edges are
+    /// written as data. v2 images cannot say "zero": ENOTSUP lets the caller write zeroes.
+    pub(crate) async fn write_zeroes(
+        &self,
+        node: &Node,
+        off: u64,
+        len: u64,
+        flags: ReqFlags,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        if self.geo.version < 3 {
+            return Err(blockd_block::driver::not_supported());
+        }
+        let unit = self.geo.unit;
+        let cs = self.geo.cluster_size;
+        let size = self.size.load(Ordering::Acquire);
+        let a = off.div_ceil(unit) * unit;
+        let mut b = (off + len) / unit * unit;
+        if off + len >= size {
+            b = (off + len).div_ceil(unit) * unit;
+        }
+        if a >= b {
+            if flags.contains(ReqFlags::NO_FALLBACK) {
+                return Err(blockd_block::driver::not_supported());
+            }
+            return self.write_zero_bytes(node, off, len).await;
+        }
+        if off < a {
+            if flags.contains(ReqFlags::NO_FALLBACK) {
+                return Err(blockd_block::driver::not_supported());
+            }
+            self.write_zero_bytes(node, off, a - off).await?;
+        }
+        let unmap = flags.contains(ReqFlags::MAY_UNMAP);
+        if self.geo.extended {
+            // Per cluster: whole clusters lose their host cluster when unmapping, partial
+            // ones get zero bits for the covered subclusters.
+            let mut g = a;
+            while g < b {
+                let cstart = g / cs * cs;
+                let cend = (cstart + cs).min(b);
+                let (s0, s1) = ((g - cstart) / unit, (cend - cstart).div_ceil(unit));
+                let whole = s0 == 0 && s1 == 32;
+                let mut mask = 0u64;
+                for s in s0..s1 {
+                    mask |= 1 << s;
+                }
+                self.replace_clusters(node, cstart, cstart + cs, move |e, bm| {
+                    if e & OFLAG_COMPRESSED != 0 {
+                        return if whole {
+                            Some((0, BITMAP_ALL_ZERO))
+                        } else {
+                            None
+                        };
+                    }
+                    if whole && (unmap || e & OFLAG_COPIED == 0) {
+                        return Some((0, BITMAP_ALL_ZERO));
+                    }
+                    Some((e, (bm & !mask) | (mask << 32)))
+                })
+                .await?;
+                // A compressed cluster partly zeroed is rewritten as data.
+                let file = file_of(node)?;
+                let run = self.map(&file, g, cend - g).await?;
+                if matches!(run.kind, Kind::Compressed { .. }) {
+                    self.write_zero_bytes(node, g, cend - g).await?;
+                }
+                g = cend;
+            }
+        } else {
+            self.replace_clusters(node, a, b, move |e, _| {
+                let host = e & L2E_OFFSET_MASK;
+                if !unmap && e & OFLAG_COMPRESSED == 0 && host != 0 && e & OFLAG_COPIED != 0 {
+                    Some((e | OFLAG_ZERO, 0))
+                } else {
+                    Some((OFLAG_ZERO, 0))
+                }
+            })
+            .await?;
+        }
+        let end = off + len;
+        if end > b {
+            if flags.contains(ReqFlags::NO_FALLBACK) {
+                return Err(blockd_block::driver::not_supported());
+            }
+            self.write_zero_bytes(node, b, end - b).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zero_bytes(&self, node: &Node, off: u64, len: u64) -> io::Result<()> {
+        let buf = IoBuf::zeroed(len as usize, 4096);
+        let (r, _) = self.write(node, off, buf, ReqFlags::NONE).await;
+        r
+    }
+
+    /// Grow the image (shrinking is not supported yet).
+    pub(crate) async fn truncate(&self, node: &Node, len: u64) -> io::Result<u64> {
+        self.check_writable()?;
+        let file = file_of(node)?;
+        let cur = self.size.load(Ordering::Acquire);
+        if len < cur {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "qcow2 doesn't support shrinking images yet",
+            ));
+        }
+        if len == cur {
+            return Ok(len);
+        }
+        if !self.meta().snapshots.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "Can't resize an image which has snapshots",
+            ));
+        }
+        let _a = self.alloc.lock().await;
+        let need = len.div_ceil(self.geo.l2_coverage());
+        self.grow_l1(&file, need).await?;
+        pwrite(&file, 24, &len.to_be_bytes()).await?;
+        file.driver().flush(&file).await?;
+        self.header.lock().unwrap_or_else(|e| e.into_inner()).size = len;
+        self.size.store(len, Ordering::Release);
+        Ok(len)
+    }
+}

@@ -1,0 +1,29 @@
+//! blockd's qcow2 driver: QEMU's qcow2 format, bit-compatible (docs/interop/qcow2.rst).
+//!
+//! Modules: `header` (cluster 0 and its validation), `layout` (geometry and L1/L2 entry
+//! meaning), `cache` (metadata caches and their options), `image` (the open image's tables
+//! and metadata updates), `io` (guest reads and writes), `driver` (the BlockDriver, open,
+//! probe, info), `create` (formatting a new image), `check` (consistency check and repair).
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod check;
+pub mod create;
+pub mod driver;
+pub mod header;
+pub mod image;
+pub mod io;
+pub mod layout;
+
+pub use check::{CheckReport, Repair, check};
+pub use create::{CreateOptions, create};
+pub use driver::{Qcow2, probe};
+
+/// The registry entry for this driver.
+pub fn driver_entry() -> blockd_block::drivers::DriverEntry {
+    blockd_block::drivers::DriverEntry {
+        name: "qcow2",
+        open: driver::open,
+        probe: Some(probe),
+    }
+}

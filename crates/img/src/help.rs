@@ -19,6 +19,7 @@ Standard options:
 Recognized commands (run qemu-img COMMAND --help for command-specific help):
 
   bench - Run simple image benchmark
+  compare - Check if two images have the same contents
   convert - Copy one image to another with optional format conversion
   create - Create and format new image file
   info - Display information about image
@@ -281,5 +282,39 @@ Arguments:
      QEMU user-creatable object (eg encryption key)
   FILENAME
      image file name (or specification with --image-opts)
+
+";
+
+pub const COMPARE: &str = "\
+Usage:
+Check if two images have the same contents.  Usage:
+
+  qemu-img compare [--image-opts | [-f FMT] [-F FMT]] [-s]
+        [-T CACHE] [-U] [--object OBJDEF] FILENAME1 FILENAME2
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -q, --quiet
+     quiet operation
+  -p, --progress
+     show operation progress
+  -f, --a-format FMT
+     specify FILENAME1 image format explicitly
+  -F, --b-format FMT
+     specify FILENAME2 image format explicitly
+  --image-opts
+     indicates that FILENAMEs are complete image specifications
+     instead of file names (incompatible with --a-format and --b-format)
+  -s, --strict
+     strict mode, also check if sizes are equal
+  -T, --cache CACHE_MODE
+     images caching mode (writeback)
+  -U, --force-share
+     open images in shared mode for concurrent access
+  --object OBJDEF
+     QEMU user-creatable object (eg encryption key)
+  FILENAME1, FILENAME2
+     image files (or specifications) to compare
 
 ";

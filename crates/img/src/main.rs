@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod compare;
 mod convert;
 mod create;
 mod getopt;
@@ -96,8 +97,9 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest),
         "convert" => convert::run(rest),
         "map" => map::run(rest),
-        "amend" | "bitmap" | "check" | "commit" | "compare" | "dd" | "measure" | "rebase"
-        | "resize" | "snapshot" => Err(Failure::new(format!(
+        "compare" => compare::run(rest),
+        "amend" | "bitmap" | "check" | "commit" | "dd" | "measure" | "rebase" | "resize"
+        | "snapshot" => Err(Failure::new(format!(
             "Command not implemented by blockd-img yet: {cmd}"
         ))),
         other => Err(Failure::usage(format!("Command not found: {other}"), "")),

@@ -40,12 +40,30 @@ impl Progress {
 
     /// Set the figure (percent) and print it if it moved enough.
     pub fn set(&self, percent: f64) {
-        let cur = (percent as f32).min(100.0);
+        self.apply((percent as f32).min(100.0));
+    }
+
+    fn apply(&self, cur: f32) {
         self.current.set(cur);
         let last = self.last_print.get();
         if cur > last + self.min_skip || cur < last - self.min_skip || cur == 100.0 {
             self.last_print.set(cur);
             self.print("");
+        }
+    }
+
+    /// Move the figure by `delta` percent of `max` (qemu-img's single-precision sum).
+    pub fn add(&self, delta: f32, max: i32) {
+        let cur = (self.current.get() + delta / 100.0 * max as f32).min(100.0);
+        self.apply(cur);
+    }
+
+    /// End the line without a last figure (compare).
+    pub fn end_line(&self) {
+        if self.enabled {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out);
+            let _ = out.flush();
         }
     }
 

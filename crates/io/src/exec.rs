@@ -33,6 +33,8 @@ const BUF_ALIGN: usize = 4096;
 pub struct Out {
     stdout: io::BufWriter<io::Stdout>,
     stdout_tty: bool,
+    /// collect stdout and stderr text here instead (the monitor's `qemu-io` command)
+    captured: Option<String>,
 }
 
 impl Default for Out {
@@ -46,15 +48,34 @@ impl Out {
         Out {
             stdout: io::BufWriter::with_capacity(4096, io::stdout()),
             stdout_tty: io::stdout().is_terminal(),
+            captured: None,
         }
     }
+    /// Output that is collected (both streams, in order) for [`Out::take_captured`].
+    pub fn capturing() -> Out {
+        Out {
+            captured: Some(String::new()),
+            ..Out::new()
+        }
+    }
+    pub fn take_captured(&mut self) -> String {
+        self.captured.as_mut().map(std::mem::take).unwrap_or_default()
+    }
     pub fn out(&mut self, s: &str) {
+        if let Some(c) = &mut self.captured {
+            c.push_str(s);
+            return;
+        }
         let _ = self.stdout.write_all(s.as_bytes());
         if self.stdout_tty {
             self.flush();
         }
     }
     pub fn err(&mut self, s: &str) {
+        if let Some(c) = &mut self.captured {
+            c.push_str(s);
+            return;
+        }
         let mut e = io::stderr().lock();
         let _ = e.write_all(s.as_bytes());
         let _ = e.flush();
@@ -247,6 +268,32 @@ impl Executor {
             pending: Vec::new(),
             failed: false,
         }
+    }
+
+    /// An executor for an image the caller opened and attached `backend` to (the monitor's
+    /// `qemu-io` command). Its own graph is empty: commands that open or close images are
+    /// refused before they reach it (see `monitor.rs`).
+    pub fn with_backend(backend: BlockBackend, node: Arc<Node>, out: Out) -> Executor {
+        let read_only = node.is_read_only();
+        Executor {
+            graph: Graph::new(),
+            image: Some(OpenImage {
+                backend,
+                node,
+                spec: OpenSpec::default(),
+                probed: false,
+                read_only,
+                writethrough: false,
+            }),
+            out,
+            pending: Vec::new(),
+            failed: false,
+        }
+    }
+
+    /// Hand back the backend given to [`Executor::with_backend`] (after [`Executor::drain_aio`]).
+    pub fn take_backend(&mut self) -> Option<BlockBackend> {
+        self.image.take().map(|i| i.backend)
     }
 
     pub fn has_image(&self) -> bool {

@@ -19,6 +19,7 @@ pub mod exec;
 pub mod format;
 pub mod getopt;
 pub mod help;
+pub mod monitor;
 pub mod numbers;
 
 pub use command::{Command, CommandError, Message, Stream, parse_command};

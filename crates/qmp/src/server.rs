@@ -372,14 +372,6 @@ impl Server {
                 )),
             );
         }
-        if !negotiation && name == "qmp_capabilities" {
-            return reply(
-                id,
-                Err(QmpError::command_not_found(
-                    "Capabilities negotiation is already complete, command ignored",
-                )),
-            );
-        }
         let (args_def, handler) = match self.commands.borrow().get(&name) {
             Some(c) => (c.args.clone(), c.handler.clone()),
             None => {
@@ -393,6 +385,15 @@ impl Server {
         };
         if let Err(e) = schema::check_object(&args_def, &args, "") {
             return reply(id, Err(e.into()));
+        }
+        // (QEMU checks qmp_capabilities' arguments before refusing it in command mode)
+        if !negotiation && name == "qmp_capabilities" {
+            return reply(
+                id,
+                Err(QmpError::command_not_found(
+                    "Capabilities negotiation is already complete, command ignored",
+                )),
+            );
         }
         let Some(handler) = handler else {
             // qmp_capabilities: no capability is offered, so none can be enabled.

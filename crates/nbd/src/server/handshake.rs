@@ -6,7 +6,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use crate::proto::{self, InfoRequest, MetaContextRequest, OptionHeader, Put};
-use crate::server::{Export, ServerInner};
+use crate::server::{ConnSocket, Export, ServerInner};
 use crate::sock::{recv_exact, send_slice};
 
 /// What the handshake agreed on.
@@ -40,7 +40,13 @@ struct State {
 }
 
 /// Run the handshake. `Ok(None)`: the client left cleanly (ABORT or close).
-pub(crate) async fn negotiate(fd: RawFd, server: &ServerInner) -> io::Result<Option<Session>> {
+/// The connection joins its export's registry before the final reply goes out, so that from
+/// the client's point of view it is never "in the handshake" once it has been told it is in.
+pub(crate) async fn negotiate(
+    sock: &mut ConnSocket,
+    server: &ServerInner,
+) -> io::Result<Option<Session>> {
+    let fd = sock.raw();
     let mut hello = Vec::with_capacity(18);
     hello.put_u64(proto::NBDMAGIC);
     hello.put_u64(proto::IHAVEOPT);
@@ -95,7 +101,8 @@ pub(crate) async fn negotiate(fd: RawFd, server: &ServerInner) -> io::Result<Opt
                 if name.len() > proto::MAX_STRING {
                     return Err(drop_conn("export name too long"));
                 }
-                let Some(export) = server.find_export(name) else {
+                let export = server.find_export(name).filter(|e| sock.attach(e));
+                let Some(export) = export else {
                     // No way to report an error here: the protocol says hang up.
                     return Err(drop_conn(format!("export '{name}' not present")));
                 };
@@ -175,10 +182,22 @@ pub(crate) async fn negotiate(fd: RawFd, server: &ServerInner) -> io::Result<Opt
                     continue;
                 };
                 send_info(fd, h.option, &req, &export, st.structured).await?;
-                reply(fd, h.option, proto::REP_ACK, &[]).await?;
                 if h.option == proto::OPT_GO {
+                    if !sock.attach(&export) {
+                        let msg = format!("export '{}' is being removed", req.name);
+                        reply(
+                            fd,
+                            h.option,
+                            proto::REP_ERR_UNKNOWN,
+                            proto::clamp_string(&msg).as_bytes(),
+                        )
+                        .await?;
+                        continue;
+                    }
+                    reply(fd, h.option, proto::REP_ACK, &[]).await?;
                     return Ok(Some(session(&st, export, &req.name)));
                 }
+                reply(fd, h.option, proto::REP_ACK, &[]).await?;
             }
             proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
                 let set = h.option == proto::OPT_SET_META_CONTEXT;

@@ -258,6 +258,9 @@ impl ConnSocket {
 
     /// Move from the handshake registry to `export`'s. Fails if the export is being removed.
     pub(crate) fn attach(&mut self, export: &Arc<Export>) -> bool {
+        if self.export.is_some() {
+            return self.export.as_ref().is_some_and(|e| Arc::ptr_eq(e, export));
+        }
         let raw = self.raw();
         {
             let mut st = export.lock();
@@ -666,11 +669,10 @@ pub fn serve_socket(server: &NbdServer, fd: OwnedFd) {
 
 async fn serve_client(inner: Arc<ServerInner>, mut sock: ConnSocket) {
     let limit = lock(&inner.cfg).handshake_timeout;
-    let fd = sock.raw();
     let negotiated = if limit.is_zero() {
-        handshake::negotiate(fd, &inner).await
+        handshake::negotiate(&mut sock, &inner).await
     } else {
-        match blockd_aio::timeout(limit, handshake::negotiate(fd, &inner)).await {
+        match blockd_aio::timeout(limit, handshake::negotiate(&mut sock, &inner)).await {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -683,9 +685,6 @@ async fn serve_client(inner: Arc<ServerInner>, mut sock: ConnSocket) {
         Ok(None) | Err(_) => return, // `sock` closes on drop
     };
     let export = session.export.clone();
-    if !sock.attach(&export) {
-        return;
-    }
     inner.served.fetch_add(1, Ordering::SeqCst);
     match export.cfg.iothread.clone() {
         Some(h) if !h.is_current() => {

@@ -329,7 +329,8 @@ impl CreateOptions {
             compression_type: self.compression_type,
             backing_file: self.backing_file.clone(),
             backing_format: self.backing_fmt.clone(),
-            feature_table: if self.version >= 3 {
+            // qemu-img 10 writes the feature name table only with clusters of 8 KiB or more.
+            feature_table: if self.version >= 3 && self.cluster_size >= 8192 {
                 Header::qemu_feature_table()
             } else {
                 Vec::new()
@@ -360,7 +361,8 @@ pub async fn create(file: &Arc<Node>, opts: &CreateOptions) -> Result<(), String
     let cs = opts.cluster_size;
     let geo = Geometry::new(&h);
     let l1_clusters = (h.l1_size as u64 * 8).div_ceil(cs);
-    // Refcount blocks at cluster 2 on (one unless the L1 is huge), the L1 after them.
+    // The first refcount block at cluster 2, the L1 at cluster 3, further refcount blocks
+    // (for a huge L1) after it: where QEMU's allocator puts them.
     let mut blocks = 1u64;
     while blocks * geo.rc_entries < 2 + blocks + l1_clusters {
         blocks += 1;
@@ -371,8 +373,16 @@ pub async fn create(file: &Arc<Node>, opts: &CreateOptions) -> Result<(), String
                 .into(),
         );
     }
+    let block_at = |b: u64| {
+        if b == 0 {
+            2 * cs
+        } else {
+            (3 + l1_clusters + b - 1) * cs
+        }
+    };
     let mut h = h;
-    h.l1_table_offset = (2 + blocks) * cs;
+    // An empty image has no L1 table at all (QEMU writes offset 0).
+    h.l1_table_offset = if h.l1_size > 0 { 3 * cs } else { 0 };
     let used = 2 + blocks + l1_clusters;
     let io = |e: std::io::Error| {
         format!(
@@ -386,8 +396,7 @@ pub async fn create(file: &Arc<Node>, opts: &CreateOptions) -> Result<(), String
     pwrite(file, 0, &c0).await.map_err(io)?;
     let mut table = vec![0u8; cs as usize];
     for b in 0..blocks {
-        let off = (2 + b) * cs;
-        table[b as usize * 8..b as usize * 8 + 8].copy_from_slice(&off.to_be_bytes());
+        table[b as usize * 8..b as usize * 8 + 8].copy_from_slice(&block_at(b).to_be_bytes());
     }
     pwrite(file, cs, &table).await.map_err(io)?;
     for b in 0..blocks {
@@ -397,7 +406,7 @@ pub async fn create(file: &Arc<Node>, opts: &CreateOptions) -> Result<(), String
         for c in lo..hi {
             set_refcount(&mut blk, geo.refcount_order, c - lo, 1);
         }
-        pwrite(file, (2 + b) * cs, &blk).await.map_err(io)?;
+        pwrite(file, block_at(b), &blk).await.map_err(io)?;
     }
     if h.l1_size > 0 {
         pwrite(file, h.l1_table_offset, &vec![0u8; h.l1_size as usize * 8])

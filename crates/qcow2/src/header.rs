@@ -512,7 +512,17 @@ impl Header {
             d.extend_from_slice(&bm.directory_offset.to_be_bytes());
             ext(&mut b, EXT_BITMAPS, &d);
         }
-        if self.version >= 3 && !self.feature_table.is_empty() {
+        // The feature table is left out when it would not leave room in the cluster (as
+        // QEMU does with 512-byte clusters).
+        let rest: usize = self
+            .unknown_extensions
+            .iter()
+            .map(|(_, d)| 8 + d.len().div_ceil(8) * 8)
+            .sum::<usize>()
+            + 8
+            + self.backing_file.as_ref().map_or(0, |n| n.len());
+        let table_len = 8 + 48 * self.feature_table.len();
+        if self.version >= 3 && !self.feature_table.is_empty() && b.len() + table_len + rest < cs {
             let mut d = Vec::with_capacity(48 * self.feature_table.len());
             for f in &self.feature_table {
                 let mut e = [0u8; 48];

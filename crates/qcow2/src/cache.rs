@@ -153,15 +153,15 @@ impl<T> Cache<T> {
     /// dropping entries unused for a whole clean interval.
     pub fn insert(&mut self, offset: u64, data: T) {
         self.maybe_clean();
-        if !self.map.contains_key(&offset) && self.map.len() >= self.capacity {
-            if let Some(victim) = self
+        if !self.map.contains_key(&offset)
+            && self.map.len() >= self.capacity
+            && let Some(victim) = self
                 .map
                 .iter()
                 .min_by_key(|(_, s)| s.last_use)
                 .map(|(k, _)| *k)
-            {
-                self.map.remove(&victim);
-            }
+        {
+            self.map.remove(&victim);
         }
         self.tick += 1;
         self.map.insert(

@@ -140,7 +140,7 @@ async fn walk_l1(
         if l2 == 0 {
             continue;
         }
-        if l2 % cs != 0 {
+        if !l2.is_multiple_of(cs) {
             rep.messages.push(format!(
                 "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
             ));
@@ -214,7 +214,7 @@ async fn walk_l1(
                 }
                 continue;
             }
-            if host % cs != 0 {
+            if !host.is_multiple_of(cs) {
                 rep.messages.push(format!(
                     "ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."
                 ));
@@ -311,7 +311,7 @@ pub(crate) async fn check_image(
         if o == 0 {
             continue;
         }
-        if o % cs != 0 {
+        if !o.is_multiple_of(cs) {
             rep.messages.push(format!(
                 "ERROR refcount block {t} is not cluster aligned; refcount table entry corrupted"
             ));

@@ -454,7 +454,7 @@ async fn preallocate(file: &Arc<Node>, h: &Header, mode: Prealloc) -> std::io::R
     };
     let img = Image::load(file, h.clone(), cfg, false, true, false)
         .await
-        .map_err(|e| std::io::Error::other(e))?;
+        .map_err(std::io::Error::other)?;
     let geo = img.geo;
     let cs = geo.cluster_size;
     let clusters = h.size.div_ceil(cs);
@@ -473,7 +473,7 @@ async fn preallocate(file: &Arc<Node>, h: &Header, mode: Prealloc) -> std::io::R
             0
         };
         let entries: Vec<(u64, u64)> = (0..got)
-            .map(|j| (host + j * cs | OFLAG_COPIED, bitmap))
+            .map(|j| ((host + j * cs) | OFLAG_COPIED, bitmap))
             .collect();
         img.set_l2(file, l2, l2i, &entries).await?;
         match mode {

@@ -351,7 +351,7 @@ impl Header {
                         if b.directory_size > 64 << 20 {
                             return Err("bitmaps_ext: Bitmap directory is too large".into());
                         }
-                        if b.directory_offset % (1u64 << self.cluster_bits) != 0 {
+                        if !b.directory_offset.is_multiple_of(1u64 << self.cluster_bits) {
                             return Err("bitmaps_ext: invalid bitmap directory offset".into());
                         }
                     }
@@ -359,7 +359,7 @@ impl Header {
                 }
                 EXT_CRYPTO => {
                     if len != 16 {
-                        return Err(format!("Unable to read CRYPTO header extension"));
+                        return Err("Unable to read CRYPTO header extension".into());
                     }
                     self.crypto = Some((be64(data, 0), be64(data, 8)));
                 }
@@ -407,7 +407,7 @@ impl Header {
             if entries == 0 {
                 return Ok(());
             }
-            if offset % cs != 0 || offset == 0 || offset.checked_add(bytes).is_none() {
+            if !offset.is_multiple_of(cs) || offset == 0 || offset.checked_add(bytes).is_none() {
                 return Err(format!("{name} offset invalid"));
             }
             if offset + bytes > file_len {

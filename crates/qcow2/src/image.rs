@@ -531,7 +531,7 @@ impl Image {
                 return Err(eio());
             }
             self.load_refblock(file, rb).await?;
-            let (lo, hi, bytes) = {
+            let step = {
                 let mut m = self.meta();
                 let mut blk = std::mem::take(m.rc.get_mut(rb).ok_or_else(eio)?);
                 let mut bad = None;
@@ -548,25 +548,26 @@ impl Image {
                     }
                 }
                 if let Some(j) = bad {
-                    // Undo nothing: the block was not written; reload it next time.
+                    // The block was not written; reload it next time.
                     m.rc.remove(rb);
-                    drop(m);
-                    return Err(self
-                        .corruption(
-                            file,
-                            &format!("Invalid refcount update for cluster {:#x}", j * cs),
-                        )
-                        .await);
+                    Err(j)
+                } else {
+                    let w = 1u64 << self.geo.refcount_order;
+                    let lo = ((i % e) * w / 8) / 512 * 512;
+                    let hi = (((chunk_end - 1) % e * w + w).div_ceil(8)).div_ceil(512) * 512;
+                    let hi = hi.min(cs);
+                    let bytes = blk[lo as usize..hi as usize].to_vec();
+                    *m.rc.get_mut(rb).ok_or_else(eio)? = blk;
+                    Ok((lo, bytes))
                 }
-                let w = 1u64 << self.geo.refcount_order;
-                let lo = ((i % e) * w / 8) / 512 * 512;
-                let hi = (((chunk_end - 1) % e * w + w).div_ceil(8)).div_ceil(512) * 512;
-                let hi = hi.min(cs);
-                let bytes = blk[lo as usize..hi as usize].to_vec();
-                *m.rc.get_mut(rb).ok_or_else(eio)? = blk;
-                (lo, hi, bytes)
             };
-            let _ = hi;
+            let (lo, bytes) = match step {
+                Ok(x) => x,
+                Err(j) => {
+                    let msg = format!("Invalid refcount update for cluster {:#x}", j * cs);
+                    return Err(self.corruption(file, &msg).await);
+                }
+            };
             pwrite(file, rb + lo, &bytes).await?;
             i = chunk_end;
         }

@@ -93,7 +93,7 @@ impl Geometry {
             l2_entry_bytes,
             extended,
             refcount_order: h.refcount_order,
-            rc_entries: cluster_size * 8 >> h.refcount_order,
+            rc_entries: (cluster_size * 8) >> h.refcount_order,
             unit: if extended {
                 cluster_size / SUBCLUSTERS
             } else {

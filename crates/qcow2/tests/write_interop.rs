@@ -255,7 +255,7 @@ fn concurrent_writers_from_two_iothreads() {
                 for round in 0..2u64 {
                     for s in 0..(16u64 << 10) / 2 {
                         let stripe = s * 2 + w as u64;
-                        if (stripe + round) % 3 == 0 {
+                        if (stripe + round).is_multiple_of(3) {
                             continue;
                         }
                         let data = vec![(w as u8 + 1) * 0x10 + round as u8; 1024];
@@ -290,8 +290,8 @@ fn concurrent_writers_from_two_iothreads() {
     for stripe in 0..(16u64 << 10) {
         let w = stripe % 2;
         let s = &got[(stripe * 1024) as usize..(stripe * 1024 + 1024) as usize];
-        let r1 = (stripe + 1) % 3 != 0;
-        let r0 = stripe % 3 != 0;
+        let r1 = !(stripe + 1).is_multiple_of(3);
+        let r0 = !stripe.is_multiple_of(3);
         let want = if r1 {
             (w as u8 + 1) * 0x10 + 1
         } else if r0 {

@@ -51,8 +51,7 @@ pub fn have(tool: &str) -> bool {
 }
 
 pub fn run(tool: &str, args: &[&str]) -> Output {
-    let o = Command::new(tool).args(args).output().unwrap();
-    o
+    Command::new(tool).args(args).output().unwrap()
 }
 
 /// Run and require success.

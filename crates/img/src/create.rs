@@ -113,6 +113,8 @@ pub fn run(argv: &[String]) -> CmdResult {
     let mut optstr: Vec<String> = Vec::new();
     let mut quiet = false;
     let mut backing = None;
+    let mut backing_fmt: Option<String> = None;
+    let mut backing_unsafe = false;
     for (code, arg) in p.opts {
         let arg = arg.unwrap_or_default();
         match char::from_u32(code).unwrap_or('\0') {
@@ -124,7 +126,8 @@ pub fn run(argv: &[String]) -> CmdResult {
             'o' => optstr.push(arg),
             'q' => quiet = true,
             'b' => backing = Some(arg),
-            'F' | 'u' => {}
+            'F' => backing_fmt = Some(arg),
+            'u' => backing_unsafe = true,
             _ if code == OPT_OBJECT => {
                 return Err(Failure::new("--object is not supported by blockd-img yet"));
             }
@@ -165,13 +168,24 @@ pub fn run(argv: &[String]) -> CmdResult {
         })?),
     };
     let ferr = |m: String| Failure::new(format!("{filename}: {m}"));
+    if fmt == "qcow2" {
+        return create_qcow2(QcowRequest {
+            filename: &filename,
+            opts: &opts,
+            size: pos_size,
+            backing: backing.as_deref(),
+            backing_fmt: backing_fmt.as_deref(),
+            backing_unsafe,
+            quiet,
+        });
+    }
     if fmt != "raw" {
         return Err(ferr(
             if matches!(
                 fmt.as_str(),
-                "qcow2" | "qcow" | "qed" | "vmdk" | "vdi" | "vpc" | "vhdx" | "luks" | "parallels"
+                "qcow" | "qed" | "vmdk" | "vdi" | "vpc" | "vhdx" | "luks" | "parallels"
             ) {
-                format!("blockd-img can only create raw images, not '{fmt}'")
+                format!("blockd-img can only create raw and qcow2 images, not '{fmt}'")
             } else {
                 format!("Unknown file format '{fmt}'")
             },
@@ -340,4 +354,130 @@ fn falloc(f: &File, len: u64) -> Result<(), String> {
             blockd_block::strerror(&e)
         )
     })
+}
+
+struct QcowRequest<'a> {
+    filename: &'a str,
+    opts: &'a [(String, String)],
+    size: Option<u64>,
+    backing: Option<&'a str>,
+    backing_fmt: Option<&'a str>,
+    backing_unsafe: bool,
+    quiet: bool,
+}
+
+/// A backing name as the new image will resolve it: relative to the image's directory.
+fn backing_path(image: &str, name: &str) -> String {
+    if name.starts_with('/') {
+        return name.to_string();
+    }
+    match image.rfind('/') {
+        Some(i) => format!("{}{name}", &image[..=i]),
+        None => name.to_string(),
+    }
+}
+
+/// `qemu-img create -f qcow2`: options, the backing file's checks (and its size when none is
+/// given), the "Formatting" line, then blockd-qcow2's create on the new file.
+fn create_qcow2(r: QcowRequest) -> CmdResult {
+    let filename = r.filename;
+    let ferr = |m: String| Failure::new(format!("{filename}: {m}"));
+    let mut o = blockd_qcow2::CreateOptions::from_qemu_opts(r.opts).map_err(ferr)?;
+    if o.size.is_some() && r.size.is_some() {
+        return Err(ferr("The image size must be specified only once".into()));
+    }
+    if let Some(n) = r.size {
+        o.set("size", &n.to_string()).map_err(ferr)?;
+    }
+    if let Some(b) = r.backing {
+        o.set("backing_file", b).map_err(ferr)?;
+    }
+    if let Some(f) = r.backing_fmt {
+        o.set("backing_fmt", f).map_err(ferr)?;
+    }
+    if let Some(b) = o.backing_file.clone() {
+        if b.is_empty() {
+            return Err(ferr("Expected backing file name, got empty string".into()));
+        }
+        if b == filename {
+            return Err(ferr(
+                "Error: Trying to create an image with the same filename as the backing file"
+                    .into(),
+            ));
+        }
+        let path = backing_path(filename, &b);
+        let probed = match &o.backing_fmt {
+            Some(f) => Some(f.clone()),
+            None => probe_format(&path),
+        };
+        if o.backing_fmt.is_none() {
+            let mut msg = "Backing file specified without backing format".to_string();
+            if let Some(f) = &probed {
+                msg += &format!("\nDetected format of {f}.");
+            }
+            return Err(ferr(msg));
+        }
+        if !r.backing_unsafe || o.size.is_none() {
+            let fmt = probed.unwrap_or_else(|| "raw".into());
+            let len = backing_length(&path, &fmt)
+                .map_err(|e| ferr(format!("{e}\nCould not open backing image.")))?;
+            if o.size.is_none() {
+                o.set("size", &len.to_string()).map_err(ferr)?;
+            }
+        }
+    }
+    let Some(size) = o.size else {
+        return Err(ferr("Image creation needs a size parameter".into()));
+    };
+    if size > i64::MAX as u64 {
+        return Err(Failure::new(
+            "Invalid image size specified. Must be between 0 and 9223372036854775807.",
+        ));
+    }
+    if !r.quiet {
+        println!("{}", o.formatting_line(filename));
+        let _ = std::io::stdout().flush();
+    }
+    o.validate().map_err(ferr)?;
+    create_file(filename, 0, Prealloc::Off).map_err(ferr)?;
+    let mut graph = blockd_drivers::graph();
+    let mut m = serde_json::Map::new();
+    m.insert("driver".into(), "file".into());
+    m.insert("filename".into(), filename.into());
+    let file = graph
+        .open(m)
+        .map_err(|e| ferr(format!("Could not open '{filename}': {e}")))?;
+    blockd_aio::block_on(blockd_qcow2::create(&file, &o))
+        .map_err(|e| ferr(e.to_string()))?
+        .map_err(ferr)
+}
+
+fn probe_format(path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut f = File::open(path).ok()?;
+    let mut buf = vec![0u8; 2048];
+    let n = f.read(&mut buf).ok()?;
+    buf.truncate(n);
+    Some(blockd_drivers::graph().probe_format(&buf, path).to_string())
+}
+
+/// The virtual size of the backing image (opening it proves it is usable).
+fn backing_length(path: &str, fmt: &str) -> Result<u64, String> {
+    let mut graph = blockd_drivers::graph();
+    let opts = serde_json::json!({
+        "driver": fmt,
+        "read-only": true,
+        "file": {"driver": "file", "filename": path},
+    });
+    let serde_json::Value::Object(m) = opts else {
+        unreachable!()
+    };
+    let node = graph.open(m).map_err(|e| {
+        if e.starts_with("Could not open") {
+            e
+        } else {
+            format!("Could not open '{path}': {e}")
+        }
+    })?;
+    Ok(node.length())
 }

@@ -37,6 +37,8 @@ pub struct CreateOptions {
     pub extended_l2: bool,
     pub data_file: Option<String>,
     pub data_file_raw: bool,
+    /// An enum option with a value QEMU rejects only after printing "Formatting ...".
+    deferred_error: Option<String>,
     /// The options as given (key, value as qemu-img prints it), for the "Formatting" line.
     given: Vec<(String, String)>,
 }
@@ -56,6 +58,7 @@ impl Default for CreateOptions {
             extended_l2: false,
             data_file: None,
             data_file_raw: false,
+            deferred_error: None,
             given: Vec::new(),
         }
     }
@@ -104,7 +107,9 @@ impl CreateOptions {
                         "0.10" | "v2" => 2,
                         "1.1" | "v3" => 3,
                         _ => {
-                            return Err(format!("Parameter 'version' does not accept value '{v}'"));
+                            c.deferred_error =
+                                Some(format!("Parameter 'version' does not accept value '{v}'"));
+                            c.version
                         }
                     };
                     v.clone()
@@ -129,9 +134,10 @@ impl CreateOptions {
                         "falloc" => Prealloc::Falloc,
                         "full" => Prealloc::Full,
                         _ => {
-                            return Err(format!(
+                            c.deferred_error = Some(format!(
                                 "Parameter 'preallocation' does not accept value '{v}'"
                             ));
+                            c.preallocation
                         }
                     };
                     v.clone()
@@ -150,9 +156,10 @@ impl CreateOptions {
                         "zlib" => 0,
                         "zstd" => 1,
                         _ => {
-                            return Err(format!(
+                            c.deferred_error = Some(format!(
                                 "Parameter 'compression-type' does not accept value '{v}'"
                             ));
+                            c.compression_type
                         }
                     };
                     v.clone()
@@ -223,13 +230,14 @@ impl CreateOptions {
             Some(get("compression_type").unwrap_or("zlib".into())),
         );
         add("size", Some(self.size.unwrap_or(0).to_string()));
-        for (k, v) in &self.given {
-            if matches!(
-                k.as_str(),
-                "compat" | "backing_file" | "backing_fmt" | "data_file" | "data_file_raw"
-            ) {
-                add(k, Some(v.clone()));
-            }
+        for k in [
+            "compat",
+            "backing_file",
+            "backing_fmt",
+            "data_file",
+            "data_file_raw",
+        ] {
+            add(k, get(k));
         }
         add(
             "lazy_refcounts",
@@ -241,6 +249,9 @@ impl CreateOptions {
 
     /// QEMU's checks of the combination, before anything is written.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(e) = &self.deferred_error {
+            return Err(e.clone());
+        }
         let cs = self.cluster_size;
         if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
             return Err("Cluster size must be a power of two between 512 and 2048k".into());

@@ -69,6 +69,7 @@ pub const TF_SEND_DF: u16 = 1 << 7;
 pub const TF_CAN_MULTI_CONN: u16 = 1 << 8;
 pub const TF_SEND_CACHE: u16 = 1 << 10;
 pub const TF_SEND_FAST_ZERO: u16 = 1 << 11;
+pub const TF_BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 
 /// Commands.
 pub const CMD_READ: u16 = 0;

@@ -370,6 +370,7 @@ fn flag_names(f: u16) -> String {
         (proto::TF_CAN_MULTI_CONN, "multi"),
         (proto::TF_SEND_CACHE, "cache"),
         (proto::TF_SEND_FAST_ZERO, "fast-zero"),
+        (proto::TF_BLOCK_STATUS_PAYLOAD, "block-status-payload"),
     ];
     names
         .iter()

@@ -65,7 +65,8 @@ const LONG: &[(&str, bool)] = &[
 ];
 
 /// Parse argv (without the program name). Errors are the whole message line.
-pub fn parse(args: &[String]) -> Result<CmdLine, String> {
+/// `argv0` prefixes getopt's own messages, as glibc's getopt does.
+pub fn parse(argv0: &str, args: &[String]) -> Result<CmdLine, String> {
     let mut c = CmdLine::default();
     let mut i = 0;
     while i < args.len() {
@@ -90,11 +91,11 @@ pub fn parse(args: &[String]) -> Result<CmdLine, String> {
                 if m.len() == 1 { Some(m[0]) } else { None }
             });
             let Some((lname, has_arg)) = found else {
-                return Err(format!("{PROG}: unrecognized option '--{n}'"));
+                return Err(format!("{argv0}: unrecognized option '--{n}'"));
             };
             if !has_arg && v.is_some() {
                 return Err(format!(
-                    "{PROG}: option '--{lname}' doesn't allow an argument"
+                    "{argv0}: option '--{lname}' doesn't allow an argument"
                 ));
             }
             (lname.to_string(), v)
@@ -105,12 +106,12 @@ pub fn parse(args: &[String]) -> Result<CmdLine, String> {
                 'h' => "help",
                 'V' => "version",
                 'T' => "trace",
-                _ => return Err(format!("{PROG}: invalid option -- '{ch}'")),
+                _ => return Err(format!("{argv0}: invalid option -- '{ch}'")),
             };
             if name != "trace" && !rest.is_empty() {
                 let bad = rest.chars().next().unwrap_or('?');
                 if !matches!(bad, 'h' | 'V' | 'T') {
-                    return Err(format!("{PROG}: invalid option -- '{bad}'"));
+                    return Err(format!("{argv0}: invalid option -- '{bad}'"));
                 }
             }
             let inline = (name == "trace" && !rest.is_empty()).then(|| rest.to_string());
@@ -129,9 +130,9 @@ pub fn parse(args: &[String]) -> Result<CmdLine, String> {
                     }
                     None => {
                         return Err(if name == "trace" && a.len() == 2 {
-                            format!("{PROG}: option requires an argument -- 'T'")
+                            format!("{argv0}: option requires an argument -- 'T'")
                         } else {
-                            format!("{PROG}: option '--{name}' requires an argument")
+                            format!("{argv0}: option '--{name}' requires an argument")
                         });
                     }
                 },
@@ -244,7 +245,7 @@ mod tests {
 
     #[test]
     fn options_in_order_both_spellings() {
-        let c = parse(&args(&[
+        let c = parse(PROG, &args(&[
             "--blockdev",
             "null-co,node-name=a",
             "--object=iothread,id=io0",
@@ -274,19 +275,19 @@ mod tests {
     #[test]
     fn qemu_wording() {
         assert_eq!(
-            parse(&args(&["--foo"])).unwrap_err(),
+            parse(PROG, &args(&["--foo"])).unwrap_err(),
             "qemu-storage-daemon: unrecognized option '--foo'"
         );
         assert_eq!(
-            parse(&args(&["-x"])).unwrap_err(),
+            parse(PROG, &args(&["-x"])).unwrap_err(),
             "qemu-storage-daemon: invalid option -- 'x'"
         );
         assert_eq!(
-            parse(&args(&["extra"])).unwrap_err(),
+            parse(PROG, &args(&["extra"])).unwrap_err(),
             "qemu-storage-daemon: extra: Unexpected argument"
         );
         assert_eq!(
-            parse(&args(&["--blockdev"])).unwrap_err(),
+            parse(PROG, &args(&["--blockdev"])).unwrap_err(),
             "qemu-storage-daemon: option '--blockdev' requires an argument"
         );
     }

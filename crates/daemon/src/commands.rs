@@ -123,7 +123,7 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
     let drivers: Vec<&str> = d.graph.borrow().driver_names();
     let dd = d.clone();
     server.register("quit", ObjectDef::default(), empty(), move |_| {
-        dd.request_quit();
+        dd.request_quit("host-qmp-quit");
         ready(Ok(json!({})))
     });
 
@@ -268,6 +268,15 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
         move |a| Box::pin(crate::hmp::human_monitor_command(dd.clone(), a)),
     );
 
+    // qemu-storage-daemon does not send SHUTDOWN; QEMU's system emulator does, and it tells
+    // every other monitor why the daemon is going away.
+    server.register_event(
+        "SHUTDOWN",
+        obj(vec![
+            member("guest", Type::Bool),
+            member("reason", Type::enumeration(&["host-qmp-quit", "host-signal"])),
+        ]),
+    );
     server.register_event(
         "BLOCK_IO_ERROR",
         obj(vec![

@@ -111,8 +111,9 @@ fn glob(pat: &str, s: &str) -> bool {
 }
 
 fn main() {
+    let argv0 = std::env::args().next().unwrap_or_else(|| PROG.into());
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let cmd = match cli::parse(&args) {
+    let cmd = match cli::parse(&argv0, &args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -249,11 +250,15 @@ async fn run(
         async move {
             let s = process::next_signal(&sigfd).await;
             tracing::info!(signal = s, "terminating on signal");
-            d.request_quit();
+            d.request_quit("host-signal");
         }
     });
     d.wait_quit().await;
     drop(sig);
+    server.emit(
+        "SHUTDOWN",
+        Some(json!({"guest": false, "reason": d.quit_reason.get()})),
+    );
     // let the reply to `quit` reach its monitor
     let _ = blockd_aio::timeout(Duration::from_secs(2), server.flush()).await;
     shutdown(&d, &server).await;

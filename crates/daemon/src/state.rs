@@ -28,6 +28,8 @@ pub struct Daemon {
     pub node_opts: RefCell<BTreeMap<String, Map<String, Value>>>,
     pub server: RefCell<Option<Rc<Server>>>,
     pub quit: Cell<bool>,
+    /// SHUTDOWN's `reason`: "host-qmp-quit" or "host-signal"
+    pub quit_reason: Cell<&'static str>,
     pub quit_event: Event,
     /// requests running through temporary backends (monitor qemu-io, block_resize)
     pub busy: Cell<usize>,
@@ -43,12 +45,16 @@ impl Daemon {
             node_opts: RefCell::new(BTreeMap::new()),
             server: RefCell::new(None),
             quit: Cell::new(false),
+            quit_reason: Cell::new("host-qmp-quit"),
             quit_event: Event::new(),
             busy: Cell::new(0),
         })
     }
 
-    pub fn request_quit(&self) {
+    pub fn request_quit(&self, reason: &'static str) {
+        if !self.quit.get() {
+            self.quit_reason.set(reason);
+        }
         self.quit.set(true);
         self.quit_event.notify(usize::MAX);
     }

@@ -146,8 +146,41 @@ impl Lexer {
 
     /// Lex `input`, appending complete tokens to `out`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<Token>) {
-        for &b in input {
-            self.byte(b, out);
+        let mut i = 0;
+        while i < input.len() {
+            // Fast paths: runs of plain string bytes, and skipped bytes while resynchronising.
+            match self.state {
+                State::Str {
+                    quote,
+                    escaped: false,
+                } => {
+                    let run = input[i..]
+                        .iter()
+                        .position(|&b| b == quote || b == b'\\' || b < 0x20 || b >= 0xfe)
+                        .unwrap_or(input.len() - i);
+                    let room = MAX_TOKEN_SIZE.saturating_sub(self.token.len());
+                    let take = run.min(room);
+                    self.token.extend_from_slice(&input[i..i + take]);
+                    i += take;
+                    if take < run {
+                        // the next byte would grow the token past the limit
+                        self.byte(input[i], out);
+                        i += 1;
+                        continue;
+                    }
+                }
+                State::Recovery => {
+                    i += input[i..]
+                        .iter()
+                        .position(|&b| ends_recovery(b))
+                        .unwrap_or(input.len() - i);
+                }
+                _ => {}
+            }
+            if i < input.len() {
+                self.byte(input[i], out);
+                i += 1;
+            }
         }
     }
 

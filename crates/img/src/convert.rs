@@ -344,19 +344,34 @@ pub fn run(argv: &[String]) -> CmdResult {
                 "{out_name}: creating '{fmt}' images is not supported by blockd-img yet"
             )));
         }
-        let raw_opts = target::raw_options(&opts).map_err(Failure::new)?;
-        if backing.is_some() {
+        if fmt == "qcow2" && backing.is_some() {
+            // Copying only what differs from a new backing file is not done yet.
             return Err(Failure::new(
-                "Backing file not supported for file format 'raw'",
+                "convert -B (a target with a backing file) is not supported by blockd-img yet",
             ));
         }
-        if backing_fmt.is_some() {
-            return Err(Failure::new(
-                "Backing file format not supported for file format 'raw'",
-            ));
+        if fmt == "qcow2" {
+            let c = target::qcow2_options(total, &opts, backing.as_deref(), backing_fmt.as_deref())
+                .map_err(Failure::new)?;
+            target::create_qcow2(out_name, &c).map_err(|e| {
+                Failure::new(format!("{out_name}: error while converting qcow2: {e}"))
+            })?;
+        } else {
+            let raw_opts = target::raw_options(&opts).map_err(Failure::new)?;
+            if backing.is_some() {
+                return Err(Failure::new(
+                    "Backing file not supported for file format 'raw'",
+                ));
+            }
+            if backing_fmt.is_some() {
+                return Err(Failure::new(
+                    "Backing file format not supported for file format 'raw'",
+                ));
+            }
+            target::create_raw(out_name, total, &raw_opts).map_err(|e| {
+                Failure::new(format!("{out_name}: error while converting raw: {e}"))
+            })?;
         }
-        target::create_raw(out_name, total, &raw_opts)
-            .map_err(|e| Failure::new(format!("{out_name}: error while converting raw: {e}")))?;
     }
     let cache = Cache::parse(&cache)
         .ok_or_else(|| Failure::new(format!("Invalid cache option: {cache}")))?;
@@ -894,58 +909,61 @@ async fn write_data(
     Ok(())
 }
 
-/// The run starting at `at` of a chunk whose first byte goes to target offset `base`:
-/// (is data, length), in 512-byte sectors as qemu-img scans. A run of zeroes at the start or
-/// the end of the chunk is left sparse whatever its length; one inside data only when it is at
-/// least `min` bytes long.
-/// A zero run that stops before the end of the chunk is cut back to end on a 4 KiB boundary of
-/// the target (its unaligned tail is written as data), so holes cover whole filesystem blocks.
-fn next_run(buf: &[u8], at: usize, min: usize, base: u64) -> (bool, usize) {
+/// One run of same-kind 512-byte sectors starting at `at` of a chunk whose first byte goes
+/// to target offset `base`: (is data, length). Runs that do not reach the end of the chunk are
+/// aligned to 4 KiB of the target as qemu-img aligns them: a data run's end moves up to the
+/// boundary (the filesystem block is written anyway), a zero run's end moves down to it, and a
+/// zero run too short for that becomes data.
+fn sector_run(buf: &[u8], at: usize, base: u64) -> (bool, usize) {
     const SECTOR: usize = 512;
-    const ALIGN: u64 = 4096;
+    const PER_BLOCK: u64 = 8;
     let len = buf.len();
-    let is_zero_sector = |i: usize| is_zero(&buf[i..(i + SECTOR).min(len)]);
-    let zero_run = |from: usize| {
-        let mut i = from;
-        while i < len && is_zero_sector(i) {
-            i += SECTOR;
-        }
-        i.min(len) - from
-    };
-    // The part of the zero run [from, from + z) that may stay a hole.
-    let aligned = |from: usize, z: usize| -> Option<usize> {
-        if from + z == len {
-            return Some(z);
-        }
-        let tail = ((base + (from + z) as u64) % ALIGN) as usize;
-        if tail == 0 {
-            Some(z)
-        } else if z > tail {
-            Some(z - tail)
-        } else {
-            None
-        }
-    };
-    let mut i = at;
-    if is_zero_sector(at) {
-        let z = zero_run(at);
-        if let Some(a) = aligned(at, z) {
-            return (false, a);
-        }
-        i += z;
+    let sector = |i: usize| &buf[i..(i + SECTOR).min(len)];
+    let n = (len - at).div_ceil(SECTOR);
+    let zero = is_zero(sector(at));
+    let mut i = 1;
+    while i < n && is_zero(sector(at + i * SECTOR)) == zero {
+        i += 1;
     }
-    while i < len {
-        if is_zero_sector(i) {
-            let z = zero_run(i);
-            match aligned(i, z) {
-                Some(a) if a >= min || i + z == len => return (true, i - at),
-                _ => i += z,
-            }
+    if i == n {
+        return (!zero, len - at);
+    }
+    let tail = ((base + at as u64) / SECTOR as u64 + i as u64) % PER_BLOCK;
+    let mut data = !zero;
+    if tail != 0 {
+        if zero && i as u64 <= tail {
+            data = true;
+        }
+        if data {
+            i = (i + (PER_BLOCK - tail) as usize).min(n);
         } else {
-            i += SECTOR;
+            i -= tail as usize;
         }
     }
-    (true, len - at)
+    (data, (i * SECTOR).min(len - at))
+}
+
+/// The run starting at `at`: (is data, length). Zeroes at the start are a hole whatever their
+/// length; after data, zero runs shorter than `min` bytes stay part of the data, and zeroes
+/// ending the chunk are a hole.
+fn next_run(buf: &[u8], at: usize, min: usize, base: u64) -> (bool, usize) {
+    let min = min.min(buf.len() - at);
+    let (data, first) = sector_run(buf, at, base);
+    if !data {
+        return (false, first);
+    }
+    let mut used = first;
+    let mut checked = first;
+    while at + checked < buf.len() {
+        let (data, n) = sector_run(buf, at + checked, base);
+        checked += n;
+        if data {
+            used = checked;
+        } else if n >= min {
+            break;
+        }
+    }
+    (true, used)
 }
 
 #[cfg(test)]
@@ -957,18 +975,17 @@ mod tests {
         let mut b = vec![0u8; 8192];
         assert_eq!(next_run(&b, 0, 4096, 0), (false, 8192));
         b[0] = 1;
-        assert_eq!(next_run(&b, 0, 4096, 0), (true, 512));
-        assert_eq!(next_run(&b, 512, 4096, 0), (false, 7680));
+        // Data ends are aligned up to 4 KiB; the rest is a hole.
+        assert_eq!(next_run(&b, 0, 4096, 0), (true, 4096));
+        assert_eq!(next_run(&b, 4096, 4096, 0), (false, 4096));
         b[4096] = 1;
         // 3.5 KiB of zeroes between two data sectors are too short to skip.
-        assert_eq!(next_run(&b, 0, 4096, 0), (true, 4608));
-        assert_eq!(next_run(&b, 0, 512, 0), (true, 512));
-        assert_eq!(next_run(&b, 512, 512, 0), (false, 3584));
-        // Leading zeroes are a hole even when short, cut to end on a 4 KiB boundary of the
-        // target; trailing zeroes are a hole.
-        assert_eq!(next_run(&b[3584..], 0, 4096, 0), (true, 1024));
-        assert_eq!(next_run(&b[3584..], 0, 4096, 3584), (false, 512));
+        assert_eq!(next_run(&b, 0, 4096, 0), (true, 8192));
+        assert_eq!(next_run(&b, 0, 512, 0), (true, 8192));
+        // Zero runs end on a 4 KiB boundary of the target (or become data when too short).
+        assert_eq!(next_run(&b[1024..], 0, 4096, 1024), (false, 3072));
         assert_eq!(next_run(&b[1024..], 0, 4096, 3584), (false, 512));
-        assert_eq!(next_run(&b[1024..], 512, 4096, 3584), (true, 3072));
+        assert_eq!(next_run(&b[3584..], 0, 4096, 0), (true, 4096));
+        assert_eq!(next_run(&b[..6144], 0, 4096, 0), (true, 6144));
     }
 }

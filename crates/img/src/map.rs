@@ -185,6 +185,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     let opened = image::open(&req).map_err(Failure::new)?;
     let top_file = top_filename(&opened.options).unwrap_or_else(|| name.clone());
     let node = opened.node.clone();
+    let names = chain_filenames(&node, &top_file);
     let len = node.length();
     let end = match max_len {
         Some(m) => start.saturating_add(m).min(len),
@@ -209,7 +210,14 @@ pub fn run(argv: &[String]) -> CmdResult {
                     "File contains external, encrypted or compressed clusters.",
                 ));
             };
-            let file = layer_filename(&e.layer, &node, &top_file);
+            if e.zero {
+                // Data that reads as zeroes (a hole in the image file) is not listed.
+                return Ok(());
+            }
+            let file = names
+                .get(e.depth as usize)
+                .cloned()
+                .unwrap_or_else(|| e.layer.name().to_string());
             let _ = writeln!(
                 out,
                 "{:<16}{:<16}{:<16}{}",
@@ -278,17 +286,49 @@ fn top_filename(options: &serde_json::Map<String, serde_json::Value>) -> Option<
         .map(str::to_string)
 }
 
-/// The file holding a layer's data: the top image's file, or a backing layer's file as its
-/// driver names it.
-fn layer_filename(layer: &Arc<Node>, top: &Arc<Node>, top_file: &str) -> String {
-    if Arc::ptr_eq(layer, top) {
-        return top_file.to_string();
+/// The file names of the layers of the chain, top first, as qemu-img prints them: each
+/// backing file name (from its qcow2 header) taken relative to the directory of the image that
+/// names it.
+fn chain_filenames(top: &Arc<Node>, top_file: &str) -> Vec<String> {
+    let mut names = vec![top_file.to_string()];
+    let mut node = top.clone();
+    while let Some(b) = crate::status::backing(&node) {
+        let parent = names.last().expect("top").clone();
+        let Some(name) = qcow2_backing_name(&parent) else {
+            break;
+        };
+        names.push(combine(&parent, &name));
+        node = b;
     }
-    layer
-        .driver()
-        .info()
-        .into_iter()
-        .find(|(k, _)| k == "filename")
-        .map(|(_, v)| v)
-        .unwrap_or_else(|| layer.name().to_string())
+    names
+}
+
+/// The backing file name a qcow2 header records (offset at byte 8, length at byte 16).
+fn qcow2_backing_name(path: &str) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).ok()?;
+    let mut h = [0u8; 20];
+    f.read_exact_at(&mut h, 0).ok()?;
+    if &h[0..4] != b"QFI\xfb" {
+        return None;
+    }
+    let off = u64::from_be_bytes(h[8..16].try_into().ok()?);
+    let len = u32::from_be_bytes(h[16..20].try_into().ok()?);
+    if off == 0 || len == 0 || len > 1023 {
+        return None;
+    }
+    let mut name = vec![0u8; len as usize];
+    f.read_exact_at(&mut name, off).ok()?;
+    String::from_utf8(name).ok()
+}
+
+/// `name` relative to the directory of `base` (unless absolute).
+fn combine(base: &str, name: &str) -> String {
+    if name.starts_with('/') {
+        return name.to_string();
+    }
+    match base.rfind('/') {
+        Some(i) => format!("{}{name}", &base[..=i]),
+        None => name.to_string(),
+    }
 }

@@ -59,12 +59,32 @@ pub async fn status_above(
             .driver()
             .block_status(&node, off, len.min(node_len - off))
             .await?;
-        let n = s.len.clamp(1, len);
+        let mut n = s.len.clamp(1, len);
         if s.allocated {
+            let mut zero = s.zero;
+            // Data of a format in its file: a hole there reads as zeroes (QEMU asks the file
+            // too, and reports the shorter of the two extents).
+            if s.data
+                && !s.zero
+                && let Some(host) = s.offset
+                && node.driver().format_name() != "raw"
+                && let Some(file) = node.child("file")
+            {
+                if host >= file.length() {
+                    zero = true;
+                } else {
+                    let fs = file
+                        .driver()
+                        .block_status(&file, host, n.min(file.length() - host))
+                        .await?;
+                    n = n.min(fs.len.max(1));
+                    zero = fs.zero;
+                }
+            }
             return Ok(Extent {
                 len: n,
                 data: s.data,
-                zero: s.zero,
+                zero,
                 present: true,
                 depth,
                 offset: s.offset,
@@ -84,7 +104,8 @@ pub async fn status_above(
                     zero: backing(&node).is_none(),
                     present: false,
                     depth,
-                    offset: None,
+                    // Unallocated subclusters of an allocated cluster still have a place.
+                    offset: s.offset,
                     layer: node,
                 });
             }

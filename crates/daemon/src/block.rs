@@ -139,7 +139,11 @@ pub async fn blockdev_reopen(d: &Daemon, args: Map<String, Value>) -> R {
 fn filename(d: &Daemon, node: &Arc<Node>) -> String {
     let opts = d.node_opts.borrow().get(node.name()).cloned();
     let drv = node.driver().format_name();
-    if let Some(f) = opts.as_ref().and_then(|o| o.get("filename")).and_then(Value::as_str) {
+    if let Some(f) = opts
+        .as_ref()
+        .and_then(|o| o.get("filename"))
+        .and_then(Value::as_str)
+    {
         return f.to_string();
     }
     if let Some(child) = node.child("file") {
@@ -209,12 +213,10 @@ fn image_info(d: &Daemon, node: &Arc<Node>, chain: bool) -> Value {
 /// BlockDeviceInfo of a node (query-named-block-nodes).
 fn device_info(d: &Daemon, node: &Arc<Node>, flat: bool) -> Value {
     let direct = flag(d, node, &|o| {
-        o.get("cache")
-            .and_then(|c| bool_opt(c.get("direct")))
+        o.get("cache").and_then(|c| bool_opt(c.get("direct")))
     });
     let no_flush = flag(d, node, &|o| {
-        o.get("cache")
-            .and_then(|c| bool_opt(c.get("no-flush")))
+        o.get("cache").and_then(|c| bool_opt(c.get("no-flush")))
     });
     let mut v = json!({
         "node-name": node.name(),
@@ -247,14 +249,35 @@ pub fn query_named_block_nodes(d: &Daemon, args: Map<String, Value>) -> R {
 fn zero_stats() -> Value {
     let mut m = Map::new();
     for k in [
-        "rd_bytes", "wr_bytes", "unmap_bytes", "zone_append_bytes", "rd_operations",
-        "wr_operations", "flush_operations", "unmap_operations", "zone_append_operations",
-        "rd_total_time_ns", "wr_total_time_ns", "flush_total_time_ns", "unmap_total_time_ns",
-        "zone_append_total_time_ns", "wr_highest_offset", "rd_merged", "wr_merged",
-        "unmap_merged", "zone_append_merged", "failed_rd_operations", "failed_wr_operations",
-        "failed_flush_operations", "failed_unmap_operations", "failed_zone_append_operations",
-        "invalid_rd_operations", "invalid_wr_operations", "invalid_flush_operations",
-        "invalid_unmap_operations", "invalid_zone_append_operations",
+        "rd_bytes",
+        "wr_bytes",
+        "unmap_bytes",
+        "zone_append_bytes",
+        "rd_operations",
+        "wr_operations",
+        "flush_operations",
+        "unmap_operations",
+        "zone_append_operations",
+        "rd_total_time_ns",
+        "wr_total_time_ns",
+        "flush_total_time_ns",
+        "unmap_total_time_ns",
+        "zone_append_total_time_ns",
+        "wr_highest_offset",
+        "rd_merged",
+        "wr_merged",
+        "unmap_merged",
+        "zone_append_merged",
+        "failed_rd_operations",
+        "failed_wr_operations",
+        "failed_flush_operations",
+        "failed_unmap_operations",
+        "failed_zone_append_operations",
+        "invalid_rd_operations",
+        "invalid_wr_operations",
+        "invalid_flush_operations",
+        "invalid_unmap_operations",
+        "invalid_zone_append_operations",
     ] {
         m.insert(k.into(), json!(0));
     }

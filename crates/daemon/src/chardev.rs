@@ -41,9 +41,7 @@ fn on_off(m: &Map<String, Value>, k: &str, default: bool) -> Result<bool, String
         None => Ok(default),
         Some("on" | "yes" | "true") => Ok(true),
         Some("off" | "no" | "false") => Ok(false),
-        Some(v) => Err(format!(
-            "Parameter '{k}' expects 'on' or 'off', got '{v}'"
-        )),
+        Some(v) => Err(format!("Parameter '{k}' expects 'on' or 'off', got '{v}'")),
     }
 }
 
@@ -53,7 +51,9 @@ impl Chardevs {
         let backend = text(&m, "backend").unwrap_or_default();
         let id = text(&m, "id").ok_or("Parameter 'id' is missing")?;
         if self.devs.contains_key(&id) {
-            return Err(format!("attempt to add duplicate property '{id}' to object (type 'container')"));
+            return Err(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            ));
         }
         if backend != "socket" {
             return Err(format!(
@@ -61,8 +61,10 @@ impl Chardevs {
             ));
         }
         for k in m.keys() {
-            if !["backend", "id", "path", "host", "port", "server", "wait", "fd", "ipv4", "ipv6"]
-                .contains(&k.as_str())
+            if ![
+                "backend", "id", "path", "host", "port", "server", "wait", "fd", "ipv4", "ipv6",
+            ]
+            .contains(&k.as_str())
             {
                 return Err(format!("Invalid parameter '{k}'"));
             }
@@ -111,7 +113,10 @@ impl Chardevs {
                 })?;
                 (OwnedFd::from(l), Some(pb))
             } else if let (Some(h), Some(port)) = (host.clone(), port) {
-                let addr = format!("{}:{port}", if h.contains(':') { format!("[{h}]") } else { h });
+                let addr = format!(
+                    "{}:{port}",
+                    if h.contains(':') { format!("[{h}]") } else { h }
+                );
                 let l = std::net::TcpListener::bind(&addr).map_err(|e| {
                     format!(
                         "Failed to bind socket to {addr}: {}",
@@ -120,7 +125,9 @@ impl Chardevs {
                 })?;
                 (OwnedFd::from(l), None)
             } else {
-                return Err("chardev: socket: no address given (path, host and port, or fd)".into());
+                return Err(
+                    "chardev: socket: no address given (path, host and port, or fd)".into(),
+                );
             }
         };
         self.devs.insert(
@@ -153,9 +160,7 @@ impl Chardevs {
             .get_mut(&id)
             .ok_or_else(|| format!("chardev \"{id}\" not found"))?;
         if dev.used {
-            return Err(format!(
-                "Device '{id}' is in use"
-            ));
+            return Err(format!("Device '{id}' is in use"));
         }
         dev.used = true;
         let fd = dev.listener.try_clone().map_err(|e| e.to_string())?;

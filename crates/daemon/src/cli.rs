@@ -168,7 +168,10 @@ pub fn parse_arg(s: &str, implied: Option<&str>) -> Result<Map<String, Value>, S
     let mut owned;
     let mut text = s;
     if let Some(key) = implied {
-        let first = options::split_list(s).into_iter().next().unwrap_or_default();
+        let first = options::split_list(s)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
         if !first.is_empty() && !first.contains('=') {
             owned = format!("{key}={s}");
             if first == "help" {
@@ -245,16 +248,19 @@ mod tests {
 
     #[test]
     fn options_in_order_both_spellings() {
-        let c = parse(PROG, &args(&[
-            "--blockdev",
-            "null-co,node-name=a",
-            "--object=iothread,id=io0",
-            "--pidfile",
-            "/tmp/p",
-            "-T",
-            "blockd*",
-            "--daemonize",
-        ]))
+        let c = parse(
+            PROG,
+            &args(&[
+                "--blockdev",
+                "null-co,node-name=a",
+                "--object=iothread,id=io0",
+                "--pidfile",
+                "/tmp/p",
+                "-T",
+                "blockd*",
+                "--daemonize",
+            ]),
+        )
         .unwrap();
         assert_eq!(
             c.opts,

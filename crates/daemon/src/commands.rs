@@ -77,10 +77,7 @@ pub fn blockdev_options(drivers: &[&str]) -> ObjectDef {
             optional("read-only", Type::Bool),
             optional("auto-read-only", Type::Bool),
             optional("force-share", Type::Bool),
-            optional(
-                "detect-zeroes",
-                Type::enumeration(&["off", "on", "unmap"]),
-            ),
+            optional("detect-zeroes", Type::enumeration(&["off", "on", "unmap"])),
         ],
         union: Some(Union {
             tag: "driver".into(),
@@ -274,7 +271,10 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
         "SHUTDOWN",
         obj(vec![
             member("guest", Type::Bool),
-            member("reason", Type::enumeration(&["host-qmp-quit", "host-signal"])),
+            member(
+                "reason",
+                Type::enumeration(&["host-qmp-quit", "host-signal"]),
+            ),
         ]),
     );
     server.register_event(
@@ -303,7 +303,11 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
 }
 
 async fn object_del(d: &Daemon, a: Map<String, Value>) -> Result<Value, QmpError> {
-    let id = a.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+    let id = a
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     if !d.iothreads.borrow().contains(&id) {
         return Err(format!("object '{id}' not found").into());
     }

@@ -58,7 +58,10 @@ fn crlf(s: &str) -> String {
     s.replace("\r\n", "\n").replace('\n', "\r\n")
 }
 
-pub async fn human_monitor_command(d: Rc<Daemon>, args: Map<String, Value>) -> Result<Value, QmpError> {
+pub async fn human_monitor_command(
+    d: Rc<Daemon>,
+    args: Map<String, Value>,
+) -> Result<Value, QmpError> {
     let line = args
         .get("command-line")
         .and_then(Value::as_str)

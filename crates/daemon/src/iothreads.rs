@@ -43,9 +43,7 @@ fn check_id(id: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "Parameter 'id' expects an identifier"
-        ))
+        Err("Parameter 'id' expects an identifier".to_string())
     }
 }
 
@@ -141,7 +139,10 @@ impl IoThreads {
 /// One `query-iothreads` entry.
 pub async fn info(id: String, h: ContextHandle, p: PollParams, batch: u64) -> Value {
     // SAFETY: gettid has no preconditions.
-    let tid = h.call(|| unsafe { libc::gettid() } as i64).await.unwrap_or(-1);
+    let tid = h
+        .call(|| unsafe { libc::gettid() } as i64)
+        .await
+        .unwrap_or(-1);
     json!({
         "id": id, "thread-id": tid, "poll-max-ns": p.max_ns, "poll-grow": p.grow,
         "poll-shrink": p.shrink, "aio-max-batch": batch,

@@ -38,7 +38,10 @@ fn setup_tracing(patterns: &[String]) -> Result<(), String> {
                 Some(("enable", v)) => globs.push(v.to_string()),
                 Some(("events", path)) => {
                     let text = std::fs::read_to_string(path).map_err(|e| {
-                        format!("{PROG}: -T {p}: cannot read {path}: {}", blockd_block::strerror(&e))
+                        format!(
+                            "{PROG}: -T {p}: cannot read {path}: {}",
+                            blockd_block::strerror(&e)
+                        )
                     })?;
                     globs.extend(
                         text.lines()
@@ -71,10 +74,18 @@ fn setup_tracing(patterns: &[String]) -> Result<(), String> {
     let r = match file {
         Some(path) => {
             let f = std::fs::File::create(&path).map_err(|e| {
-                format!("{PROG}: cannot open trace file {path}: {}", blockd_block::strerror(&e))
+                format!(
+                    "{PROG}: cannot open trace file {path}: {}",
+                    blockd_block::strerror(&e)
+                )
             })?;
             tracing_subscriber::registry()
-                .with(layer.with_writer(std::sync::Mutex::new(f)).with_ansi(false).with_filter(filter))
+                .with(
+                    layer
+                        .with_writer(std::sync::Mutex::new(f))
+                        .with_ansi(false)
+                        .with_filter(filter),
+                )
                 .try_init()
         }
         None => tracing_subscriber::registry()
@@ -162,7 +173,12 @@ fn main() {
     std::process::exit(code);
 }
 
-fn apply(d: &Rc<Daemon>, server: &Rc<Server>, chardevs: &mut Chardevs, o: &Opt) -> Result<(), String> {
+fn apply(
+    d: &Rc<Daemon>,
+    server: &Rc<Server>,
+    chardevs: &mut Chardevs,
+    o: &Opt,
+) -> Result<(), String> {
     let arg = o.arg();
     match o {
         Opt::Object(_) => {

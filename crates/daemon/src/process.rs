@@ -54,17 +54,17 @@ impl PidFile {
             .create(true)
             .truncate(false)
             .open(path)
-            .map_err(|e| {
-                format!(
-                    "Could not create '{path}': {}",
-                    blockd_block::strerror(&e)
-                )
-            })?;
+            .map_err(|e| format!("Could not create '{path}': {}", blockd_block::strerror(&e)))?;
         f.try_lock()
             .map_err(|_| format!("Cannot lock pid file '{path}': another process holds it"))?;
         f.set_len(0)
             .and_then(|_| f.write_all(format!("{}\n", std::process::id()).as_bytes()))
-            .map_err(|e| format!("Failed to write pid file '{path}': {}", blockd_block::strerror(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "Failed to write pid file '{path}': {}",
+                    blockd_block::strerror(&e)
+                )
+            })?;
         Ok(PidFile {
             path: path.to_string(),
             _file: f,

@@ -115,7 +115,9 @@ impl Daemon {
         self.node_opts
             .borrow_mut()
             .retain(|n, _| g.node(n).is_some());
-        self.node_ctx.borrow_mut().retain(|n, _| g.node(n).is_some());
+        self.node_ctx
+            .borrow_mut()
+            .retain(|n, _| g.node(n).is_some());
         self.owned.borrow_mut().retain(|n| g.node(n).is_some());
     }
 

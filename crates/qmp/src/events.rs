@@ -258,7 +258,10 @@ mod tests {
         let out = t.period_end("BLOCK_IO_ERROR", &src, t1).unwrap();
         assert_eq!(out.data.unwrap()["reason"], "3");
         // a quiet period ends the limit
-        assert!(t.period_end("BLOCK_IO_ERROR", &src, t1 + RATE_LIMIT_PERIOD).is_none());
+        assert!(
+            t.period_end("BLOCK_IO_ERROR", &src, t1 + RATE_LIMIT_PERIOD)
+                .is_none()
+        );
         assert!(t.admit(io_err("a", 4), t1 + RATE_LIMIT_PERIOD * 2).is_ok());
         // events without a limit pass
         assert!(t.admit(Event::now("SHUTDOWN", None), t0).is_ok());

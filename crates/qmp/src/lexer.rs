@@ -156,7 +156,7 @@ impl Lexer {
                 } => {
                     let run = input[i..]
                         .iter()
-                        .position(|&b| b == quote || b == b'\\' || b < 0x20 || b >= 0xfe)
+                        .position(|&b| b == quote || b == b'\\' || !(0x20..0xfe).contains(&b))
                         .unwrap_or(input.len() - i);
                     let room = MAX_TOKEN_SIZE.saturating_sub(self.token.len());
                     let take = run.min(room);
@@ -242,7 +242,7 @@ impl Lexer {
                     return;
                 }
                 State::Str { quote, escaped } => {
-                    if b < 0x20 || b >= 0xfe {
+                    if !(0x20..0xfe).contains(&b) {
                         self.token.push(b);
                         self.error(out);
                         return;

@@ -237,9 +237,15 @@ mod tests {
         assert_eq!(p(b"{\"a\" \"b\"}"), Err("missing : in object pair".into()));
         assert_eq!(p(b"{1:2}"), Err("key is not a string in object".into()));
         assert_eq!(p(b"[1 2]"), Err("expected separator in list".into()));
-        assert_eq!(p(b"{\"a\":1 \"b\":2}"), Err("expected separator in dict".into()));
+        assert_eq!(
+            p(b"{\"a\":1 \"b\":2}"),
+            Err("expected separator in dict".into())
+        );
         assert_eq!(p(b"{\"a\":tru}"), Err("invalid keyword 'tru'".into()));
-        assert_eq!(p(b"\"a\\qb\""), Err("invalid escape sequence in string".into()));
+        assert_eq!(
+            p(b"\"a\\qb\""),
+            Err("invalid escape sequence in string".into())
+        );
         assert_eq!(
             p(b"\"\xed\xa0\x80\""),
             Err("invalid UTF-8 sequence in string".into())

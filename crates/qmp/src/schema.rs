@@ -140,10 +140,8 @@ pub fn check(ty: &Type, v: &Value, name: &str) -> Result<(), String> {
         ));
     }
     match (ty, v) {
-        (Type::Enum(e), Value::String(s)) => {
-            if !e.values.iter().any(|x| x == s) {
-                return Err(format!("Parameter '{name}' does not accept value '{s}'"));
-            }
+        (Type::Enum(e), Value::String(s)) if !e.values.iter().any(|x| x == s) => {
+            return Err(format!("Parameter '{name}' does not accept value '{s}'"));
         }
         (Type::Array(t), Value::Array(a)) => {
             for (i, e) in a.iter().enumerate() {
@@ -256,9 +254,8 @@ impl Introspector {
                 let el = self.type_name(t);
                 let name = format!("[{el}]");
                 if !self.entries.iter().any(|e| e["name"] == name) {
-                    self.entries.push(
-                        json!({"name": name, "meta-type": "array", "element-type": el}),
-                    );
+                    self.entries
+                        .push(json!({"name": name, "meta-type": "array", "element-type": el}));
                 }
                 name
             }
@@ -413,7 +410,11 @@ mod tests {
         let mut i = Introspector::default();
         i.command("blockdev-add", &o, &Type::object(vec![]));
         let s = i.finish();
-        assert!(s.as_array().unwrap().iter().any(|e| e["name"] == "blockdev-add"
-            && e["meta-type"] == "command"));
+        assert!(
+            s.as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "blockdev-add" && e["meta-type"] == "command")
+        );
     }
 }

@@ -154,10 +154,15 @@ impl Server {
             },
         );
         let v = self.version.clone();
-        self.register("query-version", ObjectDef::default(), version_type(), move |_| {
-            let v = v.clone();
-            Box::pin(async move { Ok(v) })
-        });
+        self.register(
+            "query-version",
+            ObjectDef::default(),
+            version_type(),
+            move |_| {
+                let v = v.clone();
+                Box::pin(async move { Ok(v) })
+            },
+        );
         let me = Rc::downgrade(self);
         self.register(
             "query-commands",
@@ -343,7 +348,10 @@ impl Server {
             match (k.as_str(), v) {
                 ("execute", Value::String(s)) => name = Some(s),
                 ("execute", _) => {
-                    return reply(id, Err("QMP input member 'execute' must be a string".into()));
+                    return reply(
+                        id,
+                        Err("QMP input member 'execute' must be a string".into()),
+                    );
                 }
                 ("arguments", Value::Object(m)) => args = m,
                 ("arguments", _) => {

@@ -154,7 +154,11 @@ mod tests {
         assert_eq!(out[0], err("JSON nesting depth limit exceeded"));
         assert!(matches!(out[1], Item::Value(_)));
         assert_eq!(out.len(), 2 + 1025);
-        assert!(out[2..].iter().all(|i| *i == err("JSON parse error, expecting value")));
+        assert!(
+            out[2..]
+                .iter()
+                .all(|i| *i == err("JSON parse error, expecting value"))
+        );
     }
 
     #[test]

@@ -412,13 +412,11 @@ pub fn block_export_del(st: &mut NbdState, args: &Map<String, Value>) -> QmpResu
     let a = Args::new(args, &["id", "mode"])?;
     let id = a.req_str("id")?;
     let mode = remove_mode(&a)?;
-    match st.server.remove_export(&id, mode) {
-        Ok(_) => Ok(json!({})),
-        Err(e) if e.ends_with("still in use") => Err(generic(format!(
-            "{e}\nUse mode='hard' to force client disconnect"
-        ))),
-        Err(e) => Err(generic(e)),
-    }
+    // QEMU adds the hint "Use mode='hard' to force client disconnect" for humans only.
+    st.server
+        .remove_export(&id, mode)
+        .map(|_| json!({}))
+        .map_err(generic)
 }
 
 /// `query-block-exports`: `[{type, id, node-name, shutting-down}]`.

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod check;
 mod compare;
 mod convert;
 mod create;
@@ -15,6 +16,7 @@ mod info;
 mod map;
 mod num;
 mod progress;
+mod resize;
 mod status;
 mod target;
 
@@ -95,10 +97,12 @@ fn main() -> ExitCode {
         "create" => create::run(rest),
         "info" => info::run(rest),
         "bench" => bench::run(rest),
+        "check" => check::run(rest),
         "convert" => convert::run(rest),
         "map" => map::run(rest),
         "compare" => compare::run(rest),
-        "amend" | "bitmap" | "check" | "commit" | "dd" | "measure" | "rebase" | "resize"
+        "resize" => resize::run(rest),
+        "amend" | "bitmap" | "commit" | "dd" | "measure" | "rebase" | "resize"
         | "snapshot" => Err(Failure::new(format!(
             "Command not implemented by blockd-img yet: {cmd}"
         ))),

@@ -37,6 +37,8 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// Lines printed to stderr during the check ("Leaked cluster ...", "ERROR ...").
     pub messages: Vec<String>,
+    /// The check could not complete (qemu-img: "Check failed: <this>", exit code 1).
+    pub failed: Option<String>,
 }
 
 /// Reference counts found by walking the metadata.
@@ -187,8 +189,8 @@ async fn walk_l1(
                         if active {
                             rep.allocated_clusters += 1;
                             rep.compressed_clusters += 1;
+                            // Compressed clusters count as fragmented by nature.
                             rep.fragmented_clusters += 1;
-                            prev_host = None;
                         }
                     }
                     _ => {
@@ -363,16 +365,29 @@ pub(crate) async fn check_image(
             Repair::Leaks => leak,
             Repair::None => false,
         };
+        if !leak && repair == Repair::Leaks {
+            // Refcounts too low need the full rebuild, which `-r leaks` may not do.
+            rep.messages.push(format!(
+                "ERROR cluster {c} refcount={have} reference={want}"
+            ));
+            rep.messages
+                .push("ERROR need to rebuild refcount structures".into());
+            rep.failed = Some("Input/output error".into());
+            return Ok(rep);
+        }
+        rep.messages.push(if leak {
+            format!("Leaked cluster {c} refcount={have} reference={want}")
+        } else {
+            format!("ERROR cluster {c} refcount={have} reference={want}")
+        });
         if fix {
             rep.messages.push(format!(
                 "Repairing cluster {c} refcount={have} reference={want}"
             ));
             let delta = want as i64 - have as i64;
-            let ok = if c < covered && have_block(&reftable, geo, c) {
-                img.update_refcounts(file, c, 1, delta).await.is_ok()
-            } else {
-                false
-            };
+            let ok = c < covered
+                && have_block(&reftable, geo, c)
+                && img.update_refcounts(file, c, 1, delta).await.is_ok();
             if ok {
                 if leak {
                     rep.leaks_fixed += 1;
@@ -385,14 +400,6 @@ pub(crate) async fn check_image(
                     "ERROR: cannot repair the refcount of cluster {c} (not supported yet)"
                 ));
             }
-        } else if leak {
-            rep.messages.push(format!(
-                "Leaked cluster {c} refcount={have} reference={want}"
-            ));
-        } else {
-            rep.messages.push(format!(
-                "ERROR cluster {c} refcount={have} reference={want}"
-            ));
         }
         if leak {
             rep.leaks += 1;
@@ -545,34 +552,34 @@ impl CheckReport {
         }
     }
 
-    /// QEMU's ImageCheck as JSON.
-    pub fn to_json(&self, filename: &str) -> Value {
-        let mut v = json!({
-            "image-end-offset": self.image_end_offset,
-            "total-clusters": self.total_clusters,
-            "check-errors": self.check_errors,
-            "allocated-clusters": self.allocated_clusters,
-            "filename": filename,
-            "format": "qcow2",
-            "fragmented-clusters": self.fragmented_clusters,
-            "compressed-clusters": self.compressed_clusters,
-        });
-        let m = v.as_object_mut().expect("object");
-        let remaining_leaks = self.leaks - self.leaks_fixed;
-        let remaining_corruptions = self.corruptions - self.corruptions_fixed;
-        if remaining_leaks > 0 {
-            m.insert("leaks".into(), json!(remaining_leaks));
-        }
-        if remaining_corruptions > 0 {
-            m.insert("corruptions".into(), json!(remaining_corruptions));
-        }
-        if self.leaks_fixed > 0 {
-            m.insert("leaks-fixed".into(), json!(self.leaks_fixed));
-        }
-        if self.corruptions_fixed > 0 {
-            m.insert("corruptions-fixed".into(), json!(self.corruptions_fixed));
-        }
-        v
+    /// QEMU's ImageCheck as `qemu-img check --output=json` prints it (its key order, the
+    /// optional counters only when non-zero).
+    pub fn to_json(&self, filename: &str) -> String {
+        let leaks = self.leaks - self.leaks_fixed;
+        let corruptions = self.corruptions - self.corruptions_fixed;
+        let mut items: Vec<(&str, Value)> =
+            vec![("image-end-offset", json!(self.image_end_offset))];
+        let opt = |items: &mut Vec<(&str, Value)>, k, v: u64| {
+            if v > 0 {
+                items.push((k, json!(v)));
+            }
+        };
+        opt(&mut items, "compressed-clusters", self.compressed_clusters);
+        items.push(("total-clusters", json!(self.total_clusters)));
+        opt(&mut items, "corruptions", corruptions);
+        opt(&mut items, "corruptions-fixed", self.corruptions_fixed);
+        items.push(("check-errors", json!(self.check_errors)));
+        opt(&mut items, "leaks", leaks);
+        opt(&mut items, "leaks-fixed", self.leaks_fixed);
+        opt(&mut items, "allocated-clusters", self.allocated_clusters);
+        items.push(("filename", json!(filename)));
+        items.push(("format", json!("qcow2")));
+        opt(&mut items, "fragmented-clusters", self.fragmented_clusters);
+        let body: Vec<String> = items
+            .iter()
+            .map(|(k, v)| format!("    \"{k}\": {v}"))
+            .collect();
+        format!("{{\n{}\n}}\n", body.join(",\n"))
     }
 
     /// qemu-img check's text summary (stdout).
@@ -606,13 +613,13 @@ impl CheckReport {
                 );
             }
         }
-        if self.total_clusters > 0 {
-            let pct = |n: u64| n as f64 * 100.0 / self.total_clusters as f64;
+        if self.total_clusters > 0 && self.allocated_clusters > 0 {
+            let pct = |n: u64| n as f64 * 100.0 / self.allocated_clusters as f64;
             s += &format!(
                 "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
                 self.allocated_clusters,
                 self.total_clusters,
-                pct(self.allocated_clusters),
+                self.allocated_clusters as f64 * 100.0 / self.total_clusters as f64,
                 pct(self.fragmented_clusters),
                 pct(self.compressed_clusters)
             );

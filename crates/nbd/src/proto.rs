@@ -585,7 +585,7 @@ pub fn parse_block_status(payload: &[u8], ext: bool) -> Result<(u32, Vec<Extent>
         }
         (n, 16)
     } else {
-        if r.remaining() == 0 || r.remaining() % 8 != 0 {
+        if r.remaining() == 0 || !r.remaining().is_multiple_of(8) {
             return err("block status chunk length is not 4 + 8k (k >= 1)");
         }
         (r.remaining() / 8, 8)

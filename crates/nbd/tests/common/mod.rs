@@ -140,6 +140,9 @@ impl Drop for TestServer {
     }
 }
 
+/// A reply: cookie, error, and the chunks (type, payload) of a structured reply.
+pub type Response = (u64, u32, Vec<(u16, Vec<u8>)>);
+
 /// A raw protocol client on a blocking unix socket.
 pub struct Raw {
     pub s: UnixStream,
@@ -259,7 +262,7 @@ impl Raw {
     }
 
     /// Read one reply (simple, or all chunks up to DONE): (cookie, error, data/payloads).
-    pub fn response(&mut self) -> Option<(u64, u32, Vec<(u16, Vec<u8>)>)> {
+    pub fn response(&mut self) -> Option<Response> {
         let mut m = [0u8; 4];
         self.s.read_exact(&mut m).ok()?;
         let magic = u32::from_be_bytes(m);

@@ -8,6 +8,10 @@ use serde_json::Value;
 pub fn message(v: &Value, pretty: bool) -> Vec<u8> {
     let mut s = String::new();
     write_value(&mut s, v, pretty, 0);
+    if pretty {
+        // every line of a pretty message ends with CRLF (strings hold no raw newline)
+        s = s.replace('\n', "\r\n");
+    }
     s.push_str("\r\n");
     s.into_bytes()
 }
@@ -119,7 +123,7 @@ mod tests {
         );
         assert_eq!(
             String::from_utf8(super::message(&json!({"a": [1]}), true)).unwrap(),
-            "{\n    \"a\": [\n        1\n    ]\n}\r\n"
+            "{\r\n    \"a\": [\r\n        1\r\n    ]\r\n}\r\n"
         );
     }
 }

@@ -2,7 +2,9 @@
 argument checking; error replies compared with qemu-storage-daemon's where it has the command.
 """
 
+import asyncio
 import os
+import time
 
 from common import (QSD, Daemon, ExecuteError, Raw, check, check_eq, finish, run)
 
@@ -222,6 +224,19 @@ async def main():
         check_eq([t["id"] for t in await c.execute("query-iothreads")], ["io0"], "io1 deleted")
 
         await compare_with_qsd(c)
+
+        # a slow command (qemu-io's sleep, awaited on the main context) holds up neither
+        # another monitor nor the main loop
+        slow_client = await d.client("slow")
+        slow = asyncio.ensure_future(slow_client.execute(
+            "human-monitor-command", {"command-line": 'qemu-io n0 "sleep 1500"'}))
+        await asyncio.sleep(0.2)
+        t = time.time()
+        await c.execute("query-named-block-nodes")
+        check(time.time() - t < 0.5 and not slow.done(),
+              f"other monitor answered during a slow command ({time.time() - t:.2f}s)")
+        check_eq(await slow, "", "qemu-io sleep output")
+        await slow_client.disconnect()
 
         # negotiation mode, through a raw client
         raw = Raw(d.sock)

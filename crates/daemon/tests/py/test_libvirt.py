@@ -79,4 +79,34 @@ if QSD:
         check_eq(a, b, f"replies to {case[:60]!r}")
 else:
     print("qemu-storage-daemon not available: comparison skipped")
+
+
+# pretty=on: the same bytes as qemu-storage-daemon's
+def pretty_reply(binary):
+    dd = Daemon(binary, pretty=True)
+    try:
+        c = Raw(dd.sock, timeout=0.5)
+
+        def drain():
+            data = b""
+            try:
+                while True:
+                    data += c.s.recv(65536)
+            except TimeoutError:
+                return data
+        c.send(b'{"execute":"qmp_capabilities"}')
+        drain()
+        c.send(b'{"execute":"query-block","id":[1,{"a":"x/y"}]}')
+        data = drain()
+        c.close()
+    finally:
+        dd.stop()
+    return data
+
+
+ours = pretty_reply(None)
+check(b"\r\n    \"return\": [\r\n    ]" in ours, f"pretty layout: {ours!r}")
+if QSD:
+    check_eq(sorted(ours.split(b"\r\n")), sorted(pretty_reply(QSD).split(b"\r\n")),
+             "pretty=on lines like qemu-storage-daemon's")
 finish()

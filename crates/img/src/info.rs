@@ -62,6 +62,19 @@ pub struct NodeInfo {
     pub file_specific: bool,
     pub dirty_flag: bool,
     pub children: Vec<(String, NodeInfo)>,
+    /// Formats with more to say (qcow2).
+    pub extra: Option<FormatExtra>,
+}
+
+/// What a qcow2 image adds to info: cluster size, backing file, format-specific data.
+pub struct FormatExtra {
+    pub cluster_size: u64,
+    /// Backing name as stored, as resolved, and its format.
+    pub backing: Option<(String, String, Option<String>)>,
+    /// `{"type": ..., "data": {...}}` and the human lines of `data`.
+    pub specific: Value,
+    pub specific_lines: Vec<(String, String)>,
+    pub dirty: bool,
 }
 
 fn allocated(filename: &str) -> u64 {
@@ -96,9 +109,45 @@ fn null_filename(driver: &str, m: &Map<String, Value>) -> String {
     format!("json:{{{}}}", parts.join(", "))
 }
 
-fn describe(m: &Map<String, Value>, length: u64) -> Result<NodeInfo, String> {
+fn describe(
+    m: &Map<String, Value>,
+    length: u64,
+    node: Option<&std::sync::Arc<blockd_block::Node>>,
+) -> Result<NodeInfo, String> {
     let driver = str_of(m, "driver").unwrap_or_default();
     match driver.as_str() {
+        "qcow2" => {
+            let node = node.ok_or("info needs the opened qcow2 node")?;
+            let file = match m.get("file") {
+                Some(Value::Object(f)) => f.clone(),
+                _ => Map::new(),
+            };
+            let fname = str_of(&file, "filename").unwrap_or_default();
+            let child = describe(&file, file_length(&file, length), None)?;
+            let h = blockd_qcow2::read_header_file(&fname)?;
+            let d = node.driver();
+            let backing = h.backing_file.clone().map(|b| {
+                let full = blockd_qcow2::driver::resolve_backing(Some(&fname), &b)
+                    .unwrap_or_else(|_| b.clone());
+                (b, full, h.backing_format.clone())
+            });
+            Ok(NodeInfo {
+                filename: child.filename.clone(),
+                format: "qcow2".into(),
+                virtual_size: length,
+                actual_size: child.actual_size,
+                file_specific: false,
+                dirty_flag: true,
+                children: vec![("file".into(), child)],
+                extra: Some(FormatExtra {
+                    cluster_size: h.cluster_size(),
+                    backing,
+                    specific: d.format_specific().unwrap_or(Value::Null),
+                    specific_lines: d.info(),
+                    dirty: d.is_dirty(),
+                }),
+            })
+        }
         "file" | "host_device" => {
             let filename = str_of(m, "filename").unwrap_or_default();
             Ok(NodeInfo {
@@ -109,6 +158,7 @@ fn describe(m: &Map<String, Value>, length: u64) -> Result<NodeInfo, String> {
                 file_specific: true,
                 dirty_flag: true,
                 children: Vec::new(),
+                extra: None,
             })
         }
         "raw" => {
@@ -116,7 +166,7 @@ fn describe(m: &Map<String, Value>, length: u64) -> Result<NodeInfo, String> {
                 Some(Value::Object(f)) => f.clone(),
                 _ => Map::new(),
             };
-            let child = describe(&file, file_length(&file, length))?;
+            let child = describe(&file, file_length(&file, length), None)?;
             Ok(NodeInfo {
                 filename: child.filename.clone(),
                 format: "raw".into(),
@@ -125,6 +175,7 @@ fn describe(m: &Map<String, Value>, length: u64) -> Result<NodeInfo, String> {
                 file_specific: false,
                 dirty_flag: true,
                 children: vec![("file".into(), child)],
+                extra: None,
             })
         }
         "null-co" | "null-aio" => Ok(NodeInfo {
@@ -135,6 +186,7 @@ fn describe(m: &Map<String, Value>, length: u64) -> Result<NodeInfo, String> {
             file_specific: false,
             dirty_flag: false,
             children: Vec::new(),
+            extra: None,
         }),
         other => Err(format!("info is not implemented for driver '{other}'")),
     }
@@ -199,6 +251,25 @@ pub fn human(info: &NodeInfo, image_name: &str) -> String {
         info.virtual_size
     );
     o += &format!("disk size: {}\n", human_size(info.actual_size));
+    if let Some(x) = &info.extra {
+        o += &format!("cluster_size: {}\n", x.cluster_size);
+        if let Some((b, full, fmt)) = &x.backing {
+            if b == full {
+                o += &format!("backing file: {b}\n");
+            } else {
+                o += &format!("backing file: {b} (actual path: {full})\n");
+            }
+            if let Some(f) = fmt {
+                o += &format!("backing file format: {f}\n");
+            }
+        }
+        if !x.specific_lines.is_empty() {
+            o += "Format specific information:\n";
+            for (k, v) in &x.specific_lines {
+                o += &format!("    {k}: {v}\n");
+            }
+        }
+    }
     for (name, c) in &info.children {
         o += &format!("Child node '/{name}':\n");
         o += &format!("    filename: {}\n", c.filename);
@@ -231,10 +302,29 @@ fn json_node(info: &NodeInfo, ind: usize, o: &mut String) {
         };
     }
     *o += &format!("{p1}],\n");
+    let x = info.extra.as_ref();
+    if let Some((_, _, Some(f))) = x.and_then(|x| x.backing.as_ref()) {
+        *o += &format!("{p1}\"backing-filename-format\": {},\n", json_str(f));
+    }
     *o += &format!("{p1}\"virtual-size\": {},\n", info.virtual_size);
     *o += &format!("{p1}\"filename\": {},\n", json_str(&info.filename));
+    if let Some(x) = x {
+        *o += &format!("{p1}\"cluster-size\": {},\n", x.cluster_size);
+    }
     *o += &format!("{p1}\"format\": {},\n", json_str(&info.format));
     *o += &format!("{p1}\"actual-size\": {}", info.actual_size);
+    if let Some(x) = x {
+        *o += &format!(
+            ",\n{p1}\"format-specific\": {}",
+            json_value(&x.specific, ind + 4)
+        );
+        if let Some((b, full, _)) = &x.backing {
+            *o += &format!(",\n{p1}\"full-backing-filename\": {}", json_str(full));
+            *o += &format!(",\n{p1}\"backing-filename\": {}", json_str(b));
+        }
+        *o += &format!(",\n{p1}\"dirty-flag\": {}\n{p}}}", x.dirty);
+        return;
+    }
     if info.file_specific {
         *o += &format!(
             ",\n{p1}\"format-specific\": {{\n{p1}    \"type\": \"file\",\n{p1}    \"data\": {{\n{p1}    }}\n{p1}}}"
@@ -244,6 +334,39 @@ fn json_node(info: &NodeInfo, ind: usize, o: &mut String) {
         *o += &format!(",\n{p1}\"dirty-flag\": false");
     }
     *o += &format!("\n{p}}}");
+}
+
+/// A JSON value as QEMU prints it (4-space indentation, object keys in their order).
+fn json_value(v: &Value, ind: usize) -> String {
+    let p = " ".repeat(ind);
+    let p1 = " ".repeat(ind + 4);
+    match v {
+        Value::Object(m) => {
+            // serde_json sorts keys; qemu-img prints these in its own (dictionary) order.
+            const ORDER: &[&str] = &[
+                "type",
+                "data",
+                "compat",
+                "compression-type",
+                "lazy-refcounts",
+                "refcount-bits",
+                "corrupt",
+                "extended-l2",
+            ];
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort_by_key(|k| ORDER.iter().position(|o| o == k).unwrap_or(ORDER.len()));
+            let items: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{p1}{}: {}", json_str(k), json_value(&m[k], ind + 4)))
+                .collect();
+            if items.is_empty() {
+                format!("{{\n{p}}}")
+            } else {
+                format!("{{\n{}\n{p}}}", items.join(",\n"))
+            }
+        }
+        other => other.to_string(),
+    }
 }
 
 pub fn json(info: &NodeInfo) -> String {
@@ -305,7 +428,8 @@ pub fn run(argv: &[String]) -> CmdResult {
         warn_probe: false,
     };
     let opened = image::open(&req).map_err(Failure::new)?;
-    let info = describe(&opened.options, opened.node.length()).map_err(Failure::new)?;
+    let info = describe(&opened.options, opened.node.length(), Some(&opened.node))
+        .map_err(Failure::new)?;
     if output_json {
         print!("{}", json(&info));
     } else {

@@ -415,21 +415,20 @@ impl BlockDriver for Qcow2 {
 
     fn info(&self) -> Vec<(String, String)> {
         let h = self.image.header();
-        let mut v = vec![("compat".to_string(), compat(&h).to_string())];
+        let mut v = vec![
+            ("compat".to_string(), compat(&h).to_string()),
+            ("compression type".into(), compression(&h).into()),
+        ];
         if h.version >= 3 {
-            v.push(("compression type".into(), compression(&h).into()));
-            v.push((
-                "lazy refcounts".into(),
-                (h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0).to_string(),
-            ));
+            let lazy = h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0;
+            let corrupt = h.incompatible & header::INCOMPAT_CORRUPT != 0
+                || self.image.corrupt.load(Ordering::SeqCst);
+            v.push(("lazy refcounts".into(), lazy.to_string()));
             v.push(("refcount bits".into(), h.refcount_bits().to_string()));
-            v.push((
-                "corrupt".into(),
-                (h.incompatible & header::INCOMPAT_CORRUPT != 0).to_string(),
-            ));
+            v.push(("corrupt".into(), corrupt.to_string()));
             v.push(("extended l2".into(), h.extended_l2().to_string()));
         } else {
-            v.push(("compression type".into(), compression(&h).into()));
+            v.push(("refcount bits".into(), h.refcount_bits().to_string()));
         }
         v
     }

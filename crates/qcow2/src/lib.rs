@@ -27,3 +27,18 @@ pub fn driver_entry() -> blockd_block::drivers::DriverEntry {
         probe: Some(probe),
     }
 }
+
+/// The header of the qcow2 image in `path`, read and validated with plain file I/O (for
+/// tools that describe an image they already opened).
+pub fn read_header_file(path: &str) -> Result<header::Header, String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut first = vec![0u8; len.min(512) as usize];
+    f.read_exact(&mut first).map_err(|e| e.to_string())?;
+    let cs = header::Header::needed_len(&first)?;
+    let mut buf = vec![0u8; cs.min(len) as usize];
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    f.read_exact(&mut buf).map_err(|e| e.to_string())?;
+    header::Header::parse(&buf, len)
+}

@@ -22,12 +22,17 @@ fn ours(path: &str, repair: Repair) -> blockd_qcow2::CheckReport {
     let file = g
         .open(parse(&format!("driver=file,filename={path},read-only={ro}")).unwrap())
         .unwrap();
-    block_on(blockd_qcow2::check(&file, repair)).unwrap().unwrap()
+    block_on(blockd_qcow2::check(&file, repair))
+        .unwrap()
+        .unwrap()
 }
 
 fn theirs_json(path: &str) -> (String, i32) {
     let o = run("qemu-img", &["check", "--output=json", path]);
-    (String::from_utf8_lossy(&o.stdout).into_owned(), o.status.code().unwrap())
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        o.status.code().unwrap(),
+    )
 }
 
 #[test]
@@ -39,12 +44,34 @@ fn check_agrees_with_qemu_img() {
     // Clean, compressed and fragmented.
     let c = dir.path("c.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", &c, "64M"]);
-    ok("qemu-io", &["-f", "qcow2", "-c", "write -P 1 0 200k", "-c", "write -P 2 1M 64k", "-c", "write -P 3 512k 64k", "-c", "write -c -P 4 2M 64k", "-c", "write -z 3M 64k", &c]);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 200k",
+            "-c",
+            "write -P 2 1M 64k",
+            "-c",
+            "write -P 3 512k 64k",
+            "-c",
+            "write -c -P 4 2M 64k",
+            "-c",
+            "write -z 3M 64k",
+            &c,
+        ],
+    );
     // A leak: a refcount for a cluster nothing uses (cluster 7, the file made long enough).
     let l = dir.path("l.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", &l, "64M"]);
     ok("qemu-io", &["-f", "qcow2", "-c", "write 0 128k", &l]);
-    std::fs::OpenOptions::new().write(true).open(&l).unwrap().set_len(8 * 65536).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&l)
+        .unwrap()
+        .set_len(8 * 65536)
+        .unwrap();
     patch(&l, 0x20000 + 14, &[0, 1]);
     // A corruption: the L1 table's refcount dropped to 0.
     let k = dir.path("k.qcow2");
@@ -74,9 +101,34 @@ fn dirty_images_are_repaired_at_a_writable_open() {
     }
     let dir = TempDir::new("dirty");
     let p = dir.path("d.qcow2");
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", &p, "64M"]);
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            &p,
+            "64M",
+        ],
+    );
     // qemu-io dies (SIGKILL) with the image dirty and refcounts never written.
-    let o = run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0x5b 8M 100k", "-c", "sigraise 9", &p]);
+    let o = run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 0 1M",
+            "-c",
+            "write -P 0x5b 8M 100k",
+            "-c",
+            "sigraise 9",
+            &p,
+        ],
+    );
     assert!(!o.status.success());
     let info = ok("qemu-img", &["info", "-U", "--output=json", &p]);
     assert!(info.contains("\"dirty-flag\": true"), "{info}");

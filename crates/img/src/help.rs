@@ -24,6 +24,7 @@ Recognized commands (run qemu-img COMMAND --help for command-specific help):
   create - Create and format new image file
   info - Display information about image
   map - Dump image metadata
+  resize - Resize the image to the new size
 
 Supported image formats:
 
@@ -316,5 +317,36 @@ Arguments:
      QEMU user-creatable object (eg encryption key)
   FILENAME1, FILENAME2
      image files (or specifications) to compare
+
+";
+
+pub const RESIZE: &str = "\
+Usage:
+Resize the image to the new size.  Usage:
+
+  qemu-img resize [-f FMT | --image-opts] [--preallocation PREALLOC] [--shrink]
+        [--object OBJECTDEF] [-q] FILENAME [+-]SIZE[bkKMGTPE]
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -q, --quiet
+     quiet operation
+  -f, --format FMT
+     specify FILENAME format explicitly
+  --image-opts
+     indicates that FILENAME is a complete image specification
+   instead of a file name (incompatible with --format)
+  --shrink
+     allow operation when new size is smaller than original
+  --preallocation PREALLOC
+     specify preallocation type for the new areas
+  --object OBJDEF
+     QEMU user-creatable object (eg encryption key)
+  FILENAME
+     image file (specification) to resize
+  [+-]SIZE[bkKMGTPE]
+     new image size or amount by which to shrink/grow,
+     with optional suffix (1024-based multiplies)
 
 ";

@@ -102,10 +102,9 @@ fn main() -> ExitCode {
         "map" => map::run(rest),
         "compare" => compare::run(rest),
         "resize" => resize::run(rest),
-        "amend" | "bitmap" | "commit" | "dd" | "measure" | "rebase" | "resize"
-        | "snapshot" => Err(Failure::new(format!(
-            "Command not implemented by blockd-img yet: {cmd}"
-        ))),
+        "amend" | "bitmap" | "commit" | "dd" | "measure" | "rebase" | "snapshot" => Err(
+            Failure::new(format!("Command not implemented by blockd-img yet: {cmd}")),
+        ),
         other => Err(Failure::usage(format!("Command not found: {other}"), "")),
     };
     match r {

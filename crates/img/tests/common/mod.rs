@@ -189,18 +189,7 @@ pub fn prepare_qcow2(d: &Path) {
         ("sub/b.qcow2", &["write -P 9 0 1M"][..]),
         ("sub/t.qcow2", &["write -P 10 512k 4k"][..]),
     ] {
-        let mut args: Vec<String> = Vec::new();
-        for c in cmds {
-            args.push("-c".into());
-            args.push(c.to_string());
-        }
-        let o = Command::new(QEMU_IO)
-            .args(&args)
-            .arg(img)
-            .current_dir(d)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "qemu-io on {img}");
+        qemu_io(d, img, cmds);
     }
 }
 
@@ -255,4 +244,20 @@ pub fn copy_tree(from: &Path, to: &Path) {
             off = end;
         }
     }
+}
+
+/// Run qemu-io commands on `img` in `dir`; they must succeed.
+pub fn qemu_io(dir: &Path, img: &str, cmds: &[&str]) {
+    let mut args: Vec<String> = Vec::new();
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.to_string());
+    }
+    let o = Command::new(QEMU_IO)
+        .args(&args)
+        .arg(img)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "qemu-io on {img}: {cmds:?}");
 }

@@ -59,7 +59,10 @@ impl Out {
         }
     }
     pub fn take_captured(&mut self) -> String {
-        self.captured.as_mut().map(std::mem::take).unwrap_or_default()
+        self.captured
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
     pub fn out(&mut self, s: &str) {
         if let Some(c) = &mut self.captured {
@@ -341,12 +344,14 @@ impl Executor {
                     );
                 }
                 if !map.contains_key("driver") {
-                    probe(p)?;
-                    self.out.err(&format!(
-                        "WARNING: Image format was not specified for '{p}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.\n"
-                    ));
-                    probed = true;
-                    map.insert("driver".into(), Value::String("raw".into()));
+                    let fmt = probe(&self.graph, p)?;
+                    if fmt == "raw" {
+                        self.out.err(&format!(
+                            "WARNING: Image format was not specified for '{p}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.\n"
+                        ));
+                        probed = true;
+                    }
+                    map.insert("driver".into(), Value::String(fmt.into()));
                 }
                 if is_protocol(map.get("driver")) {
                     map.insert("filename".into(), Value::String(p.clone()));
@@ -1119,16 +1124,16 @@ impl Executor {
 }
 
 /// What makes the unknown file probe as raw; fails like opening it would.
-fn probe(path: &str) -> Result<(), String> {
+/// The format of the image at `path` by the registered drivers' probes (raw when none
+/// claims it).
+fn probe(graph: &blockd_block::Graph, path: &str) -> Result<&'static str, String> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)
         .map_err(|e| format!("Could not open '{path}': {}", strerror(&e)))?;
-    let mut head = [0u8; 4];
+    let mut head = vec![0u8; 2048];
     let n = f.read(&mut head).unwrap_or(0);
-    if n == 4 && &head == b"QFI\xfb" {
-        return Err("Image is in qcow2 format, which blockd cannot open yet".into());
-    }
-    Ok(())
+    head.truncate(n);
+    Ok(graph.probe_format(&head, path))
 }
 
 async fn zero_write(b: &BlockBackend, offset: u64, len: u64, flags: ReqFlags) -> io::Result<()> {

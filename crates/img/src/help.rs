@@ -22,6 +22,7 @@ Recognized commands (run qemu-img COMMAND --help for command-specific help):
   compare - Check if two images have the same contents
   convert - Copy one image to another with optional format conversion
   create - Create and format new image file
+  dd - Copy input to output with optional format conversion
   info - Display information about image
   map - Dump image metadata
   resize - Resize the image to the new size
@@ -348,5 +349,35 @@ Arguments:
   [+-]SIZE[bkKMGTPE]
      new image size or amount by which to shrink/grow,
      with optional suffix (1024-based multiplies)
+
+";
+
+pub const DD: &str = "\
+Usage:
+Copy input to output with optional format conversion.  Usage:
+
+  qemu-img dd [-f FMT|--image-opts] [-O OUTPUT_FMT] [-U]
+        [bs=BLOCK_SIZE] [count=BLOCKS] if=INPUT of=OUTPUT
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -f, --format FMT
+     specify format for INPUT explicitly
+  --image-opts
+     indicates that INPUT is a complete image specification
+     instead of a file name (incompatible with --format)
+  -O, --output-format OUTPUT_FMT
+     format of the OUTPUT (default raw)
+  -U, --force-share
+     open images in shared mode for concurrent access
+  bs=BLOCK_SIZE[kKMGTP]
+     size of I/O block (default 512)
+  count=COUNT
+     number of blocks to convert (default whole INPUT)
+  if=INPUT
+     input file name (or image specification with --image-opts)
+  of=OUTPUT
+     output file name to create
 
 ";

@@ -9,6 +9,7 @@ mod check;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod getopt;
 mod help;
 mod image;
@@ -102,9 +103,10 @@ fn main() -> ExitCode {
         "map" => map::run(rest),
         "compare" => compare::run(rest),
         "resize" => resize::run(rest),
-        "amend" | "bitmap" | "commit" | "dd" | "measure" | "rebase" | "snapshot" => Err(
-            Failure::new(format!("Command not implemented by blockd-img yet: {cmd}")),
-        ),
+        "dd" => dd::run(rest),
+        "amend" | "bitmap" | "commit" | "measure" | "rebase" | "snapshot" => Err(Failure::new(
+            format!("Command not implemented by blockd-img yet: {cmd}"),
+        )),
         other => Err(Failure::usage(format!("Command not found: {other}"), "")),
     };
     match r {

@@ -792,6 +792,13 @@ impl Image {
                 bytes.extend_from_slice(&b.to_be_bytes());
             }
         }
+        // Write whole 512-byte sectors from the cached slice when it holds them (no
+        // read-modify-write below an O_DIRECT file).
+        let lo = (l2i * esz) / 512 * 512;
+        let hi = ((l2i + entries.len() as u64) * esz).div_ceil(512) * 512;
+        let slice_bytes = self.cache.l2_entry_size;
+        let same_slice = lo / slice_bytes == (hi - 1) / slice_bytes;
+        let mut sector: Option<Vec<u8>> = None;
         {
             let mut m = self.meta();
             m.epoch += 1;
@@ -808,8 +815,17 @@ impl Image {
                     }
                 }
             }
+            let slice_off = l2_off + (lo / slice_bytes) * slice_bytes;
+            if same_slice && let Some(s) = m.l2.get_mut(slice_off) {
+                let w0 = ((lo % slice_bytes) / 8) as usize;
+                let w1 = w0 + ((hi - lo) / 8) as usize;
+                sector = Some(s[w0..w1].iter().flat_map(|w| w.to_be_bytes()).collect());
+            }
         }
-        let r = pwrite(file, l2_off + l2i * esz, &bytes).await;
+        let r = match sector {
+            Some(sec) => pwrite(file, l2_off + lo, &sec).await,
+            None => pwrite(file, l2_off + l2i * esz, &bytes).await,
+        };
         let mut m = self.meta();
         m.epoch += 1;
         if r.is_err() {

@@ -65,8 +65,13 @@ impl Image {
             let out = &mut dst[pos..pos + n];
             match run.kind {
                 Kind::Normal(h) => {
-                    let b = pread(&file, h, n).await?;
-                    out.copy_from_slice(&b);
+                    // Data clusters may end past the end of the file: zeroes, as QEMU reads.
+                    let avail = file.length().saturating_sub(h).min(n as u64) as usize;
+                    if avail > 0 {
+                        let b = pread(&file, h, avail).await?;
+                        out[..avail].copy_from_slice(&b);
+                    }
+                    out[avail..].fill(0);
                 }
                 Kind::ZeroPlain | Kind::ZeroAlloc(_) => out.fill(0),
                 Kind::Unallocated | Kind::UnallocatedAlloc(_) => {
@@ -132,7 +137,9 @@ impl Image {
         match self.map(&file, off, len).await {
             Err(e) => return (Err(e), buf),
             Ok(run) if run.len == len => {
-                if let Kind::Normal(h) = run.kind {
+                if let Kind::Normal(h) = run.kind
+                    && h + len <= file.length()
+                {
                     return aligned_read(&file, h, buf).await;
                 }
             }
@@ -325,10 +332,39 @@ impl Image {
             self.read_into(node, tail_at, &mut buf[head + body..])
                 .await?;
         }
-        let host_buf = host_start + (buf_start - cstart);
+        let mut host_buf = host_start + (buf_start - cstart);
         self.check_overlap(file, host_buf, buf.len() as u64).await?;
+        // Clusters past the end of the file were never written: zeroes around the data need
+        // not be written (they read as zero there), which saves most of a cluster per write.
+        let past_eof = host_start >= file.length();
+        let zero_cow = past_eof
+            && buf[..head].iter().all(|&b| b == 0)
+            && buf[head + body..].iter().all(|&b| b == 0);
+        if zero_cow && (head > 0 || head + body < buf.len()) {
+            let al = (file.limits().request_alignment as usize).max(512);
+            let a = head / al * al;
+            let b = ((head + body).div_ceil(al) * al).min(buf.len());
+            let mut part = IoBuf::new(b - a, 4096);
+            part.copy_from_slice(&buf[a..b]);
+            host_buf += a as u64;
+            buf = part;
+        }
         let (r, _) = aligned_write(file, host_buf, buf, flags.without(ReqFlags::MAY_UNMAP)).await;
         r?;
+        // The file still covers every cluster it references (a small write of zeroes at the
+        // run's end instead of the whole tail).
+        let run_host_end = host_start + got * cs;
+        if zero_cow && run_host_end > file.length() {
+            let al = (file.limits().request_alignment as u64).max(512);
+            let (r, _) = aligned_write(
+                file,
+                run_host_end - al,
+                IoBuf::zeroed(al as usize, 4096),
+                ReqFlags::NONE,
+            )
+            .await;
+            r?;
+        }
 
         let mut entries = Vec::with_capacity(olds.len());
         for (j, &(oe, ob)) in olds.iter().enumerate() {

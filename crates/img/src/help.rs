@@ -25,6 +25,7 @@ Recognized commands (run qemu-img COMMAND --help for command-specific help):
   dd - Copy input to output with optional format conversion
   info - Display information about image
   map - Dump image metadata
+  measure - Calculate file size requred for a new image
   resize - Resize the image to the new size
 
 Supported image formats:
@@ -379,5 +380,36 @@ Arguments:
      input file name (or image specification with --image-opts)
   of=OUTPUT
      output file name to create
+
+";
+
+pub const MEASURE: &str = "\
+Usage:
+Calculate file size requred for a new image.  Usage:
+
+  qemu-img measure [-f FMT|--image-opts] [-o OPTIONS] [-O OUTPUT_FMT]
+       [--output OFMT] [--object OBJDEF] [-l SNAPSHOT_PARAM]
+       (--size SIZE | FILENAME)
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -O, --target-format FMT
+     desired target/output image format (default raw)
+  -s, --size SIZE
+     measure file size for given image size
+  FILENAME
+     measure file size required to convert from FILENAME
+  -f, --format
+     specify format of FILENAME explicitly
+  --image-opts
+     indicates that FILENAME is a complete image specification
+     instead of a file name (incompatible with --format)
+  -l, --snapshot SNAPSHOT
+     use this snapshot in FILENAME as source
+  --output human|json
+     output format
+  -U, --force-share
+     open images in shared mode for concurrent access
 
 ";

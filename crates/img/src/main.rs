@@ -15,6 +15,7 @@ mod help;
 mod image;
 mod info;
 mod map;
+mod measure;
 mod num;
 mod progress;
 mod resize;
@@ -104,9 +105,10 @@ fn main() -> ExitCode {
         "compare" => compare::run(rest),
         "resize" => resize::run(rest),
         "dd" => dd::run(rest),
-        "amend" | "bitmap" | "commit" | "measure" | "rebase" | "snapshot" => Err(Failure::new(
-            format!("Command not implemented by blockd-img yet: {cmd}"),
-        )),
+        "measure" => measure::run(rest),
+        "amend" | "bitmap" | "commit" | "rebase" | "snapshot" => Err(Failure::new(format!(
+            "Command not implemented by blockd-img yet: {cmd}"
+        ))),
         other => Err(Failure::usage(format!("Command not found: {other}"), "")),
     };
     match r {

@@ -85,6 +85,8 @@ pub(crate) struct Meta {
     pub reftable_offset: u64,
     pub rc: Cache<Vec<u8>>,
     pub free_hint: u64,
+    /// Where the next compressed cluster may go (inside a partly used host cluster), or 0.
+    pub free_byte_offset: u64,
     /// Host offsets of the active L2 tables and of the refcount blocks (overlap checks).
     pub l2_tables: HashSet<u64>,
     pub refblocks: HashSet<u64>,
@@ -182,6 +184,7 @@ impl Image {
             reftable_offset: h.refcount_table_offset,
             rc: Cache::new(cache.refcount_entries, cache.clean_interval),
             free_hint: 0,
+            free_byte_offset: 0,
             l2_tables,
             refblocks,
             snapshot_area: (h.snapshots_offset, snap_len),
@@ -576,6 +579,11 @@ impl Image {
             if first < m.free_hint {
                 m.free_hint = first;
             }
+            // A freed cluster may not take further compressed data.
+            let fbo = m.free_byte_offset / cs;
+            if m.free_byte_offset != 0 && freed.contains(&fbo) {
+                m.free_byte_offset = 0;
+            }
         }
         if self.pass_discard {
             for c in freed {
@@ -641,6 +649,25 @@ impl Image {
             self.meta().free_hint = c + k;
             return Ok((c << cb, k));
         }
+    }
+
+    /// Room for `size` bytes of compressed data (less than a cluster): after the previous
+    /// compressed cluster when it fits in its host cluster (whose refcount then counts one
+    /// more user), else at the start of a new cluster. Call with `alloc` held.
+    pub(crate) async fn alloc_bytes(&self, file: &Arc<Node>, size: u64) -> io::Result<u64> {
+        let cs = self.geo.cluster_size;
+        let fbo = self.meta().free_byte_offset;
+        if fbo != 0 && !fbo.is_multiple_of(cs) && cs - fbo % cs >= size {
+            self.update_refcounts(file, fbo / cs, 1, 1).await?;
+            let mut m = self.meta();
+            let next = fbo + size;
+            m.free_byte_offset = if next.is_multiple_of(cs) { 0 } else { next };
+            return Ok(fbo);
+        }
+        let (h, _) = self.alloc_clusters(file, 1).await?;
+        let mut m = self.meta();
+        m.free_byte_offset = if size == cs { 0 } else { h + size };
+        Ok(h)
     }
 
     async fn create_refblock(&self, file: &Arc<Node>, t: u64, x: u64) -> io::Result<()> {

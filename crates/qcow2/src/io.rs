@@ -18,6 +18,40 @@ fn file_of(node: &Node) -> io::Result<Arc<Node>> {
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
 }
 
+/// Compress one cluster; None when the result would not be smaller than a cluster.
+/// Deflate output is made decodable with QEMU's 4 KiB window (a full flush every 4 KiB, so
+/// no match reaches further back).
+pub fn compress(kind: u8, src: &[u8]) -> Option<Vec<u8>> {
+    let limit = src.len() - 1;
+    let out = match kind {
+        0 => {
+            let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+            // Room for the worst case, so each call finishes its chunk.
+            let mut out = Vec::with_capacity(src.len() * 2 + 1024);
+            let n = src.chunks(4096).count();
+            for (i, chunk) in src.chunks(4096).enumerate() {
+                let last = i + 1 == n;
+                let flush = if last {
+                    flate2::FlushCompress::Finish
+                } else {
+                    flate2::FlushCompress::Full
+                };
+                let before = c.total_in();
+                let st = c.compress_vec(chunk, &mut out, flush).ok()?;
+                if (c.total_in() - before) as usize != chunk.len()
+                    || (last && st != flate2::Status::StreamEnd)
+                {
+                    return None;
+                }
+            }
+            out
+        }
+        1 => zstd::bulk::compress(src, 0).ok()?,
+        _ => return None,
+    };
+    (out.len() <= limit).then_some(out)
+}
+
 /// Decompress one cluster from `src` (deflate without header, or zstd), exactly
 /// `cluster_size` bytes of output.
 pub fn decompress(kind: u8, src: &[u8], cluster_size: usize) -> io::Result<Vec<u8>> {
@@ -195,7 +229,8 @@ impl Image {
             return (Err(e), buf);
         }
         if flags.contains(ReqFlags::WRITE_COMPRESSED) {
-            return (Err(blockd_block::driver::not_supported()), buf);
+            let r = self.write_compressed(node, off, &buf).await;
+            return (r, buf);
         }
         let file = match file_of(node) {
             Ok(f) => f,
@@ -221,6 +256,51 @@ impl Image {
         let _a = self.alloc.lock().await;
         let r = self.write_slow(node, &file, off, &buf, flags).await;
         (r, buf)
+    }
+
+    /// `WRITE_COMPRESSED`: whole, aligned clusters (the image's last one may be partial) each
+    /// stored compressed when that saves space, else as a plain cluster. Like QEMU, it never
+    /// overwrites an allocated cluster (EIO).
+    async fn write_compressed(&self, node: &Node, off: u64, data: &[u8]) -> io::Result<()> {
+        let cs = self.geo.cluster_size;
+        let size = self.size.load(Ordering::Acquire);
+        let end = off + data.len() as u64;
+        if !off.is_multiple_of(cs) || (!end.is_multiple_of(cs) && end != size) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let file = file_of(node)?;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let n = (data.len() - pos).min(cs as usize);
+            let mut cluster = vec![0u8; cs as usize];
+            cluster[..n].copy_from_slice(&data[pos..pos + n]);
+            let g = off + pos as u64;
+            match compress(self.geo.compression_type, &cluster) {
+                None => {
+                    let _a = self.alloc.lock().await;
+                    self.write_slow(node, &file, g, &data[pos..pos + n], ReqFlags::NONE)
+                        .await?;
+                }
+                Some(z) => {
+                    let _a = self.alloc.lock().await;
+                    let (l1i, l2i) = self.geo.indices(g);
+                    let l2_off = self.writable_l2(&file, l1i).await?;
+                    let (e, bm) = self.l2_entry(&file, l2_off, l2i).await?;
+                    if e & !OFLAG_ZERO != 0 || bm & BITMAP_ALL_ALLOC != 0 {
+                        return Err(eio());
+                    }
+                    let host = self.alloc_bytes(&file, z.len() as u64).await?;
+                    self.check_overlap(&file, host, z.len() as u64).await?;
+                    pwrite(&file, host, &z).await?;
+                    let x = 62 - (self.geo.cluster_bits - 8);
+                    let sectors = (host + z.len() as u64 - 1) / 512 - host / 512;
+                    let desc = OFLAG_COMPRESSED | (sectors << x) | host;
+                    self.set_l2(&file, l2_off, l2i, &[(desc, 0)]).await?;
+                }
+            }
+            pos += n;
+        }
+        Ok(())
     }
 
     /// Allocating write of `data` at guest `off`, cluster run by cluster run. `alloc` held.

@@ -2,9 +2,9 @@
 //! (`l2-cache-size`, `refcount-cache-size`, `cache-size`, `l2-cache-entry-size`,
 //! `cache-clean-interval`), as described in QEMU's docs/qcow2-cache.txt.
 //!
-//! Entries are always clean: metadata is written through when it changes, so eviction never
-//! writes and a crash never loses a cached update. The cache lives inside the driver's short
-//! std mutex; nothing here awaits.
+//! Changed entries are dirty until the image writes them back (in dependency order: refcount
+//! blocks, then L2 tables); dirty entries are never evicted. The cache lives inside the
+//! driver's short std mutex; nothing here awaits.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -112,12 +112,14 @@ struct Slot<T> {
     data: T,
     last_use: u64,
     used_since_clean: bool,
+    dirty: bool,
 }
 
 /// A bounded map from a table's host offset to its contents, least recently used out first.
 pub struct Cache<T> {
     map: HashMap<u64, Slot<T>>,
     capacity: usize,
+    dirty: usize,
     tick: u64,
     interval: Option<Duration>,
     last_clean: Instant,
@@ -128,6 +130,7 @@ impl<T> Cache<T> {
         Cache {
             map: HashMap::new(),
             capacity: capacity.max(1),
+            dirty: 0,
             tick: 0,
             interval,
             last_clean: Instant::now(),
@@ -164,22 +167,60 @@ impl<T> Cache<T> {
             self.map.remove(&victim);
         }
         self.tick += 1;
-        self.map.insert(
+        let old = self.map.insert(
             offset,
             Slot {
                 data,
                 last_use: self.tick,
                 used_since_clean: true,
+                dirty: false,
             },
         );
+        if old.is_some_and(|s| s.dirty) {
+            self.dirty -= 1;
+        }
     }
 
+    /// Mark a present entry changed (to be written back).
+    pub fn mark_dirty(&mut self, offset: u64) {
+        if let Some(s) = self.map.get_mut(&offset)
+            && !s.dirty
+        {
+            s.dirty = true;
+            self.dirty += 1;
+        }
+    }
+
+    pub fn mark_clean(&mut self, offset: u64) {
+        if let Some(s) = self.map.get_mut(&offset)
+            && s.dirty
+        {
+            s.dirty = false;
+            self.dirty -= 1;
+        }
+    }
+
+    pub fn dirty_count(&self) -> usize {
+        self.dirty
+    }
+
+    /// Offsets of the dirty entries, in ascending order.
+    pub fn dirty_offsets(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .map
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(k, _)| *k)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Drop a clean entry (dirty ones stay until written back).
     pub fn remove(&mut self, offset: u64) {
-        self.map.remove(&offset);
-    }
-
-    pub fn clear(&mut self) {
-        self.map.clear();
+        if self.map.get(&offset).is_some_and(|s| !s.dirty) {
+            self.map.remove(&offset);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -200,7 +241,7 @@ impl<T> Cache<T> {
         if self.last_clean.elapsed() < iv {
             return;
         }
-        self.map.retain(|_, s| s.used_since_clean);
+        self.map.retain(|_, s| s.used_since_clean || s.dirty);
         for s in self.map.values_mut() {
             s.used_since_clean = false;
         }

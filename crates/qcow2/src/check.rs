@@ -476,6 +476,12 @@ pub(crate) async fn check_image(
         }
     }
     if repair != Repair::None {
+        img.writeback(file).await.map_err(|e| {
+            format!(
+                "Could not write back metadata: {}",
+                blockd_block::strerror(&e)
+            )
+        })?;
         file.driver()
             .flush(file)
             .await

@@ -501,6 +501,7 @@ async fn preallocate(file: &Arc<Node>, h: &Header, mode: Prealloc) -> std::io::R
         end = end.max(host + got * cs);
         c += got;
     }
+    img.writeback(file).await?;
     if file.length() < end {
         // Writing the last sector extends the file (and the node's length) to the end.
         pwrite(file, end - 512, &[0u8; 512]).await?;

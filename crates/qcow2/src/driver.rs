@@ -363,10 +363,15 @@ impl BlockDriver for Qcow2 {
 
     fn flush<'a>(&'a self, node: &'a Node) -> IoFuture<'a, io::Result<()>> {
         Box::pin(async move {
-            // Metadata is written through; making it durable is the file's flush.
+            // Cached metadata first (refcount blocks, then L2 tables), then the file's flush.
             let f = node
                 .child("file")
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))?;
+            if self.image.has_dirty() {
+                let _a = self.image.alloc.lock().await;
+                self.image.apply_frees(&f).await?;
+                self.image.writeback(&f).await?;
+            }
             f.driver().flush(&f).await
         })
     }

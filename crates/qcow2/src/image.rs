@@ -87,6 +87,8 @@ pub(crate) struct Meta {
     pub free_hint: u64,
     /// Where the next compressed cluster may go (inside a partly used host cluster), or 0.
     pub free_byte_offset: u64,
+    /// Host cluster runs to free once the L2 entries that dropped them are on disk.
+    pub pending_frees: Vec<(u64, u64)>,
     /// Host offsets of the active L2 tables and of the refcount blocks (overlap checks).
     pub l2_tables: HashSet<u64>,
     pub refblocks: HashSet<u64>,
@@ -107,6 +109,25 @@ pub struct Image {
     pub overlap_check: bool,
     pub cache: CacheConfig,
     pub pass_discard: bool,
+    /// The file child, for writing cached metadata back when the image is dropped.
+    pub(crate) file: Option<Arc<Node>>,
+}
+
+impl Drop for Image {
+    /// Closing the image: cached metadata goes to disk (QEMU's close flushes too).
+    fn drop(&mut self) {
+        if self.read_only || !self.has_dirty() {
+            return;
+        }
+        let me: &Image = self;
+        let r = crate::driver::run_sync(|| me.flush_metadata());
+        if let Err(e) = r {
+            eprintln!(
+                "qcow2: could not write cached metadata back at close: {}",
+                blockd_block::strerror(&e)
+            );
+        }
+    }
 }
 
 impl Image {
@@ -185,6 +206,7 @@ impl Image {
             rc: Cache::new(cache.refcount_entries, cache.clean_interval),
             free_hint: 0,
             free_byte_offset: 0,
+            pending_frees: Vec::new(),
             l2_tables,
             refblocks,
             snapshot_area: (h.snapshots_offset, snap_len),
@@ -202,6 +224,7 @@ impl Image {
             overlap_check,
             cache,
             pass_discard,
+            file: Some(file.clone()),
         })
     }
 
@@ -499,8 +522,9 @@ impl Image {
         Ok(v)
     }
 
-    /// Add `delta` to the refcounts of clusters [c, c+n) and write the blocks through.
-    /// Freed clusters lower the allocation hint and are discarded in the file when asked.
+    /// Add `delta` to the refcounts of clusters [c, c+n) in the cached blocks (written back
+    /// later, before any L2 table). Freed clusters lower the allocation hint and are discarded
+    /// in the file when asked. Call with `alloc` held.
     pub(crate) async fn update_refcounts(
         &self,
         file: &Arc<Node>,
@@ -534,44 +558,30 @@ impl Image {
                 return Err(eio());
             }
             self.load_refblock(file, rb).await?;
-            let step = {
+            let bad = {
                 let mut m = self.meta();
-                let mut blk = std::mem::take(m.rc.get_mut(rb).ok_or_else(eio)?);
-                let mut bad = None;
-                for j in i..chunk_end {
-                    let old = self.rc_get_in(&blk, j % e);
-                    let new = old as i128 + delta as i128;
-                    if new < 0 || new > self.geo.max_refcount() as i128 {
-                        bad = Some(j);
-                        break;
+                let blk = m.rc.get_mut(rb).ok_or_else(eio)?;
+                // Check the whole chunk before changing anything.
+                let bad = (i..chunk_end).find(|&j| {
+                    let new = self.rc_get_in(blk, j % e) as i128 + delta as i128;
+                    new < 0 || new > self.geo.max_refcount() as i128
+                });
+                if bad.is_none() {
+                    for j in i..chunk_end {
+                        let new = (self.rc_get_in(blk, j % e) as i128 + delta as i128) as u64;
+                        self.rc_set_in(blk, j % e, new);
+                        if new == 0 {
+                            freed.push(j);
+                        }
                     }
-                    self.rc_set_in(&mut blk, j % e, new as u64);
-                    if new == 0 {
-                        freed.push(j);
-                    }
+                    m.rc.mark_dirty(rb);
                 }
-                if let Some(j) = bad {
-                    // The block was not written; reload it next time.
-                    m.rc.remove(rb);
-                    Err(j)
-                } else {
-                    let w = 1u64 << self.geo.refcount_order;
-                    let lo = ((i % e) * w / 8) / 512 * 512;
-                    let hi = (((chunk_end - 1) % e * w + w).div_ceil(8)).div_ceil(512) * 512;
-                    let hi = hi.min(cs);
-                    let bytes = blk[lo as usize..hi as usize].to_vec();
-                    *m.rc.get_mut(rb).ok_or_else(eio)? = blk;
-                    Ok((lo, bytes))
-                }
+                bad
             };
-            let (lo, bytes) = match step {
-                Ok(x) => x,
-                Err(j) => {
-                    let msg = format!("Invalid refcount update for cluster {:#x}", j * cs);
-                    return Err(self.corruption(file, &msg).await);
-                }
-            };
-            pwrite(file, rb + lo, &bytes).await?;
+            if let Some(j) = bad {
+                let msg = format!("Invalid refcount update for cluster {:#x}", j * cs);
+                return Err(self.corruption(file, &msg).await);
+            }
             i = chunk_end;
         }
         if let Some(&first) = freed.first() {
@@ -778,6 +788,9 @@ impl Image {
         }
         let cs = self.geo.cluster_size;
         let (new, _) = self.alloc_clusters(file, 1).await?;
+        // The new table's refcount, and the old table's cached changes (copied below), go to
+        // disk before the L1 entry points at the new table.
+        self.writeback(file).await?;
         let content = if old != 0 {
             pread(file, old, cs as usize).await?.to_vec()
         } else {
@@ -801,8 +814,9 @@ impl Image {
         Ok(new)
     }
 
-    /// Write L2 entries `entries` (standard word, bitmap) starting at index `l2i` of the table
-    /// at `l2_off`, in the cache and on disk. Call with `alloc` held.
+    /// Set L2 entries `entries` (standard word, bitmap) starting at index `l2i` of the table
+    /// at `l2_off`, in the cache (dirty, written back after the refcount blocks). Call with
+    /// `alloc` held.
     pub(crate) async fn set_l2(
         &self,
         file: &Arc<Node>,
@@ -810,79 +824,143 @@ impl Image {
         l2i: u64,
         entries: &[(u64, u64)],
     ) -> io::Result<()> {
-        let esz = self.geo.l2_entry_bytes;
         let se = self.slice_entries();
-        let mut bytes = Vec::with_capacity(entries.len() * esz as usize);
-        for &(e, b) in entries {
-            bytes.extend_from_slice(&e.to_be_bytes());
-            if self.geo.extended {
-                bytes.extend_from_slice(&b.to_be_bytes());
-            }
-        }
-        // Write whole 512-byte sectors from the cached slice when it holds them (no
-        // read-modify-write below an O_DIRECT file).
-        let lo = (l2i * esz) / 512 * 512;
-        let hi = ((l2i + entries.len() as u64) * esz).div_ceil(512) * 512;
-        let slice_bytes = self.cache.l2_entry_size;
-        let same_slice = lo / slice_bytes == (hi - 1) / slice_bytes;
-        let mut sector: Option<Vec<u8>> = None;
-        {
-            let mut m = self.meta();
-            m.epoch += 1;
-            for (j, &(e, b)) in entries.iter().enumerate() {
-                let idx = l2i + j as u64;
-                let slice_off = l2_off + (idx / se) * self.cache.l2_entry_size;
-                if let Some(s) = m.l2.get_mut(slice_off) {
-                    let i = (idx % se) as usize;
-                    if self.geo.extended {
-                        s[2 * i] = e;
-                        s[2 * i + 1] = b;
-                    } else {
-                        s[i] = e;
-                    }
+        let sb = self.cache.l2_entry_size;
+        let mut j = 0usize;
+        while j < entries.len() {
+            let idx = l2i + j as u64;
+            let slice_off = l2_off + (idx / se) * sb;
+            // Readers may have evicted the (clean) slice: load it again.
+            if !self.meta().l2.contains(slice_off) {
+                let raw = pread(file, slice_off, sb as usize).await?;
+                let words: Vec<u64> = raw
+                    .chunks_exact(8)
+                    .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+                    .collect();
+                let mut m = self.meta();
+                if !m.l2.contains(slice_off) {
+                    m.l2.insert(slice_off, words);
                 }
             }
-            let slice_off = l2_off + (lo / slice_bytes) * slice_bytes;
-            if same_slice && let Some(s) = m.l2.get_mut(slice_off) {
-                let w0 = ((lo % slice_bytes) / 8) as usize;
-                let w1 = w0 + ((hi - lo) / 8) as usize;
-                sector = Some(s[w0..w1].iter().flat_map(|w| w.to_be_bytes()).collect());
+            let mut m = self.meta();
+            m.epoch += 1;
+            let Some(s) = m.l2.get_mut(slice_off) else {
+                continue;
+            };
+            while j < entries.len() && (l2i + j as u64) / se == idx / se {
+                let i = ((l2i + j as u64) % se) as usize;
+                let (e, b) = entries[j];
+                if self.geo.extended {
+                    s[2 * i] = e;
+                    s[2 * i + 1] = b;
+                } else {
+                    s[i] = e;
+                }
+                j += 1;
             }
-        }
-        let r = match sector {
-            Some(sec) => pwrite(file, l2_off + lo, &sec).await,
-            None => pwrite(file, l2_off + l2i * esz, &bytes).await,
-        };
-        let mut m = self.meta();
-        m.epoch += 1;
-        if r.is_err() {
-            // The disk may not match the cache: forget the table.
-            let n = self.geo.cluster_size / self.cache.l2_entry_size;
-            for s in 0..n {
-                m.l2.remove(l2_off + s * self.cache.l2_entry_size);
-            }
-        }
-        r
-    }
-
-    /// Release the host clusters an L2 entry owned (compressed sectors included).
-    pub(crate) async fn free_entry(&self, file: &Arc<Node>, e: u64) -> io::Result<()> {
-        let cs = self.geo.cluster_size;
-        if e & OFLAG_COMPRESSED != 0 {
-            if let Ok(Kind::Compressed { offset, len }) = self.geo.classify(e, 0, 0) {
-                let first = offset / cs;
-                let last = (offset + len - 1) / cs;
-                return self
-                    .update_refcounts(file, first, last - first + 1, -1)
-                    .await;
-            }
-            return Ok(());
-        }
-        let host = e & L2E_OFFSET_MASK;
-        if host != 0 {
-            self.update_refcounts(file, host / cs, 1, -1).await?;
+            m.l2.mark_dirty(slice_off);
         }
         Ok(())
+    }
+
+    /// Release the host clusters an L2 entry owned (compressed sectors included), once the
+    /// changed L2 entries are on disk ([`Image::apply_frees`]).
+    pub(crate) fn free_entry(&self, e: u64) {
+        let cs = self.geo.cluster_size;
+        let range = if e & OFLAG_COMPRESSED != 0 {
+            match self.geo.classify(e, 0, 0) {
+                Ok(Kind::Compressed { offset, len }) => {
+                    let first = offset / cs;
+                    Some((first, (offset + len - 1) / cs - first + 1))
+                }
+                _ => None,
+            }
+        } else {
+            let host = e & L2E_OFFSET_MASK;
+            (host != 0).then_some((host / cs, 1))
+        };
+        if let Some(r) = range {
+            self.meta().pending_frees.push(r);
+        }
+    }
+
+    /// Drop the references of freed entries: first the L2 tables that no longer point at
+    /// them go to disk, then the refcounts drop (so a crash never leaves a reference to a
+    /// cluster counted free). Call with `alloc` held.
+    pub(crate) async fn apply_frees(&self, file: &Arc<Node>) -> io::Result<()> {
+        if self.meta().pending_frees.is_empty() {
+            return self.maybe_writeback(file).await;
+        }
+        self.writeback(file).await?;
+        let frees = std::mem::take(&mut self.meta().pending_frees);
+        for (c, n) in frees {
+            self.update_refcounts(file, c, n, -1).await?;
+        }
+        self.maybe_writeback(file).await
+    }
+
+    /// Write back when the caches fill up with dirty entries.
+    pub(crate) async fn maybe_writeback(&self, file: &Arc<Node>) -> io::Result<()> {
+        let full = {
+            let m = self.meta();
+            m.l2.dirty_count() * 2 > m.l2.capacity() || m.rc.dirty_count() * 2 > m.rc.capacity()
+        };
+        if full {
+            self.writeback(file).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Write every dirty cache entry: refcount blocks, a flush, then L2 slices. Call with
+    /// `alloc` held (nothing else changes metadata meanwhile).
+    pub(crate) async fn writeback(&self, file: &Arc<Node>) -> io::Result<()> {
+        let rbs = self.meta().rc.dirty_offsets();
+        for off in &rbs {
+            let data = self.meta().rc.get_mut(*off).map(|b| b.clone());
+            if let Some(d) = data {
+                pwrite(file, *off, &d).await?;
+                self.meta().rc.mark_clean(*off);
+            }
+        }
+        let l2s = self.meta().l2.dirty_offsets();
+        if l2s.is_empty() {
+            return Ok(());
+        }
+        if !rbs.is_empty() {
+            file.driver().flush(file).await?;
+        }
+        for off in &l2s {
+            let data: Option<Vec<u8>> = self
+                .meta()
+                .l2
+                .get_mut(*off)
+                .map(|s| s.iter().flat_map(|w| w.to_be_bytes()).collect());
+            if let Some(d) = data {
+                pwrite(file, *off, &d).await?;
+                self.meta().l2.mark_clean(*off);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether cached metadata waits to be written.
+    pub(crate) fn has_dirty(&self) -> bool {
+        let m = self.meta();
+        m.l2.dirty_count() > 0 || m.rc.dirty_count() > 0 || !m.pending_frees.is_empty()
+    }
+
+    /// Everything cached on disk and durable (the driver's flush and close).
+    pub async fn flush_metadata(&self) -> io::Result<()> {
+        let Some(file) = self.file.clone() else {
+            return Ok(());
+        };
+        if self.has_dirty() {
+            let _a = self.alloc.lock().await;
+            self.apply_frees(&file).await?;
+            self.writeback(&file).await?;
+        }
+        file.driver().flush(&file).await
     }
 
     /// Make the L1 table hold at least `entries` entries (truncate growing the image).

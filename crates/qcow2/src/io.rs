@@ -296,6 +296,7 @@ impl Image {
                     let sectors = (host + z.len() as u64 - 1) / 512 - host / 512;
                     let desc = OFLAG_COMPRESSED | (sectors << x) | host;
                     self.set_l2(&file, l2_off, l2i, &[(desc, 0)]).await?;
+                    self.maybe_writeback(&file).await?;
                 }
             }
             pos += n;
@@ -469,8 +470,9 @@ impl Image {
         }
         self.set_l2(file, l2_off, l2i, &entries).await?;
         for &(oe, _) in &olds {
-            self.free_entry(file, oe).await?;
+            self.free_entry(oe);
         }
+        self.apply_frees(file).await?;
         Ok(wend - g)
     }
 
@@ -533,6 +535,7 @@ impl Image {
         r?;
         if (new_e, new_bm) != (e, bm) {
             self.set_l2(file, l2_off, l2i, &[(new_e, new_bm)]).await?;
+            self.maybe_writeback(file).await?;
         }
         Ok(())
     }
@@ -601,12 +604,12 @@ impl Image {
                 let keeps_host =
                     o.0 & OFLAG_COMPRESSED == 0 && nw.0 & L2E_OFFSET_MASK == o.0 & L2E_OFFSET_MASK;
                 if !keeps_host {
-                    self.free_entry(&file, o.0).await?;
+                    self.free_entry(o.0);
                 }
             }
             g += n * cs;
         }
-        Ok(())
+        self.apply_frees(&file).await
     }
 
     /// Write zeroes: aligned clusters (or subclusters) get the zero flag; unaligned edges are

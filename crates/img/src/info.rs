@@ -383,6 +383,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     let mut image_opts = false;
     let mut force_share = false;
     let mut output_json = false;
+    let mut backing_chain = false;
     for (code, arg) in p.opts {
         let arg = arg.unwrap_or_default();
         match code {
@@ -403,7 +404,7 @@ pub fn run(argv: &[String]) -> CmdResult {
                     ));
                 }
             },
-            OPT_BACKING_CHAIN => {}
+            OPT_BACKING_CHAIN => backing_chain = true,
             OPT_OBJECT => return Err(Failure::new("--object is not supported by blockd-img yet")),
             _ => {}
         }
@@ -430,15 +431,53 @@ pub fn run(argv: &[String]) -> CmdResult {
     let opened = image::open(&req).map_err(Failure::new)?;
     let info = describe(&opened.options, opened.node.length(), Some(&opened.node))
         .map_err(Failure::new)?;
-    if output_json {
-        print!("{}", json(&info));
+    let shown = if image_opts {
+        info.filename.clone()
     } else {
-        let shown = if image_opts {
-            info.filename.clone()
-        } else {
-            name.clone()
+        name.clone()
+    };
+    let mut chain = vec![(shown, info)];
+    // --backing-chain: each backing file in turn, opened by its resolved name and format.
+    while backing_chain {
+        let Some((_, full, fmt)) = chain
+            .last()
+            .and_then(|(_, i)| i.extra.as_ref())
+            .and_then(|x| x.backing.clone())
+        else {
+            break;
         };
-        print!("{}", human(&info, &shown));
+        if chain.len() > 64 {
+            return Err(Failure::new("Backing chain too long (a loop?)"));
+        }
+        let req = OpenRequest {
+            name: &full,
+            image_opts: false,
+            format: fmt.as_deref(),
+            cache: Cache::WRITEBACK,
+            aio: None,
+            read_only: true,
+            force_share,
+            warn_probe: false,
+        };
+        let o = image::open(&req).map_err(Failure::new)?;
+        let i = describe(&o.options, o.node.length(), Some(&o.node)).map_err(Failure::new)?;
+        chain.push((full, i));
+    }
+    if output_json && backing_chain {
+        let items: Vec<String> = chain
+            .iter()
+            .map(|(_, i)| {
+                let mut o = String::from("    ");
+                json_node(i, 4, &mut o);
+                o
+            })
+            .collect();
+        println!("[\n{}\n]", items.join(",\n"));
+    } else if output_json {
+        print!("{}", json(&chain[0].1));
+    } else {
+        let texts: Vec<String> = chain.iter().map(|(n, i)| human(i, n)).collect();
+        print!("{}", texts.join("\n"));
     }
     Ok(())
 }

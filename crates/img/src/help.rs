@@ -26,6 +26,7 @@ Recognized commands (run qemu-img COMMAND --help for command-specific help):
   info - Display information about image
   map - Dump image metadata
   measure - Calculate file size requred for a new image
+  rebase - Change backing file of the image
   resize - Resize the image to the new size
 
 Supported image formats:
@@ -411,5 +412,47 @@ Arguments:
      output format
   -U, --force-share
      open images in shared mode for concurrent access
+
+";
+
+pub const REBASE: &str = "\
+Usage:
+Change backing file of the image.  Usage:
+
+  qemu-img rebase [-f FMT | --image-opts] [-t CACHE] [-q] [-U] [-p]
+        [-b BACKING_FILENAME [-F BACKING_FMT] [-T BACKING_CACHE]] [-u]
+        [--object OBJDEF] [-c] FILENAME
+Rebases FILENAME on top of BACKING_FILENAME or no backing file
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -q, --quiet
+     quiet operation
+  -p, --progress
+     show progress indicator
+  -f, --format FMT
+     specify FILENAME format explicitly
+  --image-opts
+     indicates that FILENAME is a complete image specification
+     instead of a file name (incompatible with --format)
+  -t, --cache CACHE
+     cache mode for FILENAME (writeback)
+  -b, --backing BACKING_FILENAME|\"\"
+     rebase onto this file (or no backing file)
+  -F, --backing-format BACKING_FMT
+     specify format for BACKING_FILENAME
+  -T, --backing-cache CACHE
+     BACKING_FILENAME cache mode (writeback)
+  -u, --backing-unsafe
+     do not fail if BACKING_FILENAME can not be read
+  -c, --compress
+     compress image (when image supports this)
+  -U, --force-share
+     open image in shared mode for concurrent access
+  --object OBJDEF
+     QEMU user-creatable object (eg encryption key)
+  FILENAME
+     image file name (or specification with --image-opts)
 
 ";

@@ -18,6 +18,7 @@ mod map;
 mod measure;
 mod num;
 mod progress;
+mod rebase;
 mod resize;
 mod status;
 mod target;
@@ -106,7 +107,8 @@ fn main() -> ExitCode {
         "resize" => resize::run(rest),
         "dd" => dd::run(rest),
         "measure" => measure::run(rest),
-        "amend" | "bitmap" | "commit" | "rebase" | "snapshot" => Err(Failure::new(format!(
+        "rebase" => rebase::run(rest),
+        "amend" | "bitmap" | "commit" | "snapshot" => Err(Failure::new(format!(
             "Command not implemented by blockd-img yet: {cmd}"
         ))),
         other => Err(Failure::usage(format!("Command not found: {other}"), "")),

@@ -289,7 +289,7 @@ fn top_filename(options: &serde_json::Map<String, serde_json::Value>) -> Option<
 /// The file names of the layers of the chain, top first, as qemu-img prints them: each
 /// backing file name (from its qcow2 header) taken relative to the directory of the image that
 /// names it.
-fn chain_filenames(top: &Arc<Node>, top_file: &str) -> Vec<String> {
+pub fn chain_filenames(top: &Arc<Node>, top_file: &str) -> Vec<String> {
     let mut names = vec![top_file.to_string()];
     let mut node = top.clone();
     while let Some(b) = crate::status::backing(&node) {

@@ -68,14 +68,19 @@ pub fn image(dir: &Path, name: &str, len: u64, writes: &[(u64, u8, usize)]) {
 /// Run `cmd` with both tools in two fresh directories prepared by `prepare`, compare stdout,
 /// stderr and exit code, and return the two directories (qemu's, blockd's).
 pub fn both(name: &str, cmd: &str, prepare: fn(&Path)) -> (PathBuf, PathBuf) {
+    both_args(name, &split(cmd), prepare)
+}
+
+/// [`both`] with the arguments given one by one (empty ones allowed).
+pub fn both_args(name: &str, args: &[&str], prepare: fn(&Path)) -> (PathBuf, PathBuf) {
+    let cmd = args.join(" ");
     let q = scratch(&format!("{name}-q"));
     let b = scratch(&format!("{name}-b"));
     let t = template(prepare);
     copy_tree(&t, &q);
     copy_tree(&t, &b);
-    let args = split(cmd);
-    let oq = run(QEMU_IMG, &args, &q);
-    let ob = run(BLOCKD_IMG, &args, &b);
+    let oq = run(QEMU_IMG, args, &q);
+    let ob = run(BLOCKD_IMG, args, &b);
     assert_eq!(
         ob, oq,
         "`{cmd}`: blockd-img (left) differs from qemu-img (right)"

@@ -89,6 +89,9 @@ pub(crate) struct Meta {
     pub free_byte_offset: u64,
     /// Host cluster runs to free once the L2 entries that dropped them are on disk.
     pub pending_frees: Vec<(u64, u64)>,
+    /// Guest clusters whose new host clusters are being written (outside `alloc`); other
+    /// metadata changes of these clusters wait for `inflight_done`.
+    pub inflight: HashSet<u64>,
     /// Host offsets of the active L2 tables and of the refcount blocks (overlap checks).
     pub l2_tables: HashSet<u64>,
     pub refblocks: HashSet<u64>,
@@ -103,6 +106,7 @@ pub struct Image {
     pub size: AtomicU64,
     pub(crate) meta: Mutex<Meta>,
     pub(crate) alloc: async_lock::Mutex<()>,
+    pub(crate) inflight_done: event_listener::Event,
     pub(crate) data_io: async_lock::RwLock<()>,
     pub read_only: bool,
     pub corrupt: AtomicBool,
@@ -111,6 +115,56 @@ pub struct Image {
     pub pass_discard: bool,
     /// The file child, for writing cached metadata back when the image is dropped.
     pub(crate) file: Option<Arc<Node>>,
+}
+
+/// Marks guest clusters in flight; unmarks them (and wakes waiters) when dropped, also when
+/// the request is cancelled.
+pub(crate) struct Inflight<'a> {
+    img: &'a Image,
+    first: u64,
+    n: u64,
+}
+
+impl<'a> Inflight<'a> {
+    pub(crate) fn new(img: &'a Image, first: u64, n: u64) -> Inflight<'a> {
+        let mut m = img.meta();
+        for c in first..first + n {
+            m.inflight.insert(c);
+        }
+        Inflight { img, first, n }
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        {
+            let mut m = self.img.meta();
+            for c in self.first..self.first + self.n {
+                m.inflight.remove(&c);
+            }
+        }
+        self.img.inflight_done.notify(usize::MAX);
+    }
+}
+
+impl Image {
+    /// Take `alloc` once no guest cluster in [first, end) is in flight.
+    pub(crate) async fn lock_clear_of(
+        &self,
+        first: u64,
+        end: u64,
+    ) -> async_lock::MutexGuard<'_, ()> {
+        loop {
+            let listener = self.inflight_done.listen();
+            let guard = self.alloc.lock().await;
+            let busy = self.meta().inflight.iter().any(|&c| c >= first && c < end);
+            if !busy {
+                return guard;
+            }
+            drop(guard);
+            listener.await;
+        }
+    }
 }
 
 impl Drop for Image {
@@ -207,6 +261,7 @@ impl Image {
             free_hint: 0,
             free_byte_offset: 0,
             pending_frees: Vec::new(),
+            inflight: HashSet::new(),
             l2_tables,
             refblocks,
             snapshot_area: (h.snapshots_offset, snap_len),
@@ -218,6 +273,7 @@ impl Image {
             header: Mutex::new(h),
             meta: Mutex::new(meta),
             alloc: async_lock::Mutex::new(()),
+            inflight_done: event_listener::Event::new(),
             data_io: async_lock::RwLock::new(()),
             read_only,
             corrupt: AtomicBool::new(false),

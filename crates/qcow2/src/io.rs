@@ -253,7 +253,6 @@ impl Image {
                 Ok(_) => {}
             }
         }
-        let _a = self.alloc.lock().await;
         let r = self.write_slow(node, &file, off, &buf, flags).await;
         (r, buf)
     }
@@ -277,12 +276,12 @@ impl Image {
             let g = off + pos as u64;
             match compress(self.geo.compression_type, &cluster) {
                 None => {
-                    let _a = self.alloc.lock().await;
                     self.write_slow(node, &file, g, &data[pos..pos + n], ReqFlags::NONE)
                         .await?;
                 }
                 Some(z) => {
-                    let _a = self.alloc.lock().await;
+                    let c = g / cs;
+                    let _a = self.lock_clear_of(c, c + 1).await;
                     let (l1i, l2i) = self.geo.indices(g);
                     let l2_off = self.writable_l2(&file, l1i).await?;
                     let (e, bm) = self.l2_entry(&file, l2_off, l2i).await?;
@@ -304,7 +303,8 @@ impl Image {
         Ok(())
     }
 
-    /// Allocating write of `data` at guest `off`, cluster run by cluster run. `alloc` held.
+    /// Allocating write of `data` at guest `off`, cluster run by cluster run (each step takes
+    /// `alloc` itself).
     async fn write_slow(
         &self,
         node: &Node,
@@ -339,6 +339,8 @@ impl Image {
         let (l1i, l2i) = geo.indices(g);
         let in_cl = geo.offset_in_cluster(g);
         let cstart = g - in_cl;
+        let c = g >> geo.cluster_bits;
+        let guard = self.lock_clear_of(c, c + 1).await;
         let l2_off = self.writable_l2(file, l1i).await?;
         let (e, bm) = self.l2_entry(file, l2_off, l2i).await?;
         let first_len = (cs - in_cl).min(data.len() as u64);
@@ -368,6 +370,9 @@ impl Image {
         let mut want = 1u64;
         let mut olds = vec![(e, bm)];
         while l2i + want < geo.l2_entries && cstart + want * cs < end_guest {
+            if self.meta().inflight.contains(&(c + want)) {
+                break;
+            }
             let (e2, b2) = self.l2_entry(file, l2_off, l2i + want).await?;
             let h2 = e2 & L2E_OFFSET_MASK;
             if e2 & OFLAG_COPIED != 0 && e2 & OFLAG_COMPRESSED == 0 && h2 != 0 {
@@ -378,6 +383,50 @@ impl Image {
         }
         let (host_start, got) = self.alloc_clusters(file, want).await?;
         olds.truncate(got as usize);
+        // The data goes to the new clusters without `alloc`: other allocating writes proceed
+        // meanwhile; writes and zeroing of these guest clusters wait for `inflight`.
+        let inflight = crate::image::Inflight::new(self, c, got);
+        let past_eof = host_start >= file.length();
+        drop(guard);
+        let r = self
+            .fill_new_clusters(node, file, g, data, flags, host_start, got, &olds, past_eof)
+            .await;
+        let _guard = self.alloc.lock().await;
+        let r = match r {
+            Ok(span) => {
+                self.link_new_clusters(file, g, host_start, &olds, span)
+                    .await
+            }
+            Err(e) => {
+                // Never referenced: give the clusters back at once.
+                let _ = self.update_refcounts(file, host_start / cs, got, -1).await;
+                Err(e)
+            }
+        };
+        drop(inflight);
+        r
+    }
+
+    /// Copy-on-write and data of a new run of `olds.len()` host clusters at `host_start` for
+    /// the write of `data` at guest `g`. Returns the guest span written (start, end) and the
+    /// end of the data.
+    #[allow(clippy::too_many_arguments)]
+    async fn fill_new_clusters(
+        &self,
+        node: &Node,
+        file: &Arc<Node>,
+        g: u64,
+        data: &[u8],
+        flags: ReqFlags,
+        host_start: u64,
+        got: u64,
+        olds: &[(u64, u64)],
+        past_eof: bool,
+    ) -> io::Result<(u64, u64, u64)> {
+        let geo = self.geo;
+        let cs = geo.cluster_size;
+        let cstart = g - geo.offset_in_cluster(g);
+        let end_guest = g + data.len() as u64;
         let run_end = cstart + got * cs;
         let wend = end_guest.min(run_end);
 
@@ -417,7 +466,6 @@ impl Image {
         self.check_overlap(file, host_buf, buf.len() as u64).await?;
         // Clusters past the end of the file were never written: zeroes around the data need
         // not be written (they read as zero there), which saves most of a cluster per write.
-        let past_eof = host_start >= file.length();
         let zero_cow = past_eof
             && buf[..head].iter().all(|&b| b == 0)
             && buf[head + body..].iter().all(|&b| b == 0);
@@ -447,6 +495,26 @@ impl Image {
             r?;
         }
 
+        Ok((buf_start, buf_end, wend))
+    }
+
+    /// Point the L2 entries at a filled run of new clusters and release what they replace.
+    async fn link_new_clusters(
+        &self,
+        file: &Arc<Node>,
+        g: u64,
+        host_start: u64,
+        olds: &[(u64, u64)],
+        (buf_start, buf_end, wend): (u64, u64, u64),
+    ) -> io::Result<u64> {
+        let geo = self.geo;
+        let cs = geo.cluster_size;
+        let unit = geo.unit;
+        let cstart = g - geo.offset_in_cluster(g);
+        let whole = |e: u64| e & OFLAG_COMPRESSED != 0 || e & L2E_OFFSET_MASK != 0;
+        let (l1i, l2i) = geo.indices(g);
+        // The table may have been copied meanwhile (snapshots): look it up again.
+        let l2_off = self.writable_l2(file, l1i).await?;
         let mut entries = Vec::with_capacity(olds.len());
         for (j, &(oe, ob)) in olds.iter().enumerate() {
             let h = host_start + j as u64 * cs;
@@ -469,7 +537,7 @@ impl Image {
             entries.push((h | OFLAG_COPIED, bitmap));
         }
         self.set_l2(file, l2_off, l2i, &entries).await?;
-        for &(oe, _) in &olds {
+        for &(oe, _) in olds {
             self.free_entry(oe);
         }
         self.apply_frees(file).await?;
@@ -579,7 +647,7 @@ impl Image {
     ) -> io::Result<()> {
         let file = file_of(node)?;
         let cs = self.geo.cluster_size;
-        let _a = self.alloc.lock().await;
+        let _a = self.lock_clear_of(start / cs, end.div_ceil(cs)).await;
         let _io = self.data_io.write().await;
         let mut g = start;
         while g < end {

@@ -252,22 +252,33 @@ fn concurrent_writers_from_two_iothreads() {
         let be = Arc::new(backend(&g, &node));
         tasks.push((
             t.handle().spawn(move || async move {
-                for round in 0..2u64 {
-                    for s in 0..(16u64 << 10) / 2 {
-                        let stripe = s * 2 + w as u64;
-                        if (stripe + round).is_multiple_of(3) {
-                            continue;
+                // Four tasks per iothread, each owning every fourth of this writer's stripes,
+                // so allocations of the same clusters overlap within a thread too.
+                let mut tasks = Vec::new();
+                for part in 0..4u64 {
+                    let be = be.clone();
+                    tasks.push(blockd_aio::spawn(async move {
+                        for round in 0..2u64 {
+                            for s in (part..(16u64 << 10) / 2).step_by(4) {
+                                let stripe = s * 2 + w as u64;
+                                if (stripe + round).is_multiple_of(3) {
+                                    continue;
+                                }
+                                let data = vec![(w as u8 + 1) * 0x10 + round as u8; 1024];
+                                let (r, _) = be
+                                    .write(
+                                        stripe * 1024,
+                                        blockd_aio::IoBuf::from_slice(&data),
+                                        ReqFlags::NONE,
+                                    )
+                                    .await;
+                                r.unwrap();
+                            }
                         }
-                        let data = vec![(w as u8 + 1) * 0x10 + round as u8; 1024];
-                        let (r, _) = be
-                            .write(
-                                stripe * 1024,
-                                blockd_aio::IoBuf::from_slice(&data),
-                                ReqFlags::NONE,
-                            )
-                            .await;
-                        r.unwrap();
-                    }
+                    }));
+                }
+                for t in tasks {
+                    t.await;
                 }
                 be.flush().await.unwrap();
             }),

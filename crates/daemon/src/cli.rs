@@ -212,7 +212,7 @@ QEMU storage daemon (blockd)
   --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
            [,writable=on|off][,bitmap=<name>]
                          export the specified block node over NBD
-                         (requires --nbd-server; not supported yet)
+                         (requires --nbd-server)
 
   --monitor [chardev=]name[,mode=control][,pretty[=on|off]]
                          configure a QMP monitor
@@ -220,7 +220,6 @@ QEMU storage daemon (blockd)
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
   --nbd-server addr.type=unix,addr.path=<path>
                          start an NBD server for exporting block nodes
-                         (not supported yet)
 
   --object help          list object types that can be added
   --object iothread,id=<id>[,poll-max-ns=<n>][,poll-grow=<n>][,poll-shrink=<n>]

@@ -15,6 +15,7 @@ mod cli;
 mod commands;
 mod hmp;
 mod iothreads;
+mod nbd;
 mod process;
 mod state;
 
@@ -203,17 +204,8 @@ fn apply(
         }
         Opt::Chardev(_) => chardevs.add(cli::parse_arg(arg, Some("backend"))?),
         Opt::Monitor(_) => chardevs.monitor(cli::parse_arg(arg, Some("chardev"))?, server),
-        Opt::NbdServer(_) => {
-            let _ = cli::parse_arg(arg, None)?;
-            Err("NBD server is not supported yet by blockd-storage-daemon".into())
-        }
-        Opt::Export(_) => {
-            let m = cli::parse_arg(arg, Some("type"))?;
-            let ty = m.get("type").and_then(|v| v.as_str()).unwrap_or("");
-            Err(format!(
-                "export type '{ty}' is not supported yet by blockd-storage-daemon"
-            ))
-        }
+        Opt::NbdServer(_) => nbd::cli_server(d, arg),
+        Opt::Export(_) => nbd::cli_export(d, arg),
     }
 }
 
@@ -229,6 +221,11 @@ async fn run(
     }));
     *d.server.borrow_mut() = Some(server.clone());
     commands::register(&server, &d);
+    nbd::register(&server, &d);
+    if let Err(e) = nbd::init(&d) {
+        eprintln!("{PROG}: {e}");
+        return 1;
+    }
     let mut chardevs = Chardevs::default();
     let mut failed = false;
     for o in &cmd.opts {
@@ -285,6 +282,20 @@ async fn run(
 
 /// Drain every node, flush and close them (users first), stop the iothreads.
 async fn shutdown(d: &Rc<Daemon>, _server: &Rc<Server>) {
+    // exports first: their clients go away and their backends are detached
+    nbd::shutdown(d);
+    for _ in 0..50 {
+        let busy = d
+            .nbd
+            .borrow()
+            .as_ref()
+            .is_some_and(|st| !st.server().exports().is_empty());
+        if !busy {
+            break;
+        }
+        blockd_aio::sleep(Duration::from_millis(20)).await;
+        nbd::reap_now(d);
+    }
     let nodes: Vec<_> = d.graph.borrow().nodes().cloned().collect();
     {
         let _drain = blockd_block::drained_all(&nodes).await;

@@ -27,6 +27,8 @@ pub struct Daemon {
     /// the options each node was opened with (nested children get their own entry)
     pub node_opts: RefCell<BTreeMap<String, Map<String, Value>>>,
     pub server: RefCell<Option<Rc<Server>>>,
+    /// NBD server and exports (blockd-nbd's QMP glue)
+    pub nbd: RefCell<Option<blockd_nbd::qmp::NbdState>>,
     pub quit: Cell<bool>,
     /// SHUTDOWN's `reason`: "host-qmp-quit" or "host-signal"
     pub quit_reason: Cell<&'static str>,
@@ -44,6 +46,7 @@ impl Daemon {
             owned: RefCell::new(BTreeSet::new()),
             node_opts: RefCell::new(BTreeMap::new()),
             server: RefCell::new(None),
+            nbd: RefCell::new(None),
             quit: Cell::new(false),
             quit_reason: Cell::new("host-qmp-quit"),
             quit_event: Event::new(),

@@ -87,3 +87,8 @@ fn command_line_pidfile_daemonize_signals() {
 fn iothread_io_seed_scenario_and_200_moves() {
     run_script("test_iothread_io.py");
 }
+
+#[test]
+fn nbd_exports_through_the_monitor() {
+    run_script("test_nbd_exports.py");
+}

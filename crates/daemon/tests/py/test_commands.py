@@ -96,7 +96,9 @@ async def main():
             "human-monitor-command", "object-add", "object-del", "qmp_capabilities",
             "query-block", "query-blockstats", "query-commands", "query-iothreads",
             "query-named-block-nodes", "query-qmp-schema", "query-version", "quit",
-            "x-blockdev-set-iothread", "x-debug-query-block-graph"])
+            "x-blockdev-set-iothread", "x-debug-query-block-graph",
+            "nbd-server-start", "nbd-server-stop", "block-export-add", "block-export-del",
+            "query-block-exports", "nbd-server-add", "nbd-server-remove"])
         check_eq(names, want, "query-commands lists exactly what works")
 
         schema = await c.execute("query-qmp-schema")

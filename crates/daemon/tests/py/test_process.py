@@ -41,11 +41,9 @@ code, out, _ = run(["-h"])
 check(code == 0 and "--blockdev" in out and "--pidfile" in out, "-h")
 code, out, _ = run(["-V"])
 check(code == 0 and "version" in out, "-V")
-code, _, err = run(["--nbd-server", "addr.type=unix,addr.path=/tmp/x"])
-check(code == 1 and "not supported yet" in err, f"--nbd-server refused honestly: {err!r}")
 code, _, err = run(["--blockdev", "driver=null-co,node-name=a", "--export",
-                    "nbd,id=e,node-name=a"])
-check(code == 1 and "not supported yet" in err, f"--export refused honestly: {err!r}")
+                    "vhost-user-blk,id=e,node-name=a"])
+check(code == 1 and "not supported yet" in err, f"other export types refused: {err!r}")
 code, _, err = run(["--pidfile", "/nonexistent/dir/pid"])
 check_eq((code, err.strip()),
          (1, "qemu-storage-daemon: cannot create PID file: Could not create "

@@ -462,7 +462,8 @@ async fn serve(a: Args, activation: Option<OwnedFd>, ready: Option<OwnedFd>) -> 
         writable,
         writethrough: false,
         allocation_depth: a.allocation_depth,
-        multi_conn: !writable || shared != 1,
+        // As qemu-nbd: one client at a time (-e 1) cannot serve several connections.
+        multi_conn: shared != 1,
         iothread: None,
     })?;
     let addr = if let Some(fd) = activation {

@@ -446,3 +446,78 @@ fn socket_activation() {
     let _ = child.wait();
     assert!(o.status.success(), "{o:?}");
 }
+
+/// A qcow2 backing chain exported with -A: nbdinfo's maps (base:allocation and
+/// qemu:allocation-depth) and nbdcopy's bytes are the same as through qemu-nbd.
+#[test]
+fn qcow2_chain_matches_qemu_nbd() {
+    if !tools() || !have("qemu-nbd") || !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    let d = scratch("chain");
+    let base = d.join("base.qcow2");
+    let top = d.join("top.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("16M"));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 2M",
+            "-c",
+            "write -P 2 8M 1M",
+        ])
+        .arg(&base));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&top));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 3 1M 2M",
+            "-c",
+            "write -z 8M 64k",
+        ])
+        .arg(&top));
+    let mut results = Vec::new();
+    for server in [BIN, "qemu-nbd"] {
+        let sock = d.join("c.sock");
+        let _ = std::fs::remove_file(&sock);
+        let mut child = Command::new(server)
+            .args(["-t", "-A", "-r", "-k"])
+            .arg(&sock)
+            .arg(&top)
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let depth = sh(&format!("nbdinfo --map=qemu:allocation-depth '{uri}'")).stdout;
+        let map = sh(&format!("nbdinfo --map '{uri}'")).stdout;
+        let out = d.join("out.raw");
+        let _ = std::fs::remove_file(&out);
+        sh(&format!("nbdcopy '{uri}' {}", out.display()));
+        let bytes = std::fs::read(&out).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        results.push((depth, map, bytes));
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&results[0].0),
+        String::from_utf8_lossy(&results[1].0)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&results[0].1),
+        String::from_utf8_lossy(&results[1].1)
+    );
+    assert!(results[0].2 == results[1].2, "nbdcopy bytes differ");
+}

@@ -391,3 +391,79 @@ fn compressed_writes_read_back_through_qemu() {
         assert_eq!(first_diff(&qemu_raw(&dir, &path), &model), None, "{list}");
     }
 }
+
+#[test]
+fn writes_over_internal_snapshots_keep_them_intact() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let dir = TempDir::new("snap");
+    for (i, o) in [
+        "cluster_size=65536",
+        "cluster_size=4096,refcount_bits=64",
+        "cluster_size=65536,extended_l2=on",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = dir.path(&format!("s{i}.qcow2"));
+        ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", o, &path, "4M"],
+        );
+        ok(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x11 0 3M",
+                "-c",
+                "write -c -P 0x12 3M 64k",
+                &path,
+            ],
+        );
+        ok("qemu-img", &["snapshot", "-c", "before", &path]);
+        let before = qemu_raw(&dir, &path);
+        // blockd writes into clusters (and L2 tables) shared with the snapshot.
+        let mut model = before.clone();
+        let mut g = graph();
+        let node = open_qcow2(&mut g, &path, "").unwrap();
+        let be = backend(&g, &node);
+        block_on(async {
+            let mut rng = Rng(77 + i as u64);
+            for r in 0..40u8 {
+                let off = rng.below(4 << 20) as usize;
+                let len = (1 + rng.below(100_000) as usize).min((4 << 20) - off);
+                write(&be, off as u64, &vec![r + 0x40; len]).await;
+                model[off..off + len].fill(r + 0x40);
+            }
+            be.discard(1 << 20, 128 << 10).await.unwrap();
+            model[1 << 20..(1 << 20) + (128 << 10)].fill(0);
+            be.write_zeroes(2 << 20, 64 << 10, ReqFlags::MAY_UNMAP)
+                .await
+                .unwrap();
+            model[2 << 20..(2 << 20) + (64 << 10)].fill(0);
+            be.flush().await.unwrap();
+            assert_eq!(first_diff(&read_all(&be).await, &model), None, "{o}");
+        })
+        .unwrap();
+        be.detach(&g);
+        drop(node);
+        drop(g);
+        qemu_check_clean(&path);
+        assert_eq!(
+            first_diff(&qemu_raw(&dir, &path), &model),
+            None,
+            "{o}: active layer"
+        );
+        // The snapshot still holds what it held.
+        ok("qemu-img", &["snapshot", "-a", "before", &path]);
+        qemu_check_clean(&path);
+        assert_eq!(
+            first_diff(&qemu_raw(&dir, &path), &before),
+            None,
+            "{o}: snapshot"
+        );
+    }
+}

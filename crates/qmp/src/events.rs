@@ -144,6 +144,21 @@ pub(crate) fn set_main_server(s: &Rc<Server>) {
     MAIN_SERVER.with(|m| *m.borrow_mut() = Rc::downgrade(s));
 }
 
+/// The sink of the process's QMP server, for code that has no handle on it: a driver that
+/// finds an image corrupt (BLOCK_IMAGE_CORRUPTED) or a request failing (BLOCK_IO_ERROR), on
+/// any thread. `None` in programs without a monitor (blockd-img, blockd-io).
+pub fn global_sink() -> Option<EventSink> {
+    GLOBAL_SINK.lock().ok().and_then(|g| g.clone())
+}
+
+static GLOBAL_SINK: std::sync::Mutex<Option<EventSink>> = std::sync::Mutex::new(None);
+
+pub(crate) fn set_global_sink(s: EventSink) {
+    if let Ok(mut g) = GLOBAL_SINK.lock() {
+        *g = Some(s);
+    }
+}
+
 /// Emit events from any thread; they reach the monitors through the main context.
 #[derive(Clone, Debug)]
 pub struct EventSink {

@@ -132,6 +132,7 @@ impl Server {
             main: ctx.handle(),
         });
         crate::events::set_main_server(&s);
+        crate::events::set_global_sink(s.event_sink());
         s.add_builtins();
         s
     }

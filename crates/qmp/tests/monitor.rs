@@ -100,7 +100,23 @@ fn events_rate_limit_and_slow_commands() {
             );
             assert_eq!(a.msg(), json!({"return": "slow done", "id": 1}));
             assert_eq!(a.msg()["id"], 2);
-            // both monitors in command mode now receive events
+            // both monitors in command mode now receive events, also through the global sink
+            // drivers use
+            let global = blockd_qmp::events::global_sink().expect("set by Server::new");
+            global.image_corrupted(&blockd_qmp::ImageCorrupted {
+                device: String::new(),
+                node_name: Some("q".into()),
+                msg: "L1 entry points outside the image".into(),
+                offset: Some(65536),
+                size: Some(512),
+                fatal: true,
+            });
+            for c in [&mut a, &mut b] {
+                let ev = c.msg();
+                assert_eq!(ev["event"], "BLOCK_IMAGE_CORRUPTED");
+                assert_eq!(ev["data"]["node-name"], "q");
+                assert_eq!(ev["data"]["fatal"], true);
+            }
             sink.emit("OTHER", Some(json!({"x": 1})));
             assert_eq!(a.msg()["data"], json!({"x": 1}));
             assert_eq!(b.msg()["data"], json!({"x": 1}));

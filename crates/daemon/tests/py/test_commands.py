@@ -4,6 +4,8 @@ argument checking; error replies compared with qemu-storage-daemon's where it ha
 
 import asyncio
 import os
+import shutil
+import subprocess
 import time
 
 from common import (QSD, Daemon, ExecuteError, Raw, check, check_eq, finish, run)
@@ -193,6 +195,26 @@ async def main():
         await c.execute("blockdev-del", {"node-name": "f0"})
         with open(img, "rb") as f:
             check_eq(f.read(512), b"\x5a" * 512, "data written through the monitor")
+
+        # a format driver from another crate (qcow2), with its file opened inline
+        if "qcow2" in drv_enum["values"] and shutil.which("qemu-img"):
+            q = d.path("q.qcow2")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", q, "8M"], check=True)
+            await c.execute("blockdev-add", {"driver": "qcow2", "node-name": "q",
+                                             "file": {"driver": "file", "filename": q}})
+            out = await c.execute("human-monitor-command",
+                                  {"command-line": 'qemu-io q "write -P 0x66 64k 64k"'})
+            check("wrote 65536/65536" in out, f"qcow2 write: {out!r}")
+            info = {n["node-name"]: n for n in await c.execute("query-named-block-nodes")}["q"]
+            check_eq((info["drv"], info["file"], info["image"]["virtual-size"],
+                      info["image"].get("cluster-size")),
+                     ("qcow2", q, 8 << 20, 65536), "qcow2 node info")
+            await c.execute("blockdev-del", {"node-name": "q"})
+            p = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x66 64k 64k", q],
+                               capture_output=True, text=True)
+            check("read 65536/65536" in p.stdout, f"qemu-io reads blockd's qcow2 write: {p.stdout}")
+        else:
+            print("qcow2 driver or qemu-img missing: qcow2 check skipped")
 
         # human-monitor-command errors come back as text
         out = await c.execute("human-monitor-command", {"command-line": 'qemu-io zz "read 0 1"'})

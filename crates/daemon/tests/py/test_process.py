@@ -6,6 +6,7 @@ with the images flushed."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -77,6 +78,43 @@ for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         check_eq(f.read(65536), bytes([sig]) * 65536, f"data on disk after signal {sig}")
     r.close()
     d.stop()
+
+# --chardev fd=N (an inherited listening socket), a TCP chardev, and -T to a file
+lsock = socket.socket(socket.AF_UNIX)
+lsock.bind(os.path.join(tmp, "inherited.sock"))
+lsock.listen()
+tcp = socket.socket()
+tcp.bind(("127.0.0.1", 0))
+port = tcp.getsockname()[1]
+tcp.close()
+trace = os.path.join(tmp, "trace.log")
+pid2 = os.path.join(tmp, "fd.pid")
+p = subprocess.Popen([DAEMON, "--chardev", f"socket,id=c0,fd={lsock.fileno()}",
+                      "--monitor", "c0",
+                      "--chardev", f"socket,id=c1,host=127.0.0.1,port={port},server=on,wait=off",
+                      "--monitor", '{"chardev":"c1","pretty":false}',
+                      "-T", f"enable=blockd_qmp*,file={trace}", "--pidfile", pid2],
+                     pass_fds=[lsock.fileno()], stderr=subprocess.PIPE)
+for _ in range(200):
+    if os.path.exists(pid2):
+        break
+    time.sleep(0.05)
+r = Raw(os.path.join(tmp, "inherited.sock"))
+r.negotiate()
+check_eq(r.cmd("query-version", id="fd")["id"], "fd", "monitor on an inherited socket")
+t = socket.create_connection(("127.0.0.1", port))
+t.settimeout(10)
+greeting = t.recv(65536)
+check(greeting.startswith(b'{"QMP"'), f"TCP monitor greeting: {greeting[:40]!r}")
+t.close()
+check_eq(r.cmd("quit"), {"return": {}}, "quit")
+check_eq(p.wait(20), 0, "exit status")
+with open(trace) as f:
+    log = f.read()
+check("execute" in log and "query_version" not in log and "query-version" in log,
+      f"-T traced the monitor's commands: {log[:200]!r}")
+r.close()
+lsock.close()
 
 # --daemonize: the parent exits 0 once ready (pid file there), 1 when start-up fails
 pid = os.path.join(tmp, "d.pid")

@@ -75,6 +75,86 @@ pub struct FormatExtra {
     pub specific: Value,
     pub specific_lines: Vec<(String, String)>,
     pub dirty: bool,
+    pub snapshots: Vec<blockd_qcow2::image::Snapshot>,
+}
+
+/// Civil date and time (UTC) of a Unix time: qemu-img prints snapshot dates in local time,
+/// which blockd takes to be UTC.
+fn utc(secs: u64) -> (i64, u32, u32, u64, u64, u64) {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d, rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// qemu-img's "Snapshot list:" table.
+fn snapshot_table(snaps: &[blockd_qcow2::image::Snapshot]) -> String {
+    let mut o = String::from("Snapshot list:\n");
+    o += &format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for sn in snaps {
+        let (y, mo, d, h, mi, se) = utc(sn.date_sec as u64);
+        let date = format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{se:02}");
+        let ms = sn.vm_clock_nsec / 1_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            ms / 3_600_000,
+            ms / 60_000 % 60,
+            ms / 1000 % 60,
+            ms % 1000
+        );
+        let icount = sn.icount.map(|i| i.to_string()).unwrap_or_default();
+        o += &format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            sn.id,
+            sn.name,
+            human_size(sn.vm_state_size),
+            date,
+            clock,
+            icount
+        );
+    }
+    o
+}
+
+fn snapshots_json(snaps: &[blockd_qcow2::image::Snapshot], ind: usize) -> String {
+    let p1 = " ".repeat(ind + 4);
+    let p2 = " ".repeat(ind + 8);
+    let items: Vec<String> = snaps
+        .iter()
+        .map(|sn| {
+            let mut f = Vec::new();
+            if let Some(i) = sn.icount {
+                f.push(format!("{p2}\"icount\": {i}"));
+            }
+            f.push(format!(
+                "{p2}\"vm-clock-nsec\": {}",
+                sn.vm_clock_nsec % 1_000_000_000
+            ));
+            f.push(format!("{p2}\"name\": {}", json_str(&sn.name)));
+            f.push(format!("{p2}\"date-sec\": {}", sn.date_sec));
+            f.push(format!("{p2}\"date-nsec\": {}", sn.date_nsec));
+            f.push(format!(
+                "{p2}\"vm-clock-sec\": {}",
+                sn.vm_clock_nsec / 1_000_000_000
+            ));
+            f.push(format!("{p2}\"id\": {}", json_str(&sn.id)));
+            f.push(format!("{p2}\"vm-state-size\": {}", sn.vm_state_size));
+            format!("{p1}{{\n{}\n{p1}}}", f.join(",\n"))
+        })
+        .collect();
+    format!("[\n{}\n{}]", items.join(",\n"), " ".repeat(ind))
 }
 
 fn allocated(filename: &str) -> u64 {
@@ -145,6 +225,7 @@ fn describe(
                     specific: d.format_specific().unwrap_or(Value::Null),
                     specific_lines: d.info(),
                     dirty: d.is_dirty(),
+                    snapshots: blockd_qcow2::read_snapshots_file(&fname)?,
                 }),
             })
         }
@@ -263,6 +344,9 @@ pub fn human(info: &NodeInfo, image_name: &str) -> String {
                 o += &format!("backing file format: {f}\n");
             }
         }
+        if !x.snapshots.is_empty() {
+            o += &snapshot_table(&x.snapshots);
+        }
         if !x.specific_lines.is_empty() {
             o += "Format specific information:\n";
             for (k, v) in &x.specific_lines {
@@ -305,6 +389,14 @@ fn json_node(info: &NodeInfo, ind: usize, o: &mut String) {
     let x = info.extra.as_ref();
     if let Some((_, _, Some(f))) = x.and_then(|x| x.backing.as_ref()) {
         *o += &format!("{p1}\"backing-filename-format\": {},\n", json_str(f));
+    }
+    if let Some(x) = x
+        && !x.snapshots.is_empty()
+    {
+        *o += &format!(
+            "{p1}\"snapshots\": {},\n",
+            snapshots_json(&x.snapshots, ind + 4)
+        );
     }
     *o += &format!("{p1}\"virtual-size\": {},\n", info.virtual_size);
     *o += &format!("{p1}\"filename\": {},\n", json_str(&info.filename));

@@ -1080,6 +1080,51 @@ impl Image {
     }
 }
 
+/// Bytes following the 40-byte fixed part of a snapshot table entry (extra data, id, name).
+pub(crate) fn snapshot_rest_len(fixed: &[u8]) -> Result<u64, String> {
+    let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as u64;
+    let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as u64;
+    let extra_len = u32::from_be_bytes(fixed[36..40].try_into().unwrap()) as u64;
+    if extra_len > 1024 {
+        return Err("Too much extra metadata in snapshot table entry".into());
+    }
+    Ok(extra_len + id_len + name_len)
+}
+
+/// One snapshot table entry from its fixed part and the bytes after it.
+pub(crate) fn parse_snapshot(fixed: &[u8], var: &[u8], h: &Header) -> Result<Snapshot, String> {
+    let be32 = |o: usize| u32::from_be_bytes(fixed[o..o + 4].try_into().unwrap());
+    let be64 = |o: usize| u64::from_be_bytes(fixed[o..o + 8].try_into().unwrap());
+    let l1_offset = be64(0);
+    let l1_size = be32(8);
+    let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as usize;
+    let extra_len = be32(36) as usize;
+    let ex = &var[..extra_len];
+    let ex64 = |o: usize| {
+        (ex.len() >= o + 8).then(|| u64::from_be_bytes(ex[o..o + 8].try_into().unwrap()))
+    };
+    let id = String::from_utf8_lossy(&var[extra_len..extra_len + id_len]).into_owned();
+    let name = String::from_utf8_lossy(&var[extra_len + id_len..]).into_owned();
+    if !l1_offset.is_multiple_of(h.cluster_size()) {
+        return Err("Snapshot L1 table offset invalid".into());
+    }
+    if l1_size as u64 * 8 > header::MAX_L1_BYTES {
+        return Err("Snapshot L1 table too large".into());
+    }
+    Ok(Snapshot {
+        l1_offset,
+        l1_size,
+        id,
+        name,
+        date_sec: be32(16),
+        date_nsec: be32(20),
+        vm_clock_nsec: be64(24),
+        vm_state_size: ex64(0).unwrap_or(be32(32) as u64),
+        disk_size: ex64(8),
+        icount: ex64(16).filter(|&v| v != u64::MAX),
+    })
+}
+
 /// Read and check the snapshot table; returns the snapshots and the table's byte length.
 async fn read_snapshots(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, u64), String> {
     let mut out = Vec::new();
@@ -1087,43 +1132,9 @@ async fn read_snapshots(file: &Arc<Node>, h: &Header) -> Result<(Vec<Snapshot>, 
     let fail = |e: io::Error| format!("Could not read snapshots: {}", blockd_block::strerror(&e));
     for _ in 0..h.nb_snapshots {
         let fixed = pread(file, off, 40).await.map_err(fail)?;
-        let be32 = |o: usize| u32::from_be_bytes(fixed[o..o + 4].try_into().unwrap());
-        let be64 = |o: usize| u64::from_be_bytes(fixed[o..o + 8].try_into().unwrap());
-        let l1_offset = be64(0);
-        let l1_size = be32(8);
-        let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as u64;
-        let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as u64;
-        let extra_len = be32(36) as u64;
-        if extra_len > 1024 {
-            return Err("Too much extra metadata in snapshot table entry".into());
-        }
-        let rest = extra_len + id_len + name_len;
+        let rest = snapshot_rest_len(&fixed)?;
         let var = pread(file, off + 40, rest as usize).await.map_err(fail)?;
-        let ex = &var[..extra_len as usize];
-        let ex64 = |o: usize| {
-            (ex.len() >= o + 8).then(|| u64::from_be_bytes(ex[o..o + 8].try_into().unwrap()))
-        };
-        let id = String::from_utf8_lossy(&var[extra_len as usize..(extra_len + id_len) as usize])
-            .into_owned();
-        let name = String::from_utf8_lossy(&var[(extra_len + id_len) as usize..]).into_owned();
-        if l1_offset % h.cluster_size() != 0 {
-            return Err("Snapshot L1 table offset invalid".into());
-        }
-        if l1_size as u64 * 8 > header::MAX_L1_BYTES {
-            return Err("Snapshot L1 table too large".into());
-        }
-        out.push(Snapshot {
-            l1_offset,
-            l1_size,
-            id,
-            name,
-            date_sec: be32(16),
-            date_nsec: be32(20),
-            vm_clock_nsec: be64(24),
-            vm_state_size: ex64(0).unwrap_or(be32(32) as u64),
-            disk_size: ex64(8),
-            icount: ex64(16).filter(|&v| v != u64::MAX),
-        });
+        out.push(parse_snapshot(&fixed, &var, h)?);
         off += (40 + rest).div_ceil(8) * 8;
     }
     Ok((out, off - h.snapshots_offset))

@@ -42,3 +42,27 @@ pub fn read_header_file(path: &str) -> Result<header::Header, String> {
     f.read_exact(&mut buf).map_err(|e| e.to_string())?;
     header::Header::parse(&buf, len)
 }
+
+/// The internal snapshots of the qcow2 image in `path` (plain file I/O, like
+/// [`read_header_file`]).
+pub fn read_snapshots_file(path: &str) -> Result<Vec<image::Snapshot>, String> {
+    use std::os::unix::fs::FileExt;
+    let h = read_header_file(path)?;
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let read = |off: u64, len: usize| -> Result<Vec<u8>, String> {
+        let mut b = vec![0u8; len];
+        f.read_exact_at(&mut b, off)
+            .map_err(|e| format!("Could not read snapshots: {e}"))?;
+        Ok(b)
+    };
+    let mut out = Vec::new();
+    let mut off = h.snapshots_offset;
+    for _ in 0..h.nb_snapshots {
+        let fixed = read(off, 40)?;
+        let rest = image::snapshot_rest_len(&fixed)?;
+        let var = read(off + 40, rest as usize)?;
+        out.push(image::parse_snapshot(&fixed, &var, &h)?);
+        off += (40 + rest).div_ceil(8) * 8;
+    }
+    Ok(out)
+}

@@ -282,6 +282,13 @@ async fn run(
 
 /// Drain every node, flush and close them (users first), stop the iothreads.
 async fn shutdown(d: &Rc<Daemon>, _server: &Rc<Server>) {
+    // let monitor commands doing I/O (qemu-io, block_resize) finish, for a while
+    for _ in 0..500 {
+        if d.busy.get() == 0 {
+            break;
+        }
+        blockd_aio::sleep(Duration::from_millis(10)).await;
+    }
     // exports first: their clients go away and their backends are detached
     nbd::shutdown(d);
     for _ in 0..50 {

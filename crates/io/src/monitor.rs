@@ -33,6 +33,12 @@ pub async fn run_command(
             ex.out
                 .err("reopen: not supported through the monitor yet (use blockdev-reopen)\n");
         }
+        Ok(Some(Command::Abort | Command::Sigraise { .. })) => {
+            // they would take the whole daemon down with the monitor's command
+            let name = line.split_whitespace().next().unwrap_or_default();
+            ex.out
+                .err(&format!("{name}: refused through the monitor (it would end the daemon)\n"));
+        }
         Ok(Some(Command::WaitBreak { .. })) => {
             // would wait forever with the monitor's command in flight
             ex.out.err("wait_break: no breakpoint can exist (no blkdebug)\n");

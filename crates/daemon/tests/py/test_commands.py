@@ -219,6 +219,10 @@ async def main():
         # human-monitor-command errors come back as text
         out = await c.execute("human-monitor-command", {"command-line": 'qemu-io zz "read 0 1"'})
         check_eq(out, "Error: Cannot find device='' nor node-name='zz'\r\n", "HMP unknown node")
+        out = await c.execute("human-monitor-command", {"command-line": 'qemu-io n0 "abort"'})
+        check("refused" in out, f"qemu-io abort does not end the daemon: {out!r}")
+        out = await c.execute("human-monitor-command", {"command-line": 'qemu-io n0 "open x"'})
+        check_eq(out, 'command "open" not found\r\n', "open is not a monitor qemu-io command")
         out = await c.execute("human-monitor-command", {"command-line": "info block"})
         check_eq(out, "unknown command: 'info'\r\n", "HMP unknown command")
         out = await c.execute("human-monitor-command",

@@ -99,9 +99,7 @@ pub fn run(argv: &[String]) -> CmdResult {
                     "all" => Repair::All,
                     _ => {
                         return Err(Failure::usage(
-                            format!(
-                                "Unknown option value for -r (expecting 'leaks' or 'all'): {arg}"
-                            ),
+                            format!("--repair (-r) expects 'leaks' or 'all' not '{arg}'"),
                             "check",
                         ));
                     }

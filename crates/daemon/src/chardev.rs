@@ -16,6 +16,8 @@ use blockd_qmp::Server;
 use serde_json::{Map, Value};
 
 pub struct Chardev {
+    /// with `wait=on`: the client start-up waited for, served once a monitor uses the chardev
+    first: Option<OwnedFd>,
     listener: OwnedFd,
     /// unix socket path to remove at exit
     pub path: Option<PathBuf>,
@@ -94,11 +96,6 @@ impl Chardevs {
                     "client chardev sockets (server=off) are not supported by blockd yet".into(),
                 );
             }
-            if wait {
-                return Err(
-                    "server=on with wait=on is not supported by blockd yet: use wait=off".into(),
-                );
-            }
             if let Some(p) = path {
                 let pb = PathBuf::from(&p);
                 // a socket left by an earlier run is replaced, as QEMU does
@@ -130,9 +127,36 @@ impl Chardevs {
                 );
             }
         };
+        // wait=on (the default for servers): start-up waits for the first client, as QEMU's
+        // does; nothing is being served yet, so a blocking accept holds up nothing.
+        let first = if server && wait {
+            let what = match (&unlink, &host) {
+                (Some(p), _) => format!("unix:{}", p.display()),
+                (None, Some(h)) => format!("tcp:{h}:{}", text(&m, "port").unwrap_or_default()),
+                _ => "fd".to_string(),
+            };
+            eprintln!(
+                "{}: info: QEMU waiting for connection on: disconnected:{what},server=on",
+                crate::cli::PROG
+            );
+            let fd = listener.try_clone().map_err(|e| e.to_string())?;
+            let conn = if unlink.is_some() {
+                std::os::unix::net::UnixListener::from(fd)
+                    .accept()
+                    .map(|(c, _)| OwnedFd::from(c))
+            } else {
+                std::net::TcpListener::from(fd)
+                    .accept()
+                    .map(|(c, _)| OwnedFd::from(c))
+            };
+            Some(conn.map_err(|e| format!("accept: {e}"))?)
+        } else {
+            None
+        };
         self.devs.insert(
             id.clone(),
             Chardev {
+                first,
                 listener,
                 path: unlink,
                 used: false,
@@ -163,6 +187,9 @@ impl Chardevs {
             return Err(format!("Device '{id}' is in use"));
         }
         dev.used = true;
+        if let Some(conn) = dev.first.take() {
+            server.serve(conn, pretty);
+        }
         let fd = dev.listener.try_clone().map_err(|e| e.to_string())?;
         let server = server.clone();
         blockd_aio::spawn(async move {

@@ -116,6 +116,30 @@ check("execute" in log and "query_version" not in log and "query-version" in log
 r.close()
 lsock.close()
 
+# wait=on (the default): start-up waits for the first client, which is then served
+wsock = os.path.join(tmp, "wait.sock")
+wpid = os.path.join(tmp, "wait.pid")
+p = subprocess.Popen([DAEMON, "--chardev", f"socket,id=c,path={wsock},server=on",
+                      "--monitor", "chardev=c", "--pidfile", wpid], stderr=subprocess.PIPE)
+for _ in range(200):
+    if os.path.exists(wsock):
+        break
+    time.sleep(0.05)
+time.sleep(0.2)
+check(not os.path.exists(wpid), "not ready before the first client connects")
+r = Raw(wsock)
+check("QMP" in r.recv_msg(), "the waited-for client gets the greeting")
+check_eq(r.cmd("qmp_capabilities"), {"return": {}}, "and is served")
+for _ in range(200):
+    if os.path.exists(wpid):
+        break
+    time.sleep(0.05)
+check(os.path.exists(wpid), "ready after the first client")
+r.cmd("quit")
+check_eq(p.wait(20), 0, "exit status")
+check(b"waiting for connection" in p.stderr.read(), "the waiting message")
+r.close()
+
 # --daemonize: the parent exits 0 once ready (pid file there), 1 when start-up fails
 pid = os.path.join(tmp, "d.pid")
 sock = os.path.join(tmp, "d.sock")

@@ -257,10 +257,8 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
     let dd = d.clone();
     server.register(
         "human-monitor-command",
-        obj(vec![
-            member("command-line", Type::Str),
-            optional("cpu-index", Type::Int),
-        ]),
+        // (no `cpu-index`: the storage daemon has no CPUs to select)
+        obj(vec![member("command-line", Type::Str)]),
         Type::Str,
         move |a| Box::pin(crate::hmp::human_monitor_command(dd.clone(), a)),
     );

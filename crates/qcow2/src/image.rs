@@ -955,11 +955,13 @@ impl Image {
         self.maybe_writeback(file).await
     }
 
-    /// Write back when the caches fill up with dirty entries.
+    /// Write back when a cache had to grow past its size because its entries are dirty
+    /// (where QEMU would evict and write a dirty entry).
     pub(crate) async fn maybe_writeback(&self, file: &Arc<Node>) -> io::Result<()> {
         let full = {
             let m = self.meta();
-            m.l2.dirty_count() * 2 > m.l2.capacity() || m.rc.dirty_count() * 2 > m.rc.capacity()
+            (m.l2.len() > m.l2.capacity() && m.l2.dirty_count() > 0)
+                || (m.rc.len() > m.rc.capacity() && m.rc.dirty_count() > 0)
         };
         if full {
             self.writeback(file).await

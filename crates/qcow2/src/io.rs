@@ -480,21 +480,8 @@ impl Image {
         }
         let (r, _) = aligned_write(file, host_buf, buf, flags.without(ReqFlags::MAY_UNMAP)).await;
         r?;
-        // The file still covers every cluster it references (a small write of zeroes at the
-        // run's end instead of the whole tail).
-        let run_host_end = host_start + got * cs;
-        if zero_cow && run_host_end > file.length() {
-            let al = (file.limits().request_alignment as u64).max(512);
-            let (r, _) = aligned_write(
-                file,
-                run_host_end - al,
-                IoBuf::zeroed(al as usize, 4096),
-                ReqFlags::NONE,
-            )
-            .await;
-            r?;
-        }
-
+        // The file may now end inside the run's last cluster: the rest reads as zeroes, and
+        // QEMU accepts clusters that end less than a cluster past the end of the file.
         Ok((buf_start, buf_end, wend))
     }
 

@@ -116,6 +116,14 @@ async def main():
         drv_enum = by_name[[m for m in add["members"] if m["name"] == "driver"][0]["type"]]
         check("null-co" in drv_enum["values"] and "file" in drv_enum["values"],
               "driver enum lists the graph's drivers")
+        refs = []
+        for e in schema:
+            refs += [e[k] for k in ("arg-type", "ret-type", "element-type") if k in e]
+            refs += [m["type"] for m in e.get("members", []) if "type" in m]
+            refs += [v["type"] for v in e.get("variants", [])]
+        check_eq(sorted(set(r for r in refs if r not in by_name)), [],
+                 "every type the schema refers to is defined")
+        check_eq(len(by_name), len(schema), "schema names are unique")
         events = [e["name"] for e in schema if e["meta-type"] == "event"]
         check("BLOCK_IO_ERROR" in events and "SHUTDOWN" in events, "events in the schema")
 

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod drain;
 pub mod driver;
 pub mod drivers;
+pub mod events;
 pub mod graph;
 pub mod io;
 pub mod node;

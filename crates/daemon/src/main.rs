@@ -220,6 +220,9 @@ async fn run(
         "package": format!("blockd {}", env!("CARGO_PKG_VERSION")),
     }));
     *d.server.borrow_mut() = Some(server.clone());
+    // events the block layer and drivers report, from any thread
+    let sink = server.event_sink();
+    blockd_block::events::set_sink(Box::new(move |name, data| sink.emit(name, Some(data))));
     commands::register(&server, &d);
     nbd::register(&server, &d);
     if let Err(e) = nbd::init(&d) {

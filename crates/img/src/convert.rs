@@ -590,37 +590,11 @@ impl Job {
         if pos >= self.total {
             return Ok(None);
         }
-        let (end, kind, src) = self.status_at(pos).await?;
-        let s = &self.sources[src];
-        let src_end = s.start + s.len;
-        let mut end = end.min(src_end).min(pos + CHUNK);
-        let mut kind = kind;
-        if self.p.compress {
-            // Compressed writes take whole clusters: a cluster is data if any part of it is.
-            let cl_end = ((pos / self.cluster + 1) * self.cluster).min(src_end);
-            if end < cl_end {
-                let mut at = end;
-                while at < cl_end && kind == Kind::Zero {
-                    let (e, k, _) = self.status_at(at).await?;
-                    if k == Kind::Data {
-                        kind = Kind::Data;
-                    }
-                    at = e;
-                }
-            }
-            end = cl_end;
-        }
-        let len = end - pos;
-        self.pos.set(end);
-        let chunk = Chunk {
-            off: pos,
-            len,
-            src,
-            kind,
-        };
-        if self.counts(kind) {
+        let chunk = self.chunk_at(pos).await?;
+        self.pos.set(pos + chunk.len);
+        if self.counts(chunk.kind) {
             self.done_sectors
-                .set(self.done_sectors.get() + len.div_ceil(512));
+                .set(self.done_sectors.get() + chunk.len.div_ceil(512));
             let total = self.counted_sectors.get();
             if total > 0 {
                 self.progress
@@ -628,6 +602,35 @@ impl Job {
             }
         }
         Ok(Some(chunk))
+    }
+
+    /// The chunk starting at `pos`: one block status extent, at most [`CHUNK`] long, within one
+    /// source; with `-c` exactly one target cluster (data if any part of it is).
+    async fn chunk_at(&self, pos: u64) -> Result<Chunk, String> {
+        let (end, kind, src) = self.status_at(pos).await?;
+        let s = &self.sources[src];
+        let src_end = s.start + s.len;
+        let mut end = end.min(src_end).min(pos + CHUNK).max(pos + 1);
+        let mut kind = kind;
+        if self.p.compress {
+            // One whole target cluster, across source boundaries if need be.
+            let cl_end = ((pos / self.cluster + 1) * self.cluster).min(self.total);
+            let mut at = end;
+            while at < cl_end && kind == Kind::Zero {
+                let (e, k, _) = self.status_at(at).await?;
+                if k == Kind::Data {
+                    kind = Kind::Data;
+                }
+                at = e.max(at + 1);
+            }
+            end = cl_end;
+        }
+        Ok(Chunk {
+            off: pos,
+            len: end - pos,
+            src,
+            kind,
+        })
     }
 
     /// Block status at `pos`, reusing the last answer while it covers `pos`.
@@ -660,13 +663,11 @@ impl Job {
         let mut pos = 0;
         let mut counted = 0u64;
         while pos < self.total {
-            let (end, kind, src) = self.status_at(pos).await?;
-            let s = &self.sources[src];
-            let end = end.min(s.start + s.len).min(pos + CHUNK).max(pos + 1);
-            if self.counts(kind) {
-                counted += (end - pos).div_ceil(512);
+            let c = self.chunk_at(pos).await?;
+            if self.counts(c.kind) {
+                counted += c.len.div_ceil(512);
             }
-            pos = end;
+            pos += c.len;
         }
         self.counted_sectors.set(counted);
         self.status.set(None);
@@ -776,44 +777,91 @@ async fn worker(job: &Job) -> Result<(), String> {
 }
 
 async fn read_chunk(job: &Job, c: &Chunk, buf: &mut Option<IoBuf>) -> Result<(), String> {
-    let s = &job.sources[c.src];
-    let local = c.off - s.start;
     let mut b = buf.take().expect("worker buffer");
     b.set_len(c.len as usize);
-    let (r, mut b) = s.blk.read(local, b).await;
-    if let Err(e) = r {
+    let s = &job.sources[c.src];
+    let r = if c.off + c.len <= s.start + s.len {
+        // The usual case: the chunk lies in one source, read straight into the buffer.
+        let (r, back) = s.blk.read(c.off - s.start, b).await;
+        b = back;
+        r.map_err(|e| (c.off, e))
+    } else {
+        read_spanning(job, c, &mut b).await
+    };
+    if let Err((at, e)) = r {
         if !job.p.salvage {
             *buf = Some(b);
             return Err(format!(
-                "error while reading at byte {}: {}",
-                c.off,
+                "error while reading at byte {at}: {}",
                 blockd_block::strerror(&e)
             ));
         }
-        // --salvage: read sector by sector; unreadable sectors become zeroes.
-        let mut one = IoBuf::new(512, 512);
-        let mut at = 0usize;
-        while at < c.len as usize {
-            let n = 512.min(c.len as usize - at);
-            one.set_len(n);
-            let (r, o) = s.blk.read(local + at as u64, one).await;
-            one = o;
-            match r {
-                Ok(()) => b.as_mut_slice()[at..at + n].copy_from_slice(one.as_slice()),
-                Err(e) => {
-                    eprintln!(
-                        "qemu-img: warning: error while reading offset {}: {}",
-                        c.off + at as u64,
-                        blockd_block::strerror(&e)
-                    );
-                    b.as_mut_slice()[at..at + n].fill(0);
-                }
-            }
-            at += n;
-        }
+        salvage(job, c, &mut b).await;
     }
     *buf = Some(b);
     Ok(())
+}
+
+/// Read a chunk that spans sources (compressed clusters of concatenated images), piece by
+/// piece through a bounce buffer.
+async fn read_spanning(job: &Job, c: &Chunk, b: &mut IoBuf) -> Result<(), (u64, io::Error)> {
+    let mut at = c.off;
+    let end = c.off + c.len;
+    while at < end {
+        let Some(s) = job
+            .sources
+            .iter()
+            .find(|s| s.start <= at && at < s.start + s.len)
+        else {
+            break;
+        };
+        let n = (s.start + s.len).min(end) - at;
+        let piece = IoBuf::new(n as usize, 4096);
+        let (r, piece) = s.blk.read(at - s.start, piece).await;
+        r.map_err(|e| (at, e))?;
+        let o = (at - c.off) as usize;
+        b.as_mut_slice()[o..o + n as usize].copy_from_slice(piece.as_slice());
+        at += n;
+    }
+    Ok(())
+}
+
+/// `--salvage`: read sector by sector; unreadable sectors become zeroes, with a warning.
+async fn salvage(job: &Job, c: &Chunk, b: &mut IoBuf) {
+    let mut one = IoBuf::new(512, 512);
+    let mut at = 0u64;
+    while at < c.len {
+        let n = 512.min(c.len - at) as usize;
+        let pos = c.off + at;
+        let src = job
+            .sources
+            .iter()
+            .find(|s| s.start <= pos && pos < s.start + s.len);
+        let o = at as usize;
+        match src {
+            Some(s) => {
+                let n = n.min((s.start + s.len - pos) as usize);
+                one.set_len(n);
+                let (r, back) = s.blk.read(pos - s.start, one).await;
+                one = back;
+                match r {
+                    Ok(()) => b.as_mut_slice()[o..o + n].copy_from_slice(one.as_slice()),
+                    Err(e) => {
+                        eprintln!(
+                            "qemu-img: warning: error while reading offset {pos}: {}",
+                            blockd_block::strerror(&e)
+                        );
+                        b.as_mut_slice()[o..o + n].fill(0);
+                    }
+                }
+                at += n as u64;
+            }
+            None => {
+                b.as_mut_slice()[o..o + n].fill(0);
+                at += n as u64;
+            }
+        }
+    }
 }
 
 fn write_err(off: u64, e: &io::Error) -> String {

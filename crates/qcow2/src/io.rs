@@ -450,9 +450,29 @@ impl Image {
         } else {
             (cstart, run_end)
         };
-        let mut buf = IoBuf::new((buf_end - buf_start) as usize, 4096);
         let head = (g - buf_start) as usize;
         let body = (wend - g) as usize;
+        // Common case: fresh clusters past the end of the file replacing ones that read as
+        // zeroes (no host cluster, no backing file). Only the data is written, padded to the
+        // file's alignment; the rest of the clusters are holes that read as zeroes.
+        let known_zero = node.child("backing").is_none()
+            && olds
+                .iter()
+                .all(|&(e, _)| e & (L2E_OFFSET_MASK | OFLAG_COMPRESSED) == 0);
+        if past_eof && known_zero {
+            let al = (file.limits().request_alignment as u64).max(512);
+            let a = (g - buf_start) / al * al;
+            let b = ((wend - buf_start).div_ceil(al) * al).min(buf_end - buf_start);
+            let mut part = IoBuf::zeroed((b - a) as usize, 4096);
+            let at = head - a as usize;
+            part[at..at + body].copy_from_slice(&data[..body]);
+            let host = host_start + (buf_start - cstart) + a;
+            self.check_overlap(file, host, b - a).await?;
+            let (r, _) = aligned_write(file, host, part, flags.without(ReqFlags::MAY_UNMAP)).await;
+            r?;
+            return Ok((buf_start, buf_end, wend));
+        }
+        let mut buf = IoBuf::new((buf_end - buf_start) as usize, 4096);
         if head > 0 {
             self.read_into(node, buf_start, &mut buf[..head]).await?;
         }

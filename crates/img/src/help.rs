@@ -19,6 +19,7 @@ Standard options:
 Recognized commands (run qemu-img COMMAND --help for command-specific help):
 
   bench - Run simple image benchmark
+  commit - Commit image to its backing file
   compare - Check if two images have the same contents
   convert - Copy one image to another with optional format conversion
   create - Create and format new image file
@@ -454,5 +455,39 @@ Arguments:
      QEMU user-creatable object (eg encryption key)
   FILENAME
      image file name (or specification with --image-opts)
+
+";
+
+pub const COMMIT: &str = "\
+Usage:
+Commit image to its backing file.  Usage:
+
+  qemu-img commit [-f FMT | --image-opts] [-t CACHE_MODE] [-b BASE_IMG] [-d]
+        [-r RATE] [--object OBJDEF] FILENAME
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -q, --quiet
+     quiet operations
+  -p, --progress
+     show operation progress
+  -f, --format FMT
+     specify FILENAME image format explicitly
+  --image-opts
+     indicates that FILENAME is a complete image specification
+     instead of a file name (incompatible with --format)
+  -t, --cache CACHE_MODE image cache mode (writeback)
+  -d, --drop
+     skip emptying FILENAME on completion
+  -b, --base BASE_IMG
+     image in the backing chain to which to commit changes
+     instead of the previous one (implies --drop)
+  -r, --rate RATE
+     I/O rate limit
+  --object OBJDEF
+     QEMU user-creatable object (eg encryption key)
+  FILENAME
+     name of the image file to operate on
 
 ";

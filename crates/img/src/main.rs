@@ -6,6 +6,7 @@
 
 mod bench;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -108,7 +109,8 @@ fn main() -> ExitCode {
         "dd" => dd::run(rest),
         "measure" => measure::run(rest),
         "rebase" => rebase::run(rest),
-        "amend" | "bitmap" | "commit" | "snapshot" => Err(Failure::new(format!(
+        "commit" => commit::run(rest),
+        "amend" | "bitmap" | "snapshot" => Err(Failure::new(format!(
             "Command not implemented by blockd-img yet: {cmd}"
         ))),
         other => Err(Failure::usage(format!("Command not found: {other}"), "")),

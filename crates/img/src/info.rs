@@ -97,7 +97,7 @@ fn utc(secs: u64) -> (i64, u32, u32, u64, u64, u64) {
 }
 
 /// qemu-img's "Snapshot list:" table.
-fn snapshot_table(snaps: &[blockd_qcow2::image::Snapshot]) -> String {
+pub fn snapshot_table(snaps: &[blockd_qcow2::image::Snapshot]) -> String {
     let mut o = String::from("Snapshot list:\n");
     o += &format!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
@@ -530,7 +530,7 @@ pub fn run(argv: &[String]) -> CmdResult {
     };
     let mut chain = vec![(shown, info)];
     // --backing-chain: each backing file in turn, opened by its resolved name and format.
-    while backing_chain {
+    while backing_chain && chain.len() <= 64 {
         let Some((_, full, fmt)) = chain
             .last()
             .and_then(|(_, i)| i.extra.as_ref())
@@ -538,9 +538,6 @@ pub fn run(argv: &[String]) -> CmdResult {
         else {
             break;
         };
-        if chain.len() > 64 {
-            return Err(Failure::new("Backing chain too long (a loop?)"));
-        }
         let req = OpenRequest {
             name: &full,
             image_opts: false,
@@ -554,6 +551,9 @@ pub fn run(argv: &[String]) -> CmdResult {
         let o = image::open(&req).map_err(Failure::new)?;
         let i = describe(&o.options, o.node.length(), Some(&o.node)).map_err(Failure::new)?;
         chain.push((full, i));
+        if chain.len() > 64 {
+            return Err(Failure::new("Backing chain too long (a loop?)"));
+        }
     }
     if output_json && backing_chain {
         let items: Vec<String> = chain

@@ -21,6 +21,7 @@ mod num;
 mod progress;
 mod rebase;
 mod resize;
+mod snapshot;
 mod status;
 mod target;
 
@@ -102,6 +103,7 @@ fn main() -> ExitCode {
         "info" => info::run(rest),
         "bench" => bench::run(rest),
         "check" => check::run(rest),
+        "snapshot" => snapshot::run(rest),
         "convert" => convert::run(rest),
         "map" => map::run(rest),
         "compare" => compare::run(rest),
@@ -110,7 +112,7 @@ fn main() -> ExitCode {
         "measure" => measure::run(rest),
         "rebase" => rebase::run(rest),
         "commit" => commit::run(rest),
-        "amend" | "bitmap" | "snapshot" => Err(Failure::new(format!(
+        "amend" | "bitmap" => Err(Failure::new(format!(
             "Command not implemented by blockd-img yet: {cmd}"
         ))),
         other => Err(Failure::usage(format!("Command not found: {other}"), "")),

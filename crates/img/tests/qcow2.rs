@@ -282,3 +282,81 @@ fn info_of_qcow2_images_matches_qemu_img() {
         same(&d, cmd);
     }
 }
+
+/// Dates differ between the two runs: mask them.
+fn masked(o: (String, String, i32)) -> (String, String, i32) {
+    let mask = |s: &str| {
+        s.lines()
+            .map(|l| match l.find("20") {
+                Some(i) if l.len() > i + 19 && l.as_bytes()[i + 4] == b'-' => {
+                    format!("{}DATE{}", &l[..i], &l[i + 19..])
+                }
+                _ => l.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    (mask(&o.0), mask(&o.1), o.2)
+}
+
+#[test]
+fn snapshot_matches_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let d = Dirs::new("snapshot");
+    d.both(QEMU_IMG, &["create", "-q", "-f", "qcow2", "s.qcow2", "16M"]);
+    d.both(QEMU_IMG, &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    d.both(
+        QEMU_IO,
+        &[
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "write -c -P 3 2M 64k",
+            "s.qcow2",
+        ],
+    );
+    let steps: &[(&str, Option<&str>)] = &[
+        ("snapshot -l s.qcow2", None),
+        ("snapshot -c one s.qcow2", Some("write -P 9 0 64k")),
+        ("snapshot -c two s.qcow2", Some("write -P 8 100k 300k")),
+        ("snapshot -c one s.qcow2", None),
+        ("snapshot -l s.qcow2", None),
+        ("snapshot -a two s.qcow2", None),
+        ("snapshot -d one s.qcow2", None),
+        ("snapshot -d 2 s.qcow2", None),
+        ("snapshot -d nope s.qcow2", None),
+        ("snapshot -a nope s.qcow2", None),
+        ("snapshot -a 3 s.qcow2", Some("write -P 7 1M 64k")),
+        ("snapshot s.qcow2", None),
+        ("snapshot -l -c x s.qcow2", None),
+        ("snapshot -l r.raw", None),
+        ("snapshot -c x r.raw", None),
+    ];
+    for (cmd, then) in steps {
+        let args: Vec<&str> = cmd.split(' ').collect();
+        let q = masked(run(QEMU_IMG, &args, &d.q()));
+        let b = masked(run(BLOCKD_IMG, &args, &d.b()));
+        assert_eq!(b, q, "qemu-img {cmd}");
+        let (_, _, rc) = run(QEMU_IMG, &["check", "s.qcow2"], &d.b());
+        assert_eq!(rc, 0, "check after {cmd}");
+        let (o, _, _) = run(
+            QEMU_IMG,
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "../q/s.qcow2",
+                "s.qcow2",
+            ],
+            &d.b(),
+        );
+        assert_eq!(o, "Images are identical.\n", "after {cmd}");
+        if let Some(w) = then {
+            d.both(QEMU_IO, &["-f", "qcow2", "-c", w, "s.qcow2"]);
+        }
+    }
+}

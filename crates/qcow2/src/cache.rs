@@ -200,6 +200,11 @@ impl<T> Cache<T> {
         }
     }
 
+    /// Forget every clean entry.
+    pub fn clear_clean(&mut self) {
+        self.map.retain(|_, s| s.dirty);
+    }
+
     pub fn dirty_count(&self) -> usize {
         self.dirty
     }

@@ -14,6 +14,7 @@ pub mod header;
 pub mod image;
 pub mod io;
 pub mod layout;
+pub mod snapshot;
 
 pub use check::{CheckReport, Repair, check};
 pub use create::{CreateOptions, create};

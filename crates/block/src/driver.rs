@@ -165,6 +165,11 @@ pub trait BlockDriver: Send + Sync + 'static {
         None
     }
 
+    /// The file a protocol driver opened (QEMU's `filename` in query-named-block-nodes).
+    fn filename(&self) -> Option<String> {
+        None
+    }
+
     /// Whether the image was not closed cleanly (qemu-img info's `dirty-flag`).
     fn is_dirty(&self) -> bool {
         false

@@ -139,6 +139,9 @@ pub async fn blockdev_reopen(d: &Daemon, args: Map<String, Value>) -> R {
 fn filename(d: &Daemon, node: &Arc<Node>) -> String {
     let opts = d.node_opts.borrow().get(node.name()).cloned();
     let drv = node.driver().format_name();
+    if let Some(f) = node.driver().filename() {
+        return f;
+    }
     if let Some(f) = opts
         .as_ref()
         .and_then(|o| o.get("filename"))
@@ -202,7 +205,9 @@ fn image_info(d: &Daemon, node: &Arc<Node>, chain: bool) -> Value {
         v["actual-size"] = json!(md.blocks() * 512);
     }
     if let Some(b) = node.child("backing") {
-        v["backing-filename"] = json!(filename(d, &b));
+        // (the name as written in the image header, QEMU's `backing-filename`, is the
+        // format driver's to tell; the resolved one is known here)
+        v["full-backing-filename"] = json!(filename(d, &b));
         if chain {
             v["backing-image"] = image_info(d, &b, true);
         }
@@ -333,9 +338,13 @@ pub fn debug_block_graph(d: &Daemon) -> R {
         out_nodes.push(json!({"id": i as u64 + 1, "type": "block-driver", "name": n.name()}));
         for c in n.children().iter() {
             if let Some(child) = id_of(&c.node) {
+                // QAPI's BlockPermission names ("consistent-read", ...)
+                let qapi = |p: blockd_block::Perm| -> Vec<String> {
+                    p.names().iter().map(|n| n.replace(' ', "-")).collect()
+                };
                 edges.push(json!({
                     "parent": i as u64 + 1, "child": child, "name": c.name,
-                    "perm": c.perm.names(), "shared-perm": c.shared.names(),
+                    "perm": qapi(c.perm), "shared-perm": qapi(c.shared),
                 }));
             }
         }

@@ -264,6 +264,10 @@ impl BlockDriver for FileDriver {
         self.name
     }
 
+    fn filename(&self) -> Option<String> {
+        Some(self.filename.clone())
+    }
+
     fn limits(&self) -> Limits {
         self.limits
     }

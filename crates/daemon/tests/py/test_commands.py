@@ -3,6 +3,7 @@ argument checking; error replies compared with qemu-storage-daemon's where it ha
 """
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -218,6 +219,38 @@ async def main():
                       info["image"].get("cluster-size")),
                      ("qcow2", q, 8 << 20, 65536), "qcow2 node info")
             await c.execute("blockdev-del", {"node-name": "q"})
+            # a backing chain the qcow2 driver opens itself
+            base = d.path("base.raw")
+            top = d.path("top.qcow2")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "raw", base, "4M"], check=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.raw",
+                            "-F", "raw", top], check=True)
+            spec = {"driver": "qcow2", "node-name": "top",
+                    "file": {"driver": "file", "filename": top}}
+            await c.execute("blockdev-add", spec)
+            ours = {n["node-name"]: n for n in await c.execute("query-named-block-nodes")}["top"]
+            graph = await c.execute("x-debug-query-block-graph")
+            perms = {p for e in graph["edges"] for p in e["perm"] + e["shared-perm"]}
+            check(perms <= {"consistent-read", "write", "write-unchanged", "resize"},
+                  f"QAPI permission names: {perms}")
+            await c.execute("blockdev-del", {"node-name": "top"})
+            if QSD:
+                qd = Daemon(QSD, args=["--blockdev", json.dumps(spec)])
+                try:
+                    qc = await qd.client()
+                    theirs = {n["node-name"]: n for n in
+                              await qc.execute("query-named-block-nodes")}["top"]
+                    await qc.disconnect()
+                finally:
+                    qd.stop()
+                for k in ("drv", "file", "backing_file", "backing_file_depth", "ro"):
+                    check_eq(ours.get(k), theirs.get(k), f"chain top member {k}")
+                for k in ("filename", "format", "virtual-size", "cluster-size",
+                          "full-backing-filename"):
+                    check_eq(ours["image"].get(k), theirs["image"].get(k), f"chain image {k}")
+                for k in ("filename", "format", "virtual-size"):
+                    check_eq(ours["image"]["backing-image"].get(k),
+                             theirs["image"]["backing-image"].get(k), f"backing-image {k}")
             p = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x66 64k 64k", q],
                                capture_output=True, text=True)
             check("read 65536/65536" in p.stdout, f"qemu-io reads blockd's qcow2 write: {p.stdout}")

@@ -306,9 +306,14 @@ impl Introspector {
     pub fn command(&mut self, name: &str, args: &ObjectDef, ret: &Type) {
         let arg_type = self.object(args);
         let ret_type = self.type_name(ret);
-        self.entries.push(json!({
+        let mut e = json!({
             "name": name, "meta-type": "command", "arg-type": arg_type, "ret-type": ret_type,
-        }));
+        });
+        if name.starts_with("x-") {
+            // QEMU marks its experimental commands so in the schema
+            e["features"] = json!(["unstable"]);
+        }
+        self.entries.push(e);
     }
 
     pub fn event(&mut self, name: &str, data: &ObjectDef) {

@@ -125,6 +125,8 @@ async def main():
         check_eq(sorted(set(r for r in refs if r not in by_name)), [],
                  "every type the schema refers to is defined")
         check_eq(len(by_name), len(schema), "schema names are unique")
+        check_eq(by_name["x-blockdev-set-iothread"].get("features"), ["unstable"],
+                 "x- commands are marked unstable")
         events = [e["name"] for e in schema if e["meta-type"] == "event"]
         check("BLOCK_IO_ERROR" in events and "SHUTDOWN" in events, "events in the schema")
 

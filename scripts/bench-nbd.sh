@@ -26,11 +26,13 @@ qemu-img create -q -f raw -o preallocation=full "$IMG" "$SIZE"
 qemu-img create -q -f raw -o preallocation=full "$SRC" "$SIZE"
 # Data everywhere in the source, so copies move real bytes.
 qemu-io -f raw -c "write -P 0x5a 0 $SIZE" "$SRC" >/dev/null
+sync
 
 SOCK="$DIR/nbd.sock"
 URI="nbd+unix:///disk?socket=$SOCK"
 
 start() { # name
+    sync # write-back of the previous round must not land in this one
     rm -f "$SOCK"
     case "$1" in
     blockd) "$B" -f raw -t -e 0 -x disk --cache=none --aio=io_uring -k "$SOCK" "$IMG" & ;;

@@ -68,14 +68,22 @@ fn stream(r: &mut Rng) -> Vec<u8> {
     };
     option(&mut v, proto::OPT_GO, &go.encode());
     for i in 0..r.below(12) {
-        let typ = if r.below(8) == 0 { r.below(12) as u16 } else { [0u16, 1, 3, 4, 5, 6, 7][r.below(7) as usize] };
+        let typ = if r.below(8) == 0 {
+            r.below(12) as u16
+        } else {
+            [0u16, 1, 3, 4, 5, 6, 7][r.below(7) as usize]
+        };
         let flags = if r.below(4) == 0 { r.next() as u16 } else { 0 };
         let len = match r.below(5) {
             0 => 0,
             1 => r.next() & 0xffff_ffff,
             _ => r.below(65536),
         };
-        let offset = if r.below(5) == 0 { r.next() } else { r.below(16 << 20) };
+        let offset = if r.below(5) == 0 {
+            r.next()
+        } else {
+            r.below(16 << 20)
+        };
         let req = proto::Request {
             flags,
             typ,
@@ -132,7 +140,10 @@ fn run_stream(server: &NbdServer, input: Vec<u8>) -> Vec<u8> {
     block_on(async {
         let t = Instant::now();
         while server.active_connections() > 0 {
-            assert!(t.elapsed() < Duration::from_secs(10), "connection never ended");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "connection never ended"
+            );
             blockd_aio::sleep(Duration::from_millis(1)).await;
         }
     })

@@ -35,6 +35,8 @@ struct Conn {
     out: RefCell<VecDeque<Vec<IoBuf>>>,
     out_event: Event,
     closing: Cell<bool>,
+    /// A send is in progress (by the writer task or a request task).
+    sending: Cell<bool>,
     broken: Cell<bool>,
     in_flight: Cell<usize>,
     slot_event: Event,
@@ -50,6 +52,7 @@ pub(crate) async fn run(sock: ConnSocket, session: Session) {
         out: RefCell::new(VecDeque::new()),
         out_event: Event::new(),
         closing: Cell::new(false),
+        sending: Cell::new(false),
         broken: Cell::new(false),
         in_flight: Cell::new(0),
         slot_event: Event::new(),
@@ -79,6 +82,14 @@ async fn wait_until(ev: &Event, cond: impl Fn() -> bool) {
 
 async fn writer(conn: Rc<Conn>) {
     loop {
+        if conn.sending.get() {
+            // A request task is sending its own reply; it wakes us when done.
+            let l = conn.out_event.listen();
+            if conn.sending.get() {
+                l.await;
+            }
+            continue;
+        }
         let batch: Vec<IoBuf> = {
             let mut q = conn.out.borrow_mut();
             let mut b = Vec::new();
@@ -104,20 +115,39 @@ async fn writer(conn: Rc<Conn>) {
         if conn.broken.get() {
             continue; // drop replies nobody can receive
         }
-        if send_all(conn.fd, batch).await.is_err() {
-            conn.broken.set(true);
-            // Make the reader stop too.
-            // SAFETY: our own open socket; shutdown touches no memory.
-            unsafe {
-                libc::shutdown(conn.fd, libc::SHUT_RDWR);
-            }
+        send_locked(&conn, batch).await;
+    }
+}
+
+/// Send under the `sending` flag; a failed send breaks the connection.
+async fn send_locked(conn: &Conn, bufs: Vec<IoBuf>) {
+    conn.sending.set(true);
+    let r = send_all(conn.fd, bufs).await;
+    conn.sending.set(false);
+    if r.is_err() {
+        conn.broken.set(true);
+        // Make the reader stop too.
+        // SAFETY: our own open socket; shutdown touches no memory.
+        unsafe {
+            libc::shutdown(conn.fd, libc::SHUT_RDWR);
         }
     }
+    conn.out_event.notify(usize::MAX);
 }
 
 fn queue(conn: &Conn, bufs: Vec<IoBuf>) {
     conn.out.borrow_mut().push_back(bufs);
-    conn.out_event.notify(1);
+    conn.out_event.notify(usize::MAX);
+}
+
+/// Send a reply: directly when nothing else is being sent or waits (one task hop less at low
+/// queue depth), else through the writer's queue (batched).
+async fn deliver(conn: &Conn, bufs: Vec<IoBuf>) {
+    if !conn.sending.get() && conn.out.borrow().is_empty() && !conn.broken.get() {
+        send_locked(conn, bufs).await;
+    } else {
+        queue(conn, bufs);
+    }
 }
 
 fn buf(v: &[u8]) -> IoBuf {
@@ -169,7 +199,7 @@ async fn reader(conn: &Rc<Conn>) {
         let c = conn.clone();
         blockd_aio::spawn(async move {
             let reply = handle(&c, req, payload).await;
-            queue(&c, reply);
+            deliver(&c, reply).await;
             c.in_flight.set(c.in_flight.get() - 1);
             c.slot_event.notify(usize::MAX);
         })

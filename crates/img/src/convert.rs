@@ -84,6 +84,9 @@ struct Params {
     oob_writes: bool,
     /// The target reads as zeroes before the copy (new file, or `--target-is-zero`).
     target_zero: bool,
+    /// `-B`: the target gets a backing file, so only what the source's top layer allocates
+    /// is copied (the rest comes from the backing file).
+    top_only: bool,
     salvage: bool,
     /// `-C`: data extents are copied as they are (qemu-img hands them to copy_file_range, which
     /// does not look for zeroes inside them).
@@ -344,10 +347,9 @@ pub fn run(argv: &[String]) -> CmdResult {
                 "{out_name}: creating '{fmt}' images is not supported by blockd-img yet"
             )));
         }
-        if fmt == "qcow2" && backing.is_some() {
-            // Copying only what differs from a new backing file is not done yet.
+        if fmt == "qcow2" && backing.is_some() && backing_fmt.is_none() {
             return Err(Failure::new(
-                "convert -B (a target with a backing file) is not supported by blockd-img yet",
+                "Use of backing file requires explicit backing format",
             ));
         }
         if fmt == "qcow2" {
@@ -417,7 +419,9 @@ pub fn run(argv: &[String]) -> CmdResult {
         min_sparse,
         compress,
         oob_writes: oob,
-        target_zero: !no_create || target_is_zero,
+        // A target on a backing file does not read as zeroes.
+        target_zero: (!no_create && backing.is_none()) || target_is_zero,
+        top_only: !no_create && backing.is_some(),
         salvage,
         copy_range: copy_range && !compress,
         rate,
@@ -449,6 +453,8 @@ enum Kind {
     Data,
     /// Reads as zeroes: nothing to read.
     Zero,
+    /// Left to the target's backing file (`-B`): nothing to read or write.
+    Backing,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -542,7 +548,7 @@ impl Job {
     /// Whether a chunk of this kind counts for the progress figure (qemu-img counts what it
     /// has to write).
     fn counts(&self, kind: Kind) -> bool {
-        kind == Kind::Data || self.p.min_sparse == 0
+        kind == Kind::Data || (kind == Kind::Zero && self.p.min_sparse == 0)
     }
 
     /// The kind and end of the source extent at `pos` (in the concatenation).
@@ -554,8 +560,15 @@ impl Job {
             .unwrap_or(0);
         let s = &self.sources[src];
         let local = pos - s.start;
-        let e = status_above(&s.node, local, s.len - local, u32::MAX).await?;
-        let kind = if e.zero { Kind::Zero } else { Kind::Data };
+        let depth = if self.p.top_only { 0 } else { u32::MAX };
+        let e = status_above(&s.node, local, s.len - local, depth).await?;
+        let kind = if self.p.top_only && !e.present {
+            Kind::Backing
+        } else if e.zero {
+            Kind::Zero
+        } else {
+            Kind::Data
+        };
         Ok((pos + e.len, kind, src))
     }
 
@@ -615,10 +628,12 @@ impl Job {
         if self.p.compress {
             // One whole target cluster, across source boundaries if need be.
             let cl_end = ((pos / self.cluster + 1) * self.cluster).min(self.total);
+            // A cluster of one kind stays that kind; a mixed one is read whole (the source
+            // reads what its backing chain holds) and written as data.
             let mut at = end;
-            while at < cl_end && kind == Kind::Zero {
+            while at < cl_end && kind != Kind::Data {
                 let (e, k, _) = self.status_at(at).await?;
-                if k == Kind::Data {
+                if k != kind {
                     kind = Kind::Data;
                 }
                 at = e.max(at + 1);
@@ -759,7 +774,7 @@ async fn worker(job: &Job) -> Result<(), String> {
                 read_chunk(job, &c, &mut buf).await?;
                 true
             }
-            Kind::Zero => false,
+            Kind::Zero | Kind::Backing => false,
         };
         job.wait_turn(c.off).await;
         if job.failed() {
@@ -767,8 +782,10 @@ async fn worker(job: &Job) -> Result<(), String> {
         }
         let r = if data {
             write_data(job, &c, &mut buf, wflags).await
-        } else {
+        } else if c.kind == Kind::Zero {
             write_zero(job, &c, &mut buf, wflags).await
+        } else {
+            Ok(())
         };
         job.end_turn(&c);
         r?;

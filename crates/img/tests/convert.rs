@@ -192,11 +192,16 @@ fn convert_qcow2_like_qemu_img() {
         "convert -O qcow2 -o compat=2 s.img out.img",
         "convert -f qcow2 s.img out.img",
         "convert -n -O qcow2 s.img big.img",
+        "convert -O qcow2 -B mid.qcow2 -F qcow2 top.qcow2 out.img",
+        "convert -O qcow2 -B base.raw -F raw -o cluster_size=4k mid.qcow2 out.img",
+        "convert -O qcow2 -B mid.qcow2 top.qcow2 out.img",
+        "convert -O qcow2 -B nonexist.qcow2 -F qcow2 top.qcow2 out.img",
+        "convert -O raw -B mid.qcow2 -F qcow2 top.qcow2 out.img",
     ];
     for (i, cmd) in cases.iter().enumerate() {
         let (q, b) = both(&format!("convertq{i}"), cmd, prep);
         let (qo, bo) = (q.join("out.img"), b.join("out.img"));
-        if cmd.contains("-O qcow2") && qo.exists() {
+        if cmd.contains("-O qcow2") && qo.exists() && !cmd.contains("nonexist") {
             // blockd-qcow2 leaves the untouched tail of a partly written new cluster as a hole
             // where QEMU writes zeroes: same contents, a consistent image, same layout
             // otherwise (checked byte for byte while both wrote the tails).
@@ -245,6 +250,7 @@ fn convert_compressed_and_unordered_like_qemu_img() {
         "convert -W -O qcow2 f.img out.img",
         "convert -O qcow2 -S 0 f.img out.img",
         "convert -W -m 16 -p -O qcow2 s.img out.img",
+        "convert -c -O qcow2 -B mid.qcow2 -F qcow2 top.qcow2 out.img",
     ];
     for (i, cmd) in cases.iter().enumerate() {
         let (q, b) = both(&format!("convertc{i}"), cmd, prep);

@@ -291,11 +291,15 @@ impl Walk<'_> {
         while off < common {
             let sa = Self::status(&self.a, off, common).await?;
             let sb = Self::status(&self.b, off, common).await?;
+            // Strict mode compares the status flags, including whether the extent runs to the
+            // end of the image (as qemu-img's EOF flag does), not the extent lengths.
+            let eof_a = off + sa.len >= len_a;
+            let eof_b = off + sb.len >= len_b;
             if self.strict
-                && (sa.len != sb.len
-                    || sa.data != sb.data
+                && (sa.data != sb.data
                     || sa.zero != sb.zero
-                    || sa.present != sb.present)
+                    || sa.present != sb.present
+                    || eof_a != eof_b)
             {
                 self.say(&format!("Strict mode: Offset {off} block status mismatch!"));
                 return Ok(Verdict::Different);

@@ -90,3 +90,34 @@ fn compare_matches_qemu_img() {
         cleanup(both(&format!("compare{i}"), cmd, prepare));
     }
 }
+
+#[test]
+fn compare_qcow2_matches_qemu_img() {
+    if !have_qemu_img() {
+        return;
+    }
+    fn prep(d: &Path) {
+        prepare_qcow2(d);
+        qemu(QEMU_IMG, "convert -O raw top.qcow2 top.raw", d);
+        qemu(QEMU_IMG, "convert -O qcow2 top.qcow2 flat.qcow2", d);
+        qemu_io(d, "plain.qcow2", &[]);
+    }
+    let cases = [
+        "compare top.qcow2 top.raw",
+        "compare top.raw top.qcow2",
+        "compare -f qcow2 -F raw top.qcow2 top.raw",
+        "compare top.qcow2 flat.qcow2",
+        "compare -s top.qcow2 flat.qcow2",
+        "compare -s top.qcow2 top.qcow2",
+        "compare -p top.qcow2 mid.qcow2",
+        "compare top.qcow2 mid.qcow2",
+        "compare plain.qcow2 top.qcow2",
+        "compare small.qcow2 xl2.qcow2",
+        "compare -s plain.qcow2 plain.qcow2",
+        "compare sub/t.qcow2 sub/b.qcow2",
+        "compare -f raw top.qcow2 top.raw",
+    ];
+    for (i, cmd) in cases.iter().enumerate() {
+        cleanup(both(&format!("compareq{i}"), cmd, prep));
+    }
+}

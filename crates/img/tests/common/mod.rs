@@ -210,6 +210,9 @@ fn template(prepare: fn(&Path)) -> PathBuf {
     if let Some(d) = map.get(&key) {
         return d.clone();
     }
+    if map.is_empty() {
+        remove_stale_dirs();
+    }
     let d = scratch(&format!("template{}", map.len()));
     prepare(&d);
     map.insert(key, d.clone());
@@ -265,4 +268,26 @@ pub fn qemu_io(dir: &Path, img: &str, cmds: &[&str]) {
         .output()
         .unwrap();
     assert!(o.status.success(), "qemu-io on {img}: {cmds:?}");
+}
+
+/// Remove the scratch directories of earlier test processes that have exited (templates are
+/// shared by a process's tests and outlive them; failed cases keep theirs for inspection until
+/// the next run).
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("blockd-img-test-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }

@@ -1,0 +1,14 @@
+//! Block jobs (DESIGN.md, `jobs`): QEMU's job state machine and verbs (`status.rs`), the
+//! coordinator on the main context with transactions and events (`job.rs`), the worker's side:
+//! pause points, cancellation, rate limiting, progress and error policy (`control.rs`,
+//! `ratelimit.rs`), and the job types (`stream.rs`).
+#![forbid(unsafe_code)]
+
+pub mod control;
+pub mod job;
+pub mod ratelimit;
+pub mod status;
+
+pub use control::{ErrorAction, JobCtx, OnError};
+pub use job::{Job, JobDriver, JobManager, JobSpec, LocalFuture, Txn, Worker};
+pub use status::{JobStatus, Verb};

@@ -214,11 +214,6 @@ pub fn run(argv: &[String]) -> CmdResult {
     if format != "qcow2" {
         return Err(change_err("Operation not supported"));
     }
-    if compress {
-        return Err(Failure::new(
-            "rebase -c (compressed writes) is not supported by blockd-img yet",
-        ));
-    }
     let blk = BlockBackend::new(
         &opened._graph,
         "",
@@ -246,6 +241,12 @@ pub fn run(argv: &[String]) -> CmdResult {
         new_blk.as_ref(),
         stop.as_ref(),
         cluster,
+        // -c: the clusters written are stored compressed (whole clusters, as written here).
+        if compress {
+            ReqFlags::WRITE_COMPRESSED
+        } else {
+            ReqFlags::NONE
+        },
         &prog,
     ))
     .map_err(|e| Failure::new(format!("cannot run the event loop: {}", e.context)))?;
@@ -281,6 +282,7 @@ async fn copy_differences(
     new: Option<&BlockBackend>,
     stop: Option<&Arc<Node>>,
     cluster: u64,
+    flags: ReqFlags,
     prog: &Progress,
 ) -> Result<(), String> {
     let size = blk.length();
@@ -327,7 +329,7 @@ async fn copy_differences(
         let mut c = start;
         while c < end {
             let len = cluster.min(end - c);
-            compare_and_copy(blk, new, new_len, c, len, &mut old_buf, &mut new_buf).await?;
+            compare_and_copy(blk, new, new_len, c, len, flags, &mut old_buf, &mut new_buf).await?;
             c += len;
         }
         off += n;
@@ -384,12 +386,14 @@ fn chain_layer(top: &Arc<Node>, top_file: &str, path: &str) -> Option<Arc<Node>>
     None
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn compare_and_copy(
     blk: &BlockBackend,
     new: Option<&BlockBackend>,
     new_len: u64,
     off: u64,
     len: u64,
+    flags: ReqFlags,
     old_buf: &mut Option<IoBuf>,
     new_buf: &mut Option<IoBuf>,
 ) -> Result<(), String> {
@@ -431,7 +435,7 @@ async fn compare_and_copy(
     let differs = o.as_slice() != nb.as_slice();
     *new_buf = Some(nb);
     if differs {
-        let (r, back) = blk.write(off, o, ReqFlags::NONE).await;
+        let (r, back) = blk.write(off, o, flags).await;
         o = back;
         if let Err(e) = r {
             *old_buf = Some(o);

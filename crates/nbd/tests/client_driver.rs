@@ -500,21 +500,19 @@ fn hostile_server() {
     ] {
         let t = evil_server(&sock, 1 << 20, mode);
         let mut g = graph();
-        let (_n, b) = open(&mut g, unix_opts(&sock, "")).unwrap();
+        let (n, b) = open(&mut g, unix_opts(&sock, "")).unwrap();
         let r = read(&b, 4096, 4096);
         assert!(r.is_err(), "{mode}: read succeeded");
-        drop(b);
-        drop(g);
+        drop((n, b, g)); // the driver says goodbye: the server thread ends
         t.join().unwrap();
     }
     let t = evil_server(&sock, 1 << 20, "zero-extent");
     let mut g = graph();
-    let (_n, b) = open(&mut g, unix_opts(&sock, "")).unwrap();
+    let (n, b) = open(&mut g, unix_opts(&sock, "")).unwrap();
     assert!(block_on(b.block_status(0, 4096)).unwrap().is_err());
     // The stream stays usable after a bad block status? No: the connection is dropped and
     // later requests fail cleanly too.
     assert!(read(&b, 0, 512).is_err());
-    drop(b);
-    drop(g);
+    drop((n, b, g));
     t.join().unwrap();
 }

@@ -204,10 +204,10 @@ impl Conn {
         }
     }
 
-    /// Send NBD_CMD_DISC and close (no reply comes).
-    pub(crate) async fn disconnect(&self) {
-        if !self.dead.get() {
-            self.lock_writer().await;
+    /// Say NBD_CMD_DISC (best effort, without waiting) and close at once. Synchronous, so it
+    /// works from a destructor even when the owner's loop is not running any more.
+    pub(crate) fn disconnect_now(&self) {
+        if !self.dead.get() && !self.writing.get() {
             let r = Request {
                 flags: 0,
                 typ: proto::CMD_DISC,
@@ -215,12 +215,16 @@ impl Conn {
                 offset: 0,
                 len: 0,
             };
-            let _ = send_all(
-                self.raw(),
-                vec![IoBuf::from_slice(&r.encode(self.neg.extended))],
-            )
-            .await;
-            self.unlock_writer();
+            let b = r.encode(self.neg.extended);
+            // SAFETY: sends from a live local buffer on our own socket; never blocks.
+            unsafe {
+                libc::send(
+                    self.raw(),
+                    b.as_ptr().cast(),
+                    b.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                );
+            }
         }
         self.kill(conn_lost());
     }

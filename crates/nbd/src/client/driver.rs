@@ -534,7 +534,7 @@ impl Drop for NbdDriver {
         let id = self.shared.id;
         let close = move || {
             if let Some(c) = CONNS.with(|m| m.borrow_mut().remove(&id)) {
-                blockd_aio::spawn(async move { c.disconnect().await }).detach();
+                c.disconnect_now();
             }
         };
         if self.shared.owner.is_current() {

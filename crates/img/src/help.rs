@@ -19,6 +19,7 @@ Standard options:
 Recognized commands (run qemu-img COMMAND --help for command-specific help):
 
   bench - Run simple image benchmark
+  check - Check basic image integrity
   commit - Commit image to its backing file
   compare - Check if two images have the same contents
   convert - Copy one image to another with optional format conversion
@@ -32,7 +33,7 @@ Recognized commands (run qemu-img COMMAND --help for command-specific help):
 
 Supported image formats:
 
-  file host_device null-aio null-co raw
+  file host_device nbd null-aio null-co qcow2 raw
 ";
 
 pub const BENCH: &str = "\

@@ -327,6 +327,28 @@ impl Graph {
         Ok(())
     }
 
+    /// Drop `parent`'s child `child_name` (a stream job ending the backing chain), inside a
+    /// drain of both nodes.
+    pub async fn remove_child(
+        &mut self,
+        parent: &Arc<Node>,
+        child_name: &str,
+    ) -> Result<(), String> {
+        let old = parent
+            .child(child_name)
+            .ok_or_else(|| format!("Node '{}' has no child '{child_name}'", parent.name()))?;
+        let _drain = drained_all(&[parent.clone(), old.clone()]).await;
+        let children: Vec<Child> = parent
+            .children()
+            .iter()
+            .filter(|c| c.name != child_name)
+            .cloned()
+            .collect();
+        parent.set_children(children);
+        old.remove_parent(&ParentRef::Node(Arc::downgrade(parent)));
+        Ok(())
+    }
+
     /// Make `backend` send its requests to `new_root`.
     pub async fn set_backend_root(
         &mut self,

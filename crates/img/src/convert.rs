@@ -27,6 +27,9 @@ use crate::status::{is_zero, status_above};
 use crate::target;
 use crate::{CmdResult, Failure};
 
+/// The error of a copy whose failed requests printed their own messages.
+const REPORTED: &str = "\0reported";
+
 /// Largest chunk (QEMU's convert buffer).
 const CHUNK: u64 = 2 << 20;
 const MAX_COROUTINES: i64 = 16;
@@ -431,7 +434,13 @@ pub fn run(argv: &[String]) -> CmdResult {
     let job = Rc::new(Job::new(sources, dst, total, cluster, params, prog));
     let r = blockd_aio::block_on(copy(job.clone()))
         .map_err(|e| Failure::new(format!("cannot run the event loop: {}", e.context)))?;
-    r.map_err(Failure::new)
+    r.map_err(|e| {
+        if e == REPORTED {
+            Failure::reported()
+        } else {
+            Failure::new(e)
+        }
+    })
 }
 
 fn supports_compression(fmt: &str) -> bool {
@@ -734,7 +743,9 @@ async fn copy(job: Rc<Job>) -> Result<(), String> {
         .map(|_| {
             let j = job.clone();
             blockd_aio::spawn(async move {
+                // Each request that fails reports itself, as each of qemu-img's coroutines does.
                 if let Err(e) = worker(&j).await {
+                    eprintln!("qemu-img: {e}");
                     j.fail(e);
                 }
             })
@@ -743,8 +754,8 @@ async fn copy(job: Rc<Job>) -> Result<(), String> {
     for w in workers {
         w.await;
     }
-    if let Some(e) = job.error.borrow_mut().take() {
-        return Err(e);
+    if job.failed() {
+        return Err(REPORTED.into());
     }
     job.dst
         .flush()

@@ -47,6 +47,13 @@ impl Failure {
             hint: Some(cmd),
         }
     }
+    /// A failure whose messages were printed already (exit code 1, nothing more to say).
+    pub fn reported() -> Failure {
+        Failure {
+            msg: "\0".into(),
+            hint: None,
+        }
+    }
     /// A getopt error: printed as is (it carries its own `qemu-img CMD:` prefix).
     pub fn getopt(msg: String, cmd: &'static str) -> Failure {
         Failure {
@@ -64,6 +71,9 @@ pub fn prog() -> String {
 pub type CmdResult = Result<(), Failure>;
 
 fn report(f: Failure) -> ExitCode {
+    if f.msg == "\0" && f.hint.is_none() {
+        return ExitCode::from(1);
+    }
     let mut out = String::new();
     match f.msg.strip_prefix('\0') {
         Some(raw) => out.push_str(raw),

@@ -46,6 +46,10 @@ struct Refs {
     counts: HashMap<u64, u64>,
     cluster_bits: u32,
     highest: u64,
+    /// Clusters the file has (rounded up); references further out are errors, not counted
+    /// (so a hostile offset cannot make the check walk 2^56 clusters).
+    file_clusters: u64,
+    errors: Vec<String>,
 }
 
 impl Refs {
@@ -54,7 +58,13 @@ impl Refs {
             return;
         }
         let first = off >> self.cluster_bits;
-        let last = (off + len - 1) >> self.cluster_bits;
+        let last = off.saturating_add(len - 1) >> self.cluster_bits;
+        if last >= self.file_clusters {
+            self.errors.push(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
+            ));
+            return;
+        }
         for c in first..=last {
             *self.counts.entry(c).or_insert(0) += 1;
             self.highest = self.highest.max(c + 1);
@@ -137,9 +147,16 @@ async fn walk_l1(
     let cs = geo.cluster_size;
     let flen = file.length();
     let mut prev_host: Option<u64> = None;
+    // An L1 table names each L2 table once; a repeated one is counted but not walked again
+    // (so the walk is bounded by the file's size, whatever the L1 says).
+    let mut seen = std::collections::HashSet::new();
     for (l1i, &e) in l1.iter().enumerate() {
         let l2 = e & L1E_OFFSET_MASK;
         if l2 == 0 {
+            continue;
+        }
+        if !seen.insert(l2) {
+            refs.add_range(l2, cs);
             continue;
         }
         if !l2.is_multiple_of(cs) {
@@ -264,6 +281,8 @@ pub(crate) async fn check_image(
         counts: HashMap::new(),
         cluster_bits: geo.cluster_bits,
         highest: 0,
+        file_clusters: file.length().div_ceil(cs),
+        errors: Vec::new(),
     };
     refs.add_range(0, cs);
     let (l1, l1_off, reftable, rt_off, snap_area, snapshots) = {
@@ -333,6 +352,9 @@ pub(crate) async fn check_image(
     {
         count_bitmaps(file, &b, &mut refs, &mut rep, cs).await;
     }
+
+    rep.corruptions += refs.errors.len() as u64;
+    rep.messages.append(&mut refs.errors);
 
     // Compare with the stored refcounts.
     let file_clusters = file.length().div_ceil(cs);

@@ -316,6 +316,20 @@ impl Image {
         let mut pos = 0u64;
         let len = data.len() as u64;
         while pos < len {
+            // Parts already owned go straight to their clusters (no allocation lock), e.g.
+            // the rest of a cluster another request has just allocated.
+            {
+                let _io = self.data_io.read().await;
+                let run = self.map(file, off + pos, len - pos).await?;
+                if let (Kind::Normal(h), true) = (run.kind, run.copied) {
+                    self.check_overlap(file, h, run.len).await?;
+                    let part = IoBuf::from_slice(&data[pos as usize..(pos + run.len) as usize]);
+                    let (r, _) = aligned_write(file, h, part, flags).await;
+                    r?;
+                    pos += run.len;
+                    continue;
+                }
+            }
             let n = self
                 .write_step(node, file, off + pos, &data[pos as usize..], flags)
                 .await?;
@@ -348,6 +362,16 @@ impl Image {
         let owned = e & OFLAG_COPIED != 0 && e & OFLAG_COMPRESSED == 0 && host != 0;
 
         if owned {
+            let plain = if geo.extended {
+                let (a, b) = (in_cl / geo.unit, (in_cl + first_len).div_ceil(geo.unit));
+                (a..b).all(|sc| bm >> sc & 1 != 0)
+            } else {
+                e & OFLAG_ZERO == 0
+            };
+            if plain {
+                // Allocated meanwhile: the caller writes it directly, without the lock.
+                return Ok(0);
+            }
             // Write in place; only subclusters or the zero flag change.
             return self
                 .write_in_place(

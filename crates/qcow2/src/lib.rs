@@ -67,3 +67,39 @@ pub fn read_snapshots_file(path: &str) -> Result<Vec<image::Snapshot>, String> {
     }
     Ok(out)
 }
+
+/// Open the image at `path` read-only, read it all and check it, ignoring every error: what
+/// the fuzz target and the mutation test run on hostile images (they must end, never panic).
+pub fn exercise_image(path: &str) {
+    use blockd_block::{Graph, Perm};
+    let mut g = Graph::new();
+    g.register_driver(driver_entry());
+    let map = |s: String| blockd_block::options::parse(&s).ok();
+    let Some(opts) = map(format!(
+        "driver=qcow2,read-only=on,backing=,file.driver=file,file.filename={path}"
+    )) else {
+        return;
+    };
+    if let Ok(node) = g.open(opts) {
+        let Ok(be) = g.new_backend("", &node, Perm::CONSISTENT_READ, Perm::ALL) else {
+            return;
+        };
+        let len = node.length();
+        let _ = blockd_aio::block_on(async {
+            let mut off = 0u64;
+            // At most 64 MiB of guest data: hostile sizes must not make this slow.
+            while off < len.min(64 << 20) {
+                let n = (len - off).min(1 << 20);
+                let _ = be.read(off, blockd_aio::IoBuf::new(n as usize, 4096)).await;
+                let _ = be.block_status(off, n).await;
+                off += n;
+            }
+        });
+        be.detach(&g);
+    }
+    if let Some(file) =
+        map(format!("driver=file,read-only=on,filename={path}")).and_then(|o| g.open(o).ok())
+    {
+        let _ = blockd_aio::block_on(check(&file, Repair::None));
+    }
+}

@@ -516,3 +516,78 @@ fn hostile_server() {
     drop((n, b, g));
     t.join().unwrap();
 }
+
+#[test]
+fn inet_and_uri_options() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let d = scratch("inet");
+    let img = image(&d, "a.raw", 4 << 20, 0x66);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut q = Proc(
+        Command::new("qemu-nbd")
+            .args([
+                "-f",
+                "raw",
+                "-t",
+                "-e",
+                "0",
+                "-x",
+                "disk",
+                "-b",
+                "127.0.0.1",
+                "-p",
+            ])
+            .arg(port.to_string())
+            .arg(&img)
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut g = graph();
+    let (_n, b) = open(
+        &mut g,
+        json!({"driver": "nbd", "export": "disk",
+               "server": {"type": "inet", "host": "127.0.0.1", "port": port.to_string()}}),
+    )
+    .unwrap();
+    assert!(read(&b, 0, 4096).unwrap().iter().all(|&x| x == 0x66));
+    let (_n2, b2) = open(
+        &mut g,
+        json!({"driver": "nbd", "filename": format!("nbd://127.0.0.1:{port}/disk")}),
+    )
+    .unwrap();
+    assert!(read(&b2, 4096, 4096).unwrap().iter().all(|&x| x == 0x66));
+    // Option errors with QEMU's wording.
+    let e = open(
+        &mut g,
+        json!({"driver": "nbd", "server": {"type": "inet", "host": "x"}}),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e, "Parameter 'server.port' is missing");
+    let e = open(
+        &mut g,
+        json!({"driver": "nbd", "server": {"type": "vsock"}}),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e, "Parameter 'server.type' does not accept value 'vsock'");
+    let e = open(
+        &mut g,
+        json!({"driver": "nbd", "filename": format!("nbd://127.0.0.1:{port}/disk"), "bogus": 1}),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e, "Block protocol 'nbd' doesn't support the option 'bogus'");
+    let _ = q.0.kill();
+}

@@ -177,6 +177,13 @@ fn hard_removal_of_busy_iothread_export_500_times() {
     let start = args(json!({"addr": {"type": "unix", "path": sock.to_str().unwrap()}}));
     qmp::nbd_server_start(&mut st, &start).unwrap();
     let file = std::fs::File::open(&img).unwrap();
+    let io_tasks = |h: &ContextHandle| {
+        block_on(h.call(|| blockd_aio::AioContext::current().unwrap().stats().tasks_run))
+            .unwrap()
+            .unwrap()
+    };
+    let tasks_before = io_tasks(io.handle());
+    let mut total_acked = 0u64;
     let deleted = Arc::new(AtomicUsize::new(0));
     let dl = deleted.clone();
     st.on_export_deleted(Arc::new(move |_| {
@@ -247,6 +254,7 @@ fn hard_removal_of_busy_iothread_export_500_times() {
             block_on(e.wait_gone()).unwrap();
         }
         let done = client.join().unwrap();
+        total_acked += done.len() as u64;
         pump_until(|| deleted.load(Ordering::SeqCst) as u32 > iter);
         assert_eq!(st.reap_deleted(&graph), ["busy"]);
         // Every acknowledged write is in the file.
@@ -259,6 +267,12 @@ fn hard_removal_of_busy_iothread_export_500_times() {
             );
         }
     }
+    // The connections were served by the iothread: it ran a task per request at least.
+    let ran = io_tasks(io.handle()) - tasks_before;
+    assert!(
+        ran >= total_acked,
+        "iothread ran {ran} tasks for {total_acked} writes"
+    );
     graph.remove("disk0").unwrap();
     drop(io);
 }

@@ -4,6 +4,7 @@
 # means blockd is faster). Benchmarks are not tests.
 #   - 4 KiB reads at depth 32 on a fully allocated 1 GiB image, cache=none, io_uring
 #   - allocating 4 KiB writes at depth 32 into an empty image (one new cluster per write)
+#   - sequential 4 KiB writes into an empty image, and rewrites of the allocated one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p blockd-img
@@ -43,4 +44,5 @@ read_row  "qcow2 4k read depth 32, cache=none, io_uring" -f qcow2 -t none -i io_
 read_row  "qcow2 4k read depth 1, cache=none, io_uring"  -f qcow2 -t none -i io_uring -c 50000 -d 1
 write_row "qcow2 4k allocating write depth 32, cache=none" -f qcow2 -t none -i io_uring -w -c 16384 -d 32 -S 65536
 write_row "qcow2 4k allocating write depth 32, writeback"  -f qcow2 -t writeback -w -c 16384 -d 32 -S 65536
-write_row "qcow2 4k rewrite depth 32, cache=none (allocated)" -f qcow2 -t none -i io_uring -w -c 100000 -d 32
+write_row "qcow2 4k sequential write depth 32, fresh, cache=none" -f qcow2 -t none -i io_uring -w -c 100000 -d 32
+read_row  "qcow2 4k rewrite depth 32, allocated, cache=none" -f qcow2 -t none -i io_uring -w -c 300000 -d 32

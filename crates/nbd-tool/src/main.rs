@@ -255,13 +255,15 @@ fn parse_args(argv: &[String]) -> Result<Parsed, String> {
     Ok(Parsed::Run(Box::new(a)))
 }
 
-/// qemu-nbd's cache modes as (cache.direct, cache.no-flush).
-fn cache_mode(m: &str) -> Result<(bool, bool), String> {
+/// qemu-nbd's cache modes as (cache.direct, cache.no-flush, writethrough).
+fn cache_mode(m: &str) -> Result<(bool, bool, bool), String> {
     match m {
-        "none" | "off" => Ok((true, false)),
-        "writeback" => Ok((false, false)),
-        "writethrough" | "directsync" => Err(format!("cache mode '{m}' is not supported yet")),
-        "unsafe" => Ok((false, true)),
+        "none" | "off" => Ok((true, false, false)),
+        "writeback" => Ok((false, false, false)),
+        // Without a writeback cache every write is durable before it is acknowledged.
+        "writethrough" => Ok((false, false, true)),
+        "directsync" => Ok((true, false, true)),
+        "unsafe" => Ok((false, true, false)),
         _ => Err(format!("Invalid cache mode '{m}'")),
     }
 }
@@ -380,7 +382,7 @@ fn main() -> ExitCode {
 }
 
 fn image_options(a: &Args, file: &str) -> Result<(Map<String, Value>, OpenFlags), String> {
-    let (direct, no_flush) = cache_mode(a.cache.as_deref().unwrap_or("writeback"))?;
+    let (direct, no_flush, _) = cache_mode(a.cache.as_deref().unwrap_or("writeback"))?;
     let discard_unmap = match a.discard.as_deref() {
         None | Some("ignore") | Some("off") => false,
         Some("unmap") | Some("on") => true,
@@ -415,9 +417,18 @@ fn image_options(a: &Args, file: &str) -> Result<(Map<String, Value>, OpenFlags)
                 .to_string()
         }
     };
-    let mut m = Map::new();
-    m.insert("driver".into(), fmt.into());
-    m.insert("file".into(), Value::Object(proto));
+    let m = if fmt == "file" || fmt == "host_device" {
+        // A protocol as the format: export the file itself.
+        let mut p = proto;
+        p.insert("driver".into(), fmt.into());
+        p
+    } else {
+        let mut m = Map::new();
+        m.insert("driver".into(), fmt.into());
+        m.insert("file".into(), Value::Object(proto));
+        m
+    };
+    let mut m = m;
     if let Some(off) = a.offset {
         if m.get("driver").and_then(|v| v.as_str()) != Some("raw") {
             return Err("--offset is only supported with raw images".into());
@@ -460,7 +471,7 @@ async fn serve(a: Args, activation: Option<OwnedFd>, ready: Option<OwnedFd>) -> 
         description: a.description.clone(),
         backend,
         writable,
-        writethrough: false,
+        writethrough: cache_mode(a.cache.as_deref().unwrap_or("writeback"))?.2,
         allocation_depth: a.allocation_depth,
         // As qemu-nbd: one client at a time (-e 1) cannot serve several connections.
         multi_conn: shared != 1,

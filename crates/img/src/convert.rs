@@ -243,19 +243,19 @@ pub fn run(argv: &[String]) -> CmdResult {
     let wants_help = opts.iter().any(|(k, _)| k == "help" || k == "?");
     let fmt = out_fmt.clone().unwrap_or_else(|| "raw".into());
     if wants_help {
-        if fmt != "raw" {
-            return Err(Failure::new(format!(
-                "Option help for format '{fmt}' is not supported by blockd-img yet"
-            )));
-        }
-        print!(
-            "{}",
-            if p.args.len() >= 2 {
-                target::RAW_OPTION_HELP
-            } else {
-                target::RAW_FORMAT_HELP
+        let with_file = p.args.len() >= 2;
+        let text = match (fmt.as_str(), with_file) {
+            ("raw", true) => target::RAW_OPTION_HELP,
+            ("raw", false) => target::RAW_FORMAT_HELP,
+            ("qcow2", true) => crate::help::QCOW2_OPTION_HELP,
+            ("qcow2", false) => crate::help::QCOW2_FORMAT_HELP,
+            _ => {
+                return Err(Failure::new(format!(
+                    "Option help for format '{fmt}' is not supported by blockd-img yet"
+                )));
             }
-        );
+        };
+        print!("{text}");
         return Ok(());
     }
     if p.args.len() < 2 {

@@ -192,6 +192,8 @@ fn convert_qcow2_like_qemu_img() {
         "convert -O qcow2 -o compat=2 s.img out.img",
         "convert -f qcow2 s.img out.img",
         "convert -n -O qcow2 s.img big.img",
+        "convert -O qcow2 -o help",
+        "convert -O qcow2 -o help s.img out.img",
         "convert -O qcow2 -B mid.qcow2 -F qcow2 top.qcow2 out.img",
         "convert -O qcow2 -B base.raw -F raw -o cluster_size=4k mid.qcow2 out.img",
         "convert -O qcow2 -B mid.qcow2 top.qcow2 out.img",

@@ -263,6 +263,8 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
         move |a| Box::pin(crate::hmp::human_monitor_command(dd.clone(), a)),
     );
 
+    crate::jobs::register(server, d);
+
     // qemu-storage-daemon does not send SHUTDOWN; QEMU's system emulator does, and it tells
     // every other monitor why the daemon is going away.
     server.register_event(

@@ -15,6 +15,7 @@ mod cli;
 mod commands;
 mod hmp;
 mod iothreads;
+mod jobs;
 mod nbd;
 mod process;
 mod state;

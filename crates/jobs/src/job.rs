@@ -32,6 +32,12 @@ pub trait JobDriver {
     /// QEMU's JobType name ("stream", "commit", "mirror"...).
     fn job_type(&self) -> &'static str;
 
+    /// The nodes the job works on: other jobs cannot start on them while it runs (QEMU's op
+    /// blockers).
+    fn nodes(&self) -> Vec<Arc<blockd_block::Node>> {
+        Vec::new()
+    }
+
     /// `job-complete` is meaningful (jobs that go READY).
     fn can_complete(&self) -> bool {
         false
@@ -137,6 +143,11 @@ impl Job {
         self.ctl.speed()
     }
 
+    /// Paused by the user (or by an error with `stop`), as opposed to an internal pause.
+    pub fn is_user_paused(&self) -> bool {
+        self.user_paused.get()
+    }
+
     pub fn error(&self) -> Option<String> {
         self.ret.borrow().as_ref().err().cloned()
     }
@@ -234,6 +245,27 @@ impl JobManager {
         }
         if self.get(id).is_some() {
             return Err(format!("Job ID '{id}' already in use"));
+        }
+        Ok(())
+    }
+
+    /// Refuse to start a job on a node another unfinished job works on, with QEMU's message.
+    pub fn check_not_blocked(&self, nodes: &[Arc<blockd_block::Node>]) -> Result<(), String> {
+        for j in self.jobs.borrow().iter() {
+            if matches!(j.status(), JobStatus::Concluded | JobStatus::Null) {
+                continue;
+            }
+            let used = j.driver.nodes();
+            if let Some(n) = nodes
+                .iter()
+                .find(|n| used.iter().any(|u| Arc::ptr_eq(u, n)))
+            {
+                return Err(format!(
+                    "Node '{}' is busy: block device is in use by block job: {}",
+                    n.name(),
+                    j.job_type()
+                ));
+            }
         }
         Ok(())
     }

@@ -5,10 +5,13 @@
 #![forbid(unsafe_code)]
 
 pub mod control;
+pub mod host;
 pub mod job;
 pub mod ratelimit;
 pub mod status;
+pub mod stream;
 
 pub use control::{ErrorAction, JobCtx, OnError};
+pub use host::{GraphHost, run_drained};
 pub use job::{Job, JobDriver, JobManager, JobSpec, LocalFuture, Txn, Worker};
 pub use status::{JobStatus, Verb};

@@ -1,0 +1,392 @@
+//! Block jobs over QMP: query-jobs, query-block-jobs, the job-* verbs, the legacy block-job-*
+//! verbs, block-stream, and the job events. The jobs themselves (state machine, coordinator,
+//! stream) are blockd-jobs'; this is argument handling and QEMU's error texts.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use blockd_block::{Graph, Node};
+use blockd_jobs::stream::{StreamParams, new_stream};
+use blockd_jobs::{GraphHost, Job, JobDriver, JobManager, JobSpec, OnError};
+use blockd_qmp::error::ErrorClass;
+use blockd_qmp::schema::{ObjectDef, Type, member, optional};
+use blockd_qmp::{QmpError, Server};
+use serde_json::{Map, Value, json};
+
+use crate::state::Daemon;
+
+type R = Result<Value, QmpError>;
+
+impl GraphHost for Daemon {
+    fn graph(&self) -> &RefCell<Graph> {
+        &self.graph
+    }
+    fn graph_changed(&self) {
+        self.prune();
+    }
+}
+
+fn obj(members: Vec<blockd_qmp::Member>) -> ObjectDef {
+    ObjectDef {
+        members,
+        ..Default::default()
+    }
+}
+
+fn s<'a>(a: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    a.get(k).and_then(Value::as_str)
+}
+
+fn b(a: &Map<String, Value>, k: &str) -> Option<bool> {
+    a.get(k).and_then(Value::as_bool)
+}
+
+/// `job-*`: any job by id.
+fn find_job(m: &JobManager, a: &Map<String, Value>) -> Result<Rc<Job>, QmpError> {
+    let id = s(a, "id").unwrap_or_default();
+    m.get(id).ok_or_else(|| QmpError::generic("Job not found"))
+}
+
+/// `block-job-*`: block jobs only, by `device` (or `id` for finalize/dismiss).
+fn find_block_job(m: &JobManager, id: &str) -> Result<Rc<Job>, QmpError> {
+    m.get(id)
+        .filter(|j| j.is_block_job())
+        .ok_or_else(|| QmpError {
+            class: ErrorClass::DeviceNotActive,
+            desc: format!("Block job '{id}' not found"),
+        })
+}
+
+fn done(r: Result<(), String>) -> R {
+    r.map(|_| json!({})).map_err(Into::into)
+}
+
+fn job_event_data() -> ObjectDef {
+    obj(vec![
+        member("type", Type::Str),
+        member("device", Type::Str),
+        member("len", Type::Int),
+        member("offset", Type::Int),
+        member("speed", Type::Int),
+    ])
+}
+
+pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
+    let weak = Rc::downgrade(server);
+    let m = JobManager::new(Box::new(move |name, data| {
+        if let Some(s) = weak.upgrade() {
+            s.emit(name, Some(data));
+        }
+    }));
+
+    let mm = m.clone();
+    server.register(
+        "query-jobs",
+        ObjectDef::default(),
+        Type::array(Type::Any),
+        move |_| {
+            let v: Vec<Value> = mm.list().iter().map(|j| j.info()).collect();
+            Box::pin(async move { Ok(Value::Array(v)) })
+        },
+    );
+    let mm = m.clone();
+    server.register(
+        "query-block-jobs",
+        ObjectDef::default(),
+        Type::array(Type::Any),
+        move |_| {
+            let v: Vec<Value> = mm
+                .list()
+                .iter()
+                .filter(|j| j.is_block_job())
+                .map(|j| j.block_info())
+                .collect();
+            Box::pin(async move { Ok(Value::Array(v)) })
+        },
+    );
+
+    // job-* verbs
+    let id_arg = || obj(vec![member("id", Type::Str)]);
+    let empty = || Type::object(vec![]);
+    type Verb = fn(&Rc<JobManager>, &Rc<Job>) -> Result<(), String>;
+    let sync_verbs: [(&str, Verb); 4] = [
+        ("job-pause", |m, j| m.user_pause(j)),
+        ("job-resume", |m, j| m.user_resume(j)),
+        ("job-cancel", |m, j| m.user_cancel(j, true)),
+        ("job-complete", |m, j| m.user_complete(j)),
+    ];
+    for (name, f) in sync_verbs {
+        let mm = m.clone();
+        server.register(name, id_arg(), empty(), move |a| {
+            let r = find_job(&mm, &a).and_then(|j| done(f(&mm, &j)));
+            Box::pin(async move { r })
+        });
+    }
+    let mm = m.clone();
+    server.register("job-dismiss", id_arg(), empty(), move |a| {
+        let r = find_job(&mm, &a).and_then(|j| done(mm.user_dismiss(&j)));
+        Box::pin(async move { r })
+    });
+    let mm = m.clone();
+    server.register("job-finalize", id_arg(), empty(), move |a| {
+        let mm = mm.clone();
+        Box::pin(async move {
+            let j = find_job(&mm, &a)?;
+            done(mm.user_finalize(&j).await)
+        })
+    });
+
+    // legacy block-job-* verbs
+    let device_arg = || obj(vec![member("device", Type::Str)]);
+    let legacy: [(&str, Verb); 3] = [
+        ("block-job-pause", |m, j| m.user_pause(j)),
+        ("block-job-resume", |m, j| m.user_resume(j)),
+        ("block-job-complete", |m, j| m.user_complete(j)),
+    ];
+    for (name, f) in legacy {
+        let mm = m.clone();
+        server.register(name, device_arg(), empty(), move |a| {
+            let r = find_block_job(&mm, s(&a, "device").unwrap_or_default())
+                .and_then(|j| done(f(&mm, &j)));
+            Box::pin(async move { r })
+        });
+    }
+    let mm = m.clone();
+    server.register(
+        "block-job-cancel",
+        obj(vec![
+            member("device", Type::Str),
+            optional("force", Type::Bool),
+        ]),
+        empty(),
+        move |a| {
+            let device = s(&a, "device").unwrap_or_default().to_string();
+            let force = b(&a, "force").unwrap_or(false);
+            let r = find_block_job(&mm, &device).and_then(|j| {
+                if !force && j.is_user_paused() {
+                    return Err(QmpError::generic(format!(
+                        "The block job for device '{device}' is currently paused"
+                    )));
+                }
+                done(mm.user_cancel(&j, force))
+            });
+            Box::pin(async move { r })
+        },
+    );
+    let mm = m.clone();
+    server.register(
+        "block-job-set-speed",
+        obj(vec![
+            member("device", Type::Str),
+            member("speed", Type::Int),
+        ]),
+        empty(),
+        move |a| {
+            let speed = a.get("speed").and_then(Value::as_i64).unwrap_or(0);
+            let r = find_block_job(&mm, s(&a, "device").unwrap_or_default())
+                .and_then(|j| done(mm.set_speed(&j, speed)));
+            Box::pin(async move { r })
+        },
+    );
+    let mm = m.clone();
+    server.register("block-job-dismiss", id_arg(), empty(), move |a| {
+        let r = find_block_job(&mm, s(&a, "id").unwrap_or_default())
+            .and_then(|j| done(mm.user_dismiss(&j)));
+        Box::pin(async move { r })
+    });
+    let mm = m.clone();
+    server.register("block-job-finalize", id_arg(), empty(), move |a| {
+        let mm = mm.clone();
+        Box::pin(async move {
+            let j = find_block_job(&mm, s(&a, "id").unwrap_or_default())?;
+            done(mm.user_finalize(&j).await)
+        })
+    });
+
+    let on_error = || Type::enumeration(&["report", "ignore", "enospc", "stop", "auto"]);
+    let (dd, mm) = (d.clone(), m.clone());
+    server.register(
+        "block-stream",
+        obj(vec![
+            optional("job-id", Type::Str),
+            member("device", Type::Str),
+            optional("base", Type::Str),
+            optional("base-node", Type::Str),
+            optional("backing-file", Type::Str),
+            optional("backing-mask-protocol", Type::Bool),
+            optional("bottom", Type::Str),
+            optional("speed", Type::Int),
+            optional("on-error", on_error()),
+            optional("filter-node-name", Type::Str),
+            optional("auto-finalize", Type::Bool),
+            optional("auto-dismiss", Type::Bool),
+        ]),
+        empty(),
+        move |a| {
+            let r = block_stream(&dd, &mm, &a).map(|_| json!({}));
+            Box::pin(async move { r })
+        },
+    );
+
+    server.register_event(
+        "JOB_STATUS_CHANGE",
+        obj(vec![
+            member("id", Type::Str),
+            member(
+                "status",
+                Type::enumeration(
+                    &blockd_jobs::JobStatus::ALL
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>(),
+                ),
+            ),
+        ]),
+    );
+    server.register_event("BLOCK_JOB_READY", job_event_data());
+    server.register_event("BLOCK_JOB_CANCELLED", job_event_data());
+    let mut completed = job_event_data();
+    completed.members.push(optional("error", Type::Str));
+    server.register_event("BLOCK_JOB_COMPLETED", completed);
+    server.register_event(
+        "BLOCK_JOB_ERROR",
+        obj(vec![
+            member("device", Type::Str),
+            member("operation", Type::enumeration(&["read", "write"])),
+            member("action", Type::enumeration(&["ignore", "report", "stop"])),
+        ]),
+    );
+    server.register_event(
+        "BLOCK_JOB_PENDING",
+        obj(vec![member("type", Type::Str), member("id", Type::Str)]),
+    );
+}
+
+fn lookup(d: &Daemon, name: &str) -> Result<Arc<Node>, QmpError> {
+    d.node(name)
+        .ok_or_else(|| QmpError::generic(format!("Cannot find device='' nor node-name='{name}'")))
+}
+
+/// The file name a chain member is known by (the name `base` refers to).
+fn node_filename(n: &Arc<Node>) -> Option<String> {
+    n.driver()
+        .filename()
+        .or_else(|| n.child("file").and_then(|f| f.driver().filename()))
+}
+
+fn block_stream(
+    d: &Rc<Daemon>,
+    m: &Rc<JobManager>,
+    a: &Map<String, Value>,
+) -> Result<(), QmpError> {
+    let (base, base_node, bottom) = (s(a, "base"), s(a, "base-node"), s(a, "bottom"));
+    if base.is_some() && base_node.is_some() {
+        return Err("'base' and 'base-node' cannot be specified at the same time".into());
+    }
+    if base.is_some() && bottom.is_some() {
+        return Err("'base' and 'bottom' cannot be specified at the same time".into());
+    }
+    if bottom.is_some() && base_node.is_some() {
+        return Err("'bottom' and 'base-node' cannot be specified at the same time".into());
+    }
+    let device = s(a, "device").unwrap_or_default();
+    let top = d.node(device).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='{device}' nor node-name='{device}'"
+        ))
+    })?;
+    let mut base_bs = None;
+    if let Some(name) = base {
+        let mut cur = top.child("backing");
+        while let Some(n) = cur {
+            if node_filename(&n).as_deref() == Some(name) {
+                base_bs = Some(n);
+                break;
+            }
+            cur = n.child("backing");
+        }
+        if base_bs.is_none() {
+            return Err(format!("Can't find '{name}' in the backing chain").into());
+        }
+    }
+    if let Some(name) = base_node {
+        let n = lookup(d, name)?;
+        if Arc::ptr_eq(&n, &top) || blockd_jobs::stream::intermediates(&top, Some(&n)).is_err() {
+            return Err(format!("Node '{name}' is not a backing image of '{device}'").into());
+        }
+        base_bs = Some(n);
+    }
+    if let Some(name) = bottom {
+        let n = lookup(d, name)?;
+        if n.driver().is_filter() {
+            return Err(
+                format!("Node '{name}' is a filter, use a non-filter node as 'bottom'").into(),
+            );
+        }
+        let in_chain = Arc::ptr_eq(&n, &top)
+            || blockd_jobs::stream::intermediates(&top, None)
+                .map(|c| c.iter().any(|x| Arc::ptr_eq(x, &n)))
+                .unwrap_or(false);
+        if !in_chain {
+            return Err(format!("Node '{name}' is not in a chain starting from '{device}'").into());
+        }
+        base_bs = n.child("backing");
+    }
+    if a.contains_key("backing-file") && base_bs.is_none() && bottom.is_none() {
+        return Err("backing file specified, but streaming the entire chain".into());
+    }
+    for opt in ["backing-file", "backing-mask-protocol"] {
+        if a.contains_key(opt) {
+            return Err(format!(
+                "block-stream '{opt}' is not supported by blockd yet (the qcow2 driver cannot rewrite an open image's backing file name)"
+            )
+            .into());
+        }
+    }
+    if a.contains_key("filter-node-name") {
+        return Err("block-stream 'filter-node-name' is not supported by blockd yet (no copy-on-read filter)".into());
+    }
+    let on_error = match s(a, "on-error") {
+        None | Some("auto") => OnError::Report,
+        Some(v) => OnError::parse(v)?,
+    };
+    let speed = a.get("speed").and_then(Value::as_i64).unwrap_or(0);
+    if speed < 0 {
+        return Err("Parameter 'speed' expects a non-negative value".into());
+    }
+    let mut chain = vec![top.clone()];
+    chain.extend(
+        blockd_jobs::stream::intermediates(&top, base_bs.as_ref()).map_err(QmpError::generic)?,
+    );
+    m.check_not_blocked(&chain)?;
+    // Without job-id the device name is the id; the storage daemon's nodes have none.
+    let id = s(a, "job-id").unwrap_or_default().to_string();
+    m.check_new_id(&id)?;
+    let context = d.node_context(top.name()).map(|(_, h)| h);
+    let host: Rc<dyn GraphHost> = d.clone();
+    let (driver, worker) = new_stream(
+        &host,
+        StreamParams {
+            top,
+            base: base_bs,
+            backing_file: None,
+            on_error,
+        },
+    )?;
+    let job = m.create(
+        JobSpec {
+            id,
+            driver: driver as Rc<dyn JobDriver>,
+            worker,
+            context,
+            speed: speed as u64,
+            auto_finalize: b(a, "auto-finalize").unwrap_or(true),
+            auto_dismiss: b(a, "auto-dismiss").unwrap_or(true),
+            block_job: true,
+        },
+        None,
+    )?;
+    m.start(&job);
+    Ok(())
+}

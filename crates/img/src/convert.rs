@@ -350,6 +350,8 @@ pub fn run(argv: &[String]) -> CmdResult {
                 "{out_name}: creating '{fmt}' images is not supported by blockd-img yet"
             )));
         }
+        target::check_unlocked(out_name)
+            .map_err(|e| Failure::new(format!("{out_name}: error while converting {fmt}: {e}")))?;
         if fmt == "qcow2" && backing.is_some() && backing_fmt.is_none() {
             return Err(Failure::new(
                 "Use of backing file requires explicit backing format",

@@ -161,6 +161,8 @@ pub fn run(argv: &[String]) -> CmdResult {
         }
     }
     let out_size = size - in_pos;
+    target::check_unlocked(&output)
+        .map_err(|e| Failure::new(format!("{output}: error while creating output image: {e}")))?;
     if out_fmt == "qcow2" {
         let c = target::qcow2_options(out_size, &[], None, None).map_err(Failure::new)?;
         target::create_qcow2(&output, &c).map_err(|e| {

@@ -80,6 +80,26 @@ The protocol level may support further options.
 Specify the target filename to include those options.
 ";
 
+/// Refuse to recreate an image someone uses: take the write lock of an existing `path` the
+/// way qemu-img's create does (a source of the same command counts too), and let it go.
+pub fn check_unlocked(path: &str) -> Result<(), String> {
+    if std::fs::metadata(path).is_err() {
+        return Ok(());
+    }
+    let mut graph = blockd_drivers::graph();
+    let mut file = serde_json::Map::new();
+    file.insert("driver".into(), "file".into());
+    file.insert("filename".into(), path.into());
+    let Ok(node) = graph.open(file) else {
+        // Not openable as a file: creating it reports the real error.
+        return Ok(());
+    };
+    use blockd_block::Perm;
+    let blk = graph.new_backend("", &node, Perm::WRITE | Perm::RESIZE, Perm::ALL)?;
+    blk.detach(&graph);
+    Ok(())
+}
+
 /// Create (or truncate) a raw image file of `size` bytes. Errors are qemu-img's texts without
 /// the file name prefix.
 pub fn create_raw(filename: &str, size: u64, opts: &RawOptions) -> Result<(), String> {

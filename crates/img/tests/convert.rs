@@ -146,6 +146,8 @@ fn convert_copies_like_qemu_img() {
         "convert --image-opts s.img out.img",
         "convert --target-image-opts s.img out.img",
         "convert s.img /nonexist/dir/out.img",
+        "convert s.img s.img",
+        "convert -O raw odd.img s.img s.img",
         "convert -h",
         "convert --help",
     ];

@@ -129,6 +129,10 @@ pub fn run(argv: &[String]) -> CmdResult {
     let opened = image::open(&req).map_err(Failure::new)?;
     let top = opened.node.clone();
     let top_file = file_name(&opened.options).unwrap_or_else(|| name.clone());
+    // The chain is read shared (the base is opened for writing below), so make sure nobody
+    // else writes the image: it is about to be committed and emptied.
+    crate::target::check_unlocked(&top_file)
+        .map_err(|e| Failure::new(format!("Could not open '{name}': {e}")))?;
     if backing(&top).is_none() {
         return Err(Failure::new("Image does not have a backing file"));
     }

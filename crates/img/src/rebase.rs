@@ -170,6 +170,8 @@ pub fn run(argv: &[String]) -> CmdResult {
         if new_backing.is_some() && backing_fmt.is_none() {
             return Err(change_err("backing format must be specified"));
         }
+        crate::target::check_unlocked(name)
+            .map_err(|e| Failure::new(format!("Could not open '{name}': {e}")))?;
         return set_backing(name, new_backing.as_deref(), backing_fmt.as_deref())
             .map_err(|e| change_err(&e));
     }

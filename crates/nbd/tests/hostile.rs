@@ -423,3 +423,24 @@ fn stop_listening_drops_stray_handshakes() {
         }
     );
 }
+
+#[test]
+fn rapid_connect_disconnect() {
+    // CVE-2019-14850's pattern: connections that come and go without negotiating.
+    let (s, _d) = server("rapid", ServerConfig::default());
+    for i in 0..500 {
+        let c = std::os::unix::net::UnixStream::connect(&s.sock).unwrap();
+        if i % 2 == 0 {
+            drop(c);
+        } else {
+            let mut c = c;
+            let _ = c.write_all(&[0u8; 3]);
+        }
+    }
+    let t = Instant::now();
+    while s.server.active_connections() > 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "connections leaked");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    still_serving(&s);
+}

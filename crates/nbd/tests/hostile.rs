@@ -246,7 +246,8 @@ fn transmission_abuse() {
     assert_eq!(c.response().unwrap().1, proto::EPERM);
     // DISC: the server closes after answering what was in flight.
     c.request(proto::CMD_READ, 0, 3, 0, 4096, &[]);
-    c.request(proto::CMD_DISC, 0, 4, 0, 0, &[]);
+    // Junk flags, offset and length on DISC: still no reply, still a clean close.
+    c.request(proto::CMD_DISC, 0xff, 4, 7, 7, &[]);
     assert_eq!(c.response().unwrap().0, 3);
     assert!(c.closed());
     still_serving(&s);

@@ -173,6 +173,10 @@ async fn reader(conn: &Rc<Conn>) {
             // Wrong magic: the stream cannot be resynchronised.
             return;
         };
+        if req.typ == proto::CMD_DISC {
+            // No reply, whatever its flags, offset or length: finish in-flight work and close.
+            return;
+        }
         let payload_len = req.payload_len(extended);
         let mut payload = None;
         if let Err(errno) = validate(conn, &req) {
@@ -183,9 +187,6 @@ async fn reader(conn: &Rc<Conn>) {
             }
             queue(conn, error_reply(conn, &req, errno, ""));
             continue;
-        }
-        if req.typ == proto::CMD_DISC {
-            return;
         }
         if payload_len > 0 {
             let b = IoBuf::new(payload_len as usize, 4096);

@@ -229,6 +229,31 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
         },
     );
 
+    let (dd, mm) = (d.clone(), m.clone());
+    server.register(
+        "block-commit",
+        obj(vec![
+            optional("job-id", Type::Str),
+            member("device", Type::Str),
+            optional("base-node", Type::Str),
+            optional("base", Type::Str),
+            optional("top-node", Type::Str),
+            optional("top", Type::Str),
+            optional("backing-file", Type::Str),
+            optional("backing-mask-protocol", Type::Bool),
+            optional("speed", Type::Int),
+            optional("on-error", on_error()),
+            optional("filter-node-name", Type::Str),
+            optional("auto-finalize", Type::Bool),
+            optional("auto-dismiss", Type::Bool),
+        ]),
+        empty(),
+        move |a| {
+            let r = block_commit(&dd, &mm, &a).map(|_| json!({}));
+            Box::pin(async move { r })
+        },
+    );
+
     server.register_event(
         "JOB_STATUS_CHANGE",
         obj(vec![
@@ -352,9 +377,6 @@ fn block_stream(
         Some(v) => OnError::parse(v)?,
     };
     let speed = a.get("speed").and_then(Value::as_i64).unwrap_or(0);
-    if speed < 0 {
-        return Err("Parameter 'speed' expects a non-negative value".into());
-    }
     let mut chain = vec![top.clone()];
     chain.extend(
         blockd_jobs::stream::intermediates(&top, base_bs.as_ref()).map_err(QmpError::generic)?,
@@ -380,13 +402,156 @@ fn block_stream(
             driver: driver as Rc<dyn JobDriver>,
             worker,
             context,
-            speed: speed as u64,
+            speed: speed.max(0) as u64,
             auto_finalize: b(a, "auto-finalize").unwrap_or(true),
             auto_dismiss: b(a, "auto-dismiss").unwrap_or(true),
             block_job: true,
         },
         None,
     )?;
+    if speed < 0 {
+        // QEMU sets the speed after creating the job, which then fails early
+        m.discard(&job);
+        return Err("Parameter 'speed' expects a non-negative value".into());
+    }
+    m.start(&job);
+    Ok(())
+}
+
+/// The chain below `top` (backing children), `top` first.
+fn chain(top: &Arc<Node>) -> Vec<Arc<Node>> {
+    let mut v = vec![top.clone()];
+    while let Some(n) = v.last().and_then(|n| n.child("backing")) {
+        v.push(n);
+    }
+    v
+}
+
+fn find_in_chain(chain: &[Arc<Node>], filename: &str) -> Option<Arc<Node>> {
+    chain
+        .iter()
+        .find(|n| node_filename(n).as_deref() == Some(filename))
+        .cloned()
+}
+
+fn block_commit(
+    d: &Rc<Daemon>,
+    m: &Rc<JobManager>,
+    a: &Map<String, Value>,
+) -> Result<(), QmpError> {
+    let device = s(a, "device").unwrap_or_default();
+    let bs = d.node(device).ok_or_else(|| QmpError {
+        class: ErrorClass::DeviceNotFound,
+        desc: format!("Device '{device}' not found"),
+    })?;
+    if bs.parent_count() > 0 {
+        return Err("Need a root block node".into());
+    }
+    let full = chain(&bs);
+    let top = match (s(a, "top"), s(a, "top-node")) {
+        (Some(_), Some(_)) => {
+            return Err("'top-node' and 'top' are mutually exclusive".into());
+        }
+        (None, Some(name)) => {
+            let n = lookup(d, name)?;
+            if !full.iter().any(|x| Arc::ptr_eq(x, &n)) {
+                return Err(format!("'{name}' is not in this backing file chain").into());
+            }
+            n
+        }
+        (Some(f), None) => find_in_chain(&full, f)
+            .ok_or_else(|| QmpError::generic(format!("Top image file {f} not found")))?,
+        (None, None) => bs.clone(),
+    };
+    let below_top = chain(&top);
+    let base = match (s(a, "base"), s(a, "base-node")) {
+        (Some(_), Some(_)) => {
+            return Err("'base-node' and 'base' are mutually exclusive".into());
+        }
+        (None, Some(name)) => {
+            let n = lookup(d, name)?;
+            if !below_top.iter().any(|x| Arc::ptr_eq(x, &n)) {
+                return Err(format!("'{name}' is not in this backing file chain").into());
+            }
+            n
+        }
+        (Some(f), None) => find_in_chain(&below_top[1..], f)
+            .ok_or_else(|| QmpError::generic(format!("Can't find '{f}' in the backing chain")))?,
+        // the bottom of the chain (`top` itself when it has no backing file)
+        (None, None) => below_top.last().cloned().unwrap_or_else(|| top.clone()),
+    };
+    m.check_not_blocked(
+        &full[..full.len().min(
+            full.iter()
+                .position(|x| Arc::ptr_eq(x, &base))
+                .unwrap_or(full.len())
+                + 1,
+        )],
+    )?;
+    if Arc::ptr_eq(&top, &base) {
+        return Err("cannot commit an image into itself".into());
+    }
+    if Arc::ptr_eq(&top, &bs) {
+        if a.contains_key("backing-file") {
+            return Err("'backing-file' specified, but 'top' is the active layer".into());
+        }
+        return Err(
+            "block-commit of the active layer is not supported by blockd yet (use top-node below it)"
+                .into(),
+        );
+    }
+    for opt in ["backing-file", "backing-mask-protocol"] {
+        if a.contains_key(opt) {
+            return Err(format!(
+                "block-commit '{opt}' is not supported by blockd yet (the qcow2 driver cannot rewrite an open image's backing file name)"
+            )
+            .into());
+        }
+    }
+    if a.contains_key("filter-node-name") {
+        return Err("block-commit 'filter-node-name' is not supported by blockd yet".into());
+    }
+    let on_error = match s(a, "on-error") {
+        None | Some("auto") => OnError::Report,
+        Some(v) => OnError::parse(v)?,
+    };
+    let speed = a.get("speed").and_then(Value::as_i64).unwrap_or(0);
+    let overlay = full
+        .iter()
+        .find(|n| n.child("backing").is_some_and(|b| Arc::ptr_eq(&b, &top)))
+        .cloned()
+        .ok_or_else(|| QmpError::generic("Could not find overlay image"))?;
+    let id = s(a, "job-id").unwrap_or_default().to_string();
+    m.check_new_id(&id)?;
+    let context = d.node_context(top.name()).map(|(_, h)| h);
+    let host: Rc<dyn GraphHost> = d.clone();
+    let (driver, worker) = blockd_jobs::commit::new_commit(
+        &host,
+        blockd_jobs::commit::CommitParams {
+            overlay,
+            top,
+            base,
+            on_error,
+        },
+    )?;
+    let job = m.create(
+        JobSpec {
+            id,
+            driver: driver as Rc<dyn JobDriver>,
+            worker,
+            context,
+            speed: speed.max(0) as u64,
+            auto_finalize: b(a, "auto-finalize").unwrap_or(true),
+            auto_dismiss: b(a, "auto-dismiss").unwrap_or(true),
+            block_job: true,
+        },
+        None,
+    )?;
+    if speed < 0 {
+        // QEMU sets the speed after creating the job, which then fails early
+        m.discard(&job);
+        return Err("Parameter 'speed' expects a non-negative value".into());
+    }
     m.start(&job);
     Ok(())
 }

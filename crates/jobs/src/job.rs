@@ -519,6 +519,18 @@ impl JobManager {
         }
     }
 
+    /// Drop a job that failed while being set up, before it started (QEMU's `job_early_fail`):
+    /// `created` → `null`.
+    pub fn discard(&self, job: &Rc<Job>) {
+        if job.status() != JobStatus::Created {
+            return;
+        }
+        job.pending_worker.borrow_mut().take();
+        job.driver.clean();
+        job.txn.borrow().remove(job);
+        self.do_dismiss(job);
+    }
+
     fn do_dismiss(&self, job: &Rc<Job>) {
         self.transition(job, JobStatus::Null);
         self.jobs.borrow_mut().retain(|j| !Rc::ptr_eq(j, job));

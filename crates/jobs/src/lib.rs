@@ -4,7 +4,9 @@
 //! `ratelimit.rs`), and the job types (`stream.rs`).
 #![forbid(unsafe_code)]
 
+pub mod commit;
 pub mod control;
+mod copy;
 pub mod host;
 pub mod job;
 pub mod ratelimit;

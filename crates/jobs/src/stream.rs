@@ -18,15 +18,11 @@ use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
-use blockd_aio::IoBuf;
-use blockd_block::{BlockBackend, Node, Perm, ReqFlags, drained_all, strerror};
+use blockd_block::{BlockBackend, Node, Perm, drained_all};
 
-use crate::control::{ErrorAction, JobCtx, OnError};
+use crate::control::{JobCtx, OnError};
 use crate::host::{GraphHost, run_drained};
 use crate::job::{JobDriver, LocalFuture, Worker};
-
-/// QEMU streams in chunks of this size.
-pub const CHUNK: u64 = 512 * 1024;
 
 pub struct StreamParams {
     pub top: Arc<Node>,
@@ -111,105 +107,12 @@ pub fn new_stream(
         backends: RefCell::new(all),
     });
     let on_error = p.on_error;
-    let worker: Worker =
-        Box::new(move |ctx: JobCtx| Box::pin(run(ctx, top_be, layer_bes, on_error)));
+    let worker: Worker = Box::new(move |ctx: JobCtx| {
+        Box::pin(async move {
+            crate::copy::copy_above(&ctx, &top_be, &top_be, true, &layer_bes, on_error).await
+        })
+    });
     Ok((job, worker))
-}
-
-/// Is `[off, off+n)` held by one of the layers? Returns the answer and the length of the
-/// prefix it holds for (QEMU's `bdrv_is_allocated_above`).
-async fn allocated_in_layers(
-    layers: &[BlockBackend],
-    off: u64,
-    mut n: u64,
-) -> std::io::Result<(bool, u64)> {
-    for l in layers {
-        let st = l.block_status(off, n).await?;
-        if st.allocated {
-            return Ok((true, st.len.min(n)));
-        }
-        n = st.len.min(n);
-    }
-    Ok((false, n))
-}
-
-async fn run(
-    ctx: JobCtx,
-    top: BlockBackend,
-    layers: Vec<BlockBackend>,
-    on_error: OnError,
-) -> Result<(), String> {
-    let len = top.length();
-    ctx.set_total(len);
-    let mut first_error: Option<String> = None;
-    let mut off = 0;
-    while off < len {
-        if ctx.is_cancelled() {
-            return Ok(());
-        }
-        let want = CHUNK.min(len - off);
-        // What the top holds is already there; below it, only the layers above the base count.
-        let step = async {
-            let st = top.block_status(off, want).await?;
-            if st.allocated {
-                return Ok::<(u64, bool), std::io::Error>((st.len.min(want), false));
-            }
-            let (copy, n) = allocated_in_layers(&layers, off, st.len.min(want)).await?;
-            Ok((n, copy))
-        };
-        let (n, copy) = match step.await {
-            Ok(v) => v,
-            Err(e) => match handle_error(&ctx, on_error, true, &e, &mut first_error).await {
-                ErrorAction::Stop => continue,
-                ErrorAction::Ignore => (want, false),
-                ErrorAction::Report => break,
-            },
-        };
-        if copy {
-            let (r, buf) = top.read(off, IoBuf::new(n as usize, 4096)).await;
-            let r = match r {
-                Ok(()) => top
-                    .write(off, buf, ReqFlags::NONE)
-                    .await
-                    .0
-                    .map_err(|e| (false, e)),
-                Err(e) => Err((true, e)),
-            };
-            if let Err((read, e)) = r {
-                match handle_error(&ctx, on_error, read, &e, &mut first_error).await {
-                    ErrorAction::Stop => continue,
-                    ErrorAction::Ignore => {}
-                    ErrorAction::Report => break,
-                }
-            }
-        }
-        off += n;
-        ctx.add_progress(n);
-        ctx.rate_limit(if copy { n } else { 0 }).await;
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
-}
-
-/// The error policy; an error that is not retried makes the job fail in the end even when
-/// ignored, as QEMU's stream does.
-async fn handle_error(
-    ctx: &JobCtx,
-    on_error: OnError,
-    read: bool,
-    e: &std::io::Error,
-    first: &mut Option<String>,
-) -> ErrorAction {
-    let action = ctx.error_action(on_error, read, e);
-    match action {
-        ErrorAction::Stop => ctx.pause_point().await,
-        _ => {
-            first.get_or_insert_with(|| strerror(e));
-        }
-    }
-    action
 }
 
 impl JobDriver for StreamJob {

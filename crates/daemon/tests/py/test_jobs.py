@@ -225,6 +225,46 @@ async def scenario_errors(binary):
     return s.log
 
 
+async def scenario_commit(binary):
+    s = Session(binary)
+    base_only = raw_of(s.base, os.path.join(s.dir, "base-before.raw"))
+    mid_view = raw_of(s.mid, os.path.join(s.dir, "mid-view.raw"))
+    await s.start()
+    await s.cmd("block-commit", {"device": "nope", "job-id": "c"})
+    await s.cmd("block-commit", {"device": "top", "job-id": "c", "top-node": "mid",
+                                 "top": "x"})
+    await s.cmd("block-commit", {"device": "top", "job-id": "c", "top-node": "nope"})
+    await s.cmd("block-commit", {"device": "mid", "job-id": "c", "top-node": "top"})
+    await s.cmd("block-commit", {"device": "top", "job-id": "c", "top-node": "mid",
+                                 "base-node": "top"})
+    await s.cmd("block-commit", {"device": "top", "job-id": "c", "top-node": "base",
+                                 "base-node": "base"})
+    await s.cmd("block-commit", {"device": "top", "job-id": "c", "top-node": "base"})
+    await s.cmd("block-commit", {"device": "top", "job-id": "c", "top-node": "mid",
+                                 "speed": -1})
+    await s.cmd("block-commit", {"device": "top", "job-id": "c0", "top-node": "mid",
+                                 "base-node": "base", "speed": 1})
+    await s.events_until("c0", "running")
+    await s.cmd("block-stream", {"device": "top", "job-id": "s"})
+    await s.cmd("job-pause", {"id": "c0"})
+    await s.events_until("c0", "paused")
+    await s.cmd("job-resume", {"id": "c0"})
+    await s.events_until("c0", "running")
+    await s.cmd("block-job-set-speed", {"device": "c0", "speed": 0})
+    await s.events_until("c0", "null")
+    await s.cmd("blockdev-del", {"node-name": "mid"})
+    await s.stop()
+    # base holds what mid showed; top on base reads as the old chain
+    got = raw_of(s.base, os.path.join(s.dir, "base-after.raw"))
+    check(got == mid_view, f"{binary}: commit: base == mid's view")
+    check(got != base_only, f"{binary}: commit: base changed")
+    got = raw_of(top_on(s.top, s.base), os.path.join(s.dir, "on-base.raw"))
+    check(got == s.expected, f"{binary}: commit: top on base == the old chain")
+    sh("qemu-img", "check", "-q", s.base)
+    s.cleanup()
+    return s.log
+
+
 def compare(name, ours, theirs):
     if theirs is None:
         return
@@ -239,7 +279,7 @@ def compare(name, ours, theirs):
 
 async def main():
     for sc in (scenario_full_stream, scenario_base_node, scenario_pause_resume_cancel,
-               scenario_errors):
+               scenario_errors, scenario_commit):
         ours = await sc(DAEMON)
         theirs = await sc(QSD) if QSD else None
         if os.environ.get("JOBS_VERBOSE"):

@@ -349,6 +349,22 @@ impl Graph {
         Ok(())
     }
 
+    /// Every parent of `from` uses `to` instead (a mirror's pivot), inside a drain of both.
+    pub async fn replace_node(&mut self, from: &Arc<Node>, to: &Arc<Node>) -> Result<(), String> {
+        let _drain = drained_all(&[from.clone(), to.clone()]).await;
+        let to_ref = ParentRef::Node(Arc::downgrade(to));
+        let parents: Vec<ParentRef> = from
+            .lock_parents()
+            .iter()
+            .map(|p| p.parent.clone())
+            .filter(|p| !crate::node::same_parent(p, &to_ref))
+            .collect();
+        for p in parents {
+            self.repoint_parent(&p, from, to);
+        }
+        Ok(())
+    }
+
     /// Make `backend` send its requests to `new_root`.
     pub async fn set_backend_root(
         &mut self,

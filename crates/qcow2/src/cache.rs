@@ -161,6 +161,7 @@ impl<T> Cache<T> {
             && let Some(victim) = self
                 .map
                 .iter()
+                .filter(|(_, s)| !s.dirty)
                 .min_by_key(|(_, s)| s.last_use)
                 .map(|(k, _)| *k)
         {
@@ -293,6 +294,22 @@ mod tests {
             cfg("cache-clean-interval=0", 1).unwrap().clean_interval,
             None
         );
+    }
+
+    #[test]
+    fn dirty_entries_are_never_evicted() {
+        let mut c: Cache<u32> = Cache::new(2, None);
+        c.insert(1, 1);
+        c.mark_dirty(1);
+        c.insert(2, 2);
+        c.mark_dirty(2);
+        c.insert(3, 3);
+        assert!(c.contains(1) && c.contains(2) && c.contains(3));
+        assert_eq!((c.len(), c.dirty_count()), (3, 2));
+        c.mark_clean(1);
+        c.insert(4, 4);
+        assert!(!c.contains(1) && c.contains(2));
+        assert_eq!(c.dirty_offsets(), vec![2]);
     }
 
     #[test]

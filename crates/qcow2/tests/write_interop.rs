@@ -148,6 +148,10 @@ async fn scribble(
 }
 
 fn write_case(dir: &TempDir, tag: &str, list: &str, backing: Option<&str>) {
+    write_case_opts(dir, tag, list, backing, "");
+}
+
+fn write_case_opts(dir: &TempDir, tag: &str, list: &str, backing: Option<&str>, runtime: &str) {
     let path = dir.path(&format!("{tag}.qcow2"));
     let mut o = opts(list);
     let cs = o.cluster_size;
@@ -164,7 +168,7 @@ fn write_case(dir: &TempDir, tag: &str, list: &str, backing: Option<&str>) {
     }
     blockd_create(&path, &o);
     let mut g = graph();
-    let node = open_qcow2(&mut g, &path, "").unwrap_or_else(|e| panic!("{tag}: {e}"));
+    let node = open_qcow2(&mut g, &path, runtime).unwrap_or_else(|e| panic!("{tag}: {e}"));
     let be = backend(&g, &node);
     block_on(async {
         scribble(&be, &mut model, 0x9e37_79b9 ^ cs, cs, base.as_deref()).await;
@@ -465,5 +469,36 @@ fn writes_over_internal_snapshots_keep_them_intact() {
             None,
             "{o}: snapshot"
         );
+    }
+}
+
+#[test]
+fn tiny_metadata_caches_evict_and_write_back_in_order() {
+    if !have("qemu-img") {
+        return;
+    }
+    let dir = TempDir::new("tiny");
+    std::fs::write(dir.path("base.raw"), vec![0x5au8; 3 << 20]).unwrap();
+    // 512-byte L2 slices, two of them, four refcount blocks: constant eviction and
+    // write-back while allocating.
+    for (i, (list, rt)) in [
+        (
+            "size=3M,cluster_size=512,refcount_bits=16",
+            "l2-cache-entry-size=512,l2-cache-size=1024,refcount-cache-size=2048",
+        ),
+        (
+            "size=3M,cluster_size=4096,refcount_bits=1",
+            "l2-cache-entry-size=1024,cache-size=16k,cache-clean-interval=1",
+        ),
+        (
+            "size=3M,cluster_size=65536,extended_l2=on",
+            "l2-cache-entry-size=4096,l2-cache-size=8192",
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        write_case_opts(&dir, &format!("tiny{i}"), list, None, rt);
+        write_case_opts(&dir, &format!("tinyb{i}"), list, Some("base.raw"), rt);
     }
 }

@@ -254,6 +254,38 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
         },
     );
 
+    let (dd, mm) = (d.clone(), m.clone());
+    server.register(
+        "blockdev-mirror",
+        obj(vec![
+            optional("job-id", Type::Str),
+            member("device", Type::Str),
+            member("target", Type::Str),
+            optional("replaces", Type::Str),
+            member(
+                "sync",
+                Type::enumeration(&["top", "full", "none", "incremental", "bitmap"]),
+            ),
+            optional("speed", Type::Int),
+            optional("granularity", Type::Int),
+            optional("buf-size", Type::Int),
+            optional("on-source-error", on_error()),
+            optional("on-target-error", on_error()),
+            optional("filter-node-name", Type::Str),
+            optional(
+                "copy-mode",
+                Type::enumeration(&["background", "write-blocking"]),
+            ),
+            optional("auto-finalize", Type::Bool),
+            optional("auto-dismiss", Type::Bool),
+        ]),
+        empty(),
+        move |a| {
+            let (d, m) = (dd.clone(), mm.clone());
+            Box::pin(async move { blockdev_mirror(&d, &m, &a).await.map(|_| json!({})) })
+        },
+    );
+
     server.register_event(
         "JOB_STATUS_CHANGE",
         obj(vec![
@@ -553,5 +585,128 @@ fn block_commit(
         return Err("Parameter 'speed' expects a non-negative value".into());
     }
     m.start(&job);
+    Ok(())
+}
+
+fn parse_on_error(a: &Map<String, Value>, k: &str) -> Result<OnError, String> {
+    match s(a, k) {
+        None | Some("auto") => Ok(OnError::Report),
+        Some(v) => OnError::parse(v),
+    }
+}
+
+async fn blockdev_mirror(
+    d: &Rc<Daemon>,
+    m: &Rc<JobManager>,
+    a: &Map<String, Value>,
+) -> Result<(), QmpError> {
+    use blockd_jobs::mirror::{MirrorParams, Sync, new_mirror};
+    let device = s(a, "device").unwrap_or_default();
+    let source = d.node(device).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='{device}' nor node-name='{device}'"
+        ))
+    })?;
+    let tname = s(a, "target").unwrap_or_default();
+    let target = d.node(tname).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='{tname}' nor node-name='{tname}'"
+        ))
+    })?;
+    let sync = match s(a, "sync").unwrap_or_default() {
+        "full" => Sync::Full,
+        "top" => Sync::Top,
+        "none" => Sync::None,
+        other => {
+            return Err(
+                format!("blockdev-mirror sync={other} is not supported by blockd yet").into(),
+            );
+        }
+    };
+    for (opt, why) in [("replaces", "'replaces'"), ("unmap", "'unmap'")] {
+        if a.contains_key(opt) {
+            return Err(format!("blockdev-mirror {why} is not supported by blockd yet").into());
+        }
+    }
+    if s(a, "copy-mode") == Some("write-blocking") {
+        return Err(
+            "blockdev-mirror copy-mode=write-blocking is not supported by blockd yet".into(),
+        );
+    }
+    let granularity = a.get("granularity").and_then(Value::as_i64).unwrap_or(0);
+    if granularity != 0 && !(512..=64 << 20).contains(&granularity) {
+        return Err("Parameter 'granularity' expects a value in range [512B, 64MB]".into());
+    }
+    if granularity != 0 && (granularity & (granularity - 1)) != 0 {
+        return Err("Parameter 'granularity' expects a power of 2".into());
+    }
+    let buf_size = a.get("buf-size").and_then(Value::as_i64).unwrap_or(0);
+    if buf_size < 0 {
+        return Err("Parameter 'buf-size' expects a non-negative value".into());
+    }
+    let speed = a.get("speed").and_then(Value::as_i64).unwrap_or(0);
+    let id = s(a, "job-id").unwrap_or_default().to_string();
+    m.check_not_blocked(&[source.clone(), target.clone()])?;
+    m.check_new_id(&id)?;
+    if speed < 0 {
+        return Err("Parameter 'speed' expects a non-negative value".into());
+    }
+    let filter_name = match s(a, "filter-node-name") {
+        Some(n) => n.to_string(),
+        // QEMU's implicit node has a generated name; blockd's node names must be valid ones
+        None => format!("mirror-top.{id}").chars().take(31).collect(),
+    };
+    let granularity = if granularity == 0 {
+        // QEMU's default: the target's cluster size, at least 4 KiB; 64 KiB without one
+        target
+            .driver()
+            .cluster_size()
+            .map_or(65536, |c| c.max(4096))
+    } else {
+        granularity as u64
+    };
+    let context = d.node_context(source.name()).map(|(_, h)| h);
+    let host: Rc<dyn GraphHost> = d.clone();
+    let (driver, worker) = new_mirror(
+        &host,
+        MirrorParams {
+            source,
+            target,
+            filter_name,
+            sync,
+            granularity,
+            buf_size: if buf_size == 0 {
+                16 << 20
+            } else {
+                buf_size as u64
+            },
+            on_source_error: parse_on_error(a, "on-source-error")?,
+            on_target_error: parse_on_error(a, "on-target-error")?,
+        },
+    )
+    .await?;
+    let job = m.create(
+        JobSpec {
+            id,
+            driver: driver.clone() as Rc<dyn JobDriver>,
+            worker,
+            context,
+            speed: speed as u64,
+            auto_finalize: b(a, "auto-finalize").unwrap_or(true),
+            auto_dismiss: b(a, "auto-dismiss").unwrap_or(true),
+            block_job: true,
+        },
+        None,
+    );
+    let job = match job {
+        Ok(j) => j,
+        Err(e) => {
+            driver.clean();
+            driver.abort();
+            return Err(e.into());
+        }
+    };
+    m.start(&job);
+    d.prune();
     Ok(())
 }

@@ -4,11 +4,13 @@
 //! `ratelimit.rs`), and the job types (`stream.rs`).
 #![forbid(unsafe_code)]
 
+pub mod bitmap;
 pub mod commit;
 pub mod control;
 mod copy;
 pub mod host;
 pub mod job;
+pub mod mirror;
 pub mod ratelimit;
 pub mod status;
 pub mod stream;

@@ -296,6 +296,110 @@ async def scenario_iothread(binary):
     return s.log
 
 
+def make_mirror_pair(d):
+    src, tgt = os.path.join(d, "src.qcow2"), os.path.join(d, "tgt.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", src, str(8 * MiB))
+    sh("qemu-io", "-c", "write -P 0x41 0 3M", "-c", "write -P 0x42 5M 1M",
+       "-c", "write -z 7M 64k", src)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", tgt, str(8 * MiB))
+    return src, tgt
+
+
+async def mirror_session(binary):
+    s = Session(binary)
+    s.src, s.tgt = make_mirror_pair(s.dir)
+    s.d = Daemon(binary)
+    s.c = await s.d.client()
+    for name, f in (("src", s.src), ("tgt", s.tgt)):
+        await s.c.execute("blockdev-add", {"driver": "qcow2", "node-name": name,
+                                           "file": {"driver": "file", "filename": f}})
+    return s
+
+
+async def scenario_mirror(binary):
+    s = await mirror_session(binary)
+    await s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "src",
+                                    "sync": "full"})
+    await s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "nope",
+                                    "sync": "full"})
+    await s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                    "sync": "full", "granularity": 1000})
+    await s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                    "sync": "full", "granularity": 256})
+    # complete: users move to the target
+    await s.cmd("blockdev-mirror", {"job-id": "m0", "device": "src", "target": "tgt",
+                                    "sync": "full", "filter-node-name": "mtop"})
+    await s.events_until("m0", "ready")
+    await s.cmd("job-finalize", {"id": "m0"})
+    await s.cmd("block-job-complete", {"device": "m0"})
+    await s.events_until("m0", "null")
+    # cancel after READY without force: completes, keeps the source
+    await s.cmd("blockdev-mirror", {"job-id": "m1", "device": "src", "target": "tgt",
+                                    "sync": "full"})
+    await s.events_until("m1", "ready")
+    await s.cmd("block-job-pause", {"device": "m1"})
+    await s.events_until("m1", "standby")
+    await s.cmd("block-job-resume", {"device": "m1"})
+    await s.events_until("m1", "ready")
+    await s.cmd("block-job-cancel", {"device": "m1"})
+    await s.events_until("m1", "null")
+    # job-cancel after READY: cancelled
+    await s.cmd("blockdev-mirror", {"job-id": "m2", "device": "src", "target": "tgt",
+                                    "sync": "top", "auto-dismiss": False})
+    await s.events_until("m2", "ready")
+    await s.cmd("job-cancel", {"id": "m2"})
+    await s.events_until("m2", "concluded")
+    await s.cmd("job-dismiss", {"id": "m2"})
+    await s.events_until("m2", "null")
+    await s.cmd("blockdev-del", {"node-name": "src"})
+    await s.stop()
+    r = subprocess.run(["qemu-img", "compare", "-q", s.src, s.tgt])
+    check_eq(r.returncode, 0, f"{binary}: mirror: target == source")
+    sh("qemu-img", "check", "-q", s.tgt)
+    s.cleanup()
+    return s.log
+
+
+async def scenario_mirror_writer(binary):
+    """Writes through an NBD export of the source while the mirror runs: READY, complete;
+    the export then writes to the target, which holds everything. (blockd only: the data is
+    the check.)"""
+    s = await mirror_session(binary)
+    sock = os.path.join(s.dir, "nbd.sock")
+    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "path": sock}})
+    await s.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "src",
+                                     "writable": True})
+    url = f"nbd+unix:///src?socket={sock}"
+    await s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                    "sync": "full", "speed": 4 * MiB})
+    writer = await asyncio.create_subprocess_exec(
+        "qemu-io", "-f", "raw", "-c", "write -P 0x51 1M 2M", "-c", "write -P 0x52 6M 512k",
+        url, stdout=subprocess.DEVNULL)
+    await writer.wait()
+    check_eq(writer.returncode, 0, f"{binary}: writes during the mirror")
+    await s.cmd("block-job-set-speed", {"device": "m", "speed": 0})
+    await s.events_until("m", "ready")
+    sh("qemu-io", "-f", "raw", "-c", "write -P 0x53 4M 64k", url)
+    await s.cmd("job-complete", {"id": "m"})
+    await s.events_until("m", "null")
+    sh("qemu-io", "-f", "raw", "-c", "write -P 0x54 7M 4k", url)
+    await s.cmd("block-export-del", {"id": "e"})
+    await asyncio.sleep(0.2)
+    await s.stop()
+    want = [("0x41", 0, "1M"), ("0x51", "1M", "2M"), ("0x42", "5M", "1M"),
+            ("0x52", "6M", "512k"), ("0x53", "4M", "64k"), ("0x54", "7M", "4k")]
+    args = []
+    for p, off, n in want:
+        args += ["-c", f"read -P {p} {off} {n}"]
+    r = subprocess.run(["qemu-io", "-f", "qcow2"] + args + [s.tgt], capture_output=True,
+                       text=True)
+    check("Pattern verification failed" not in r.stdout and r.returncode == 0,
+          f"{binary}: mirror with a writer: the target holds every write: {r.stdout[-300:]}")
+    sh("qemu-img", "check", "-q", s.tgt)
+    s.cleanup()
+    return None
+
+
 def compare(name, ours, theirs):
     if theirs is None:
         return
@@ -310,9 +414,12 @@ def compare(name, ours, theirs):
 
 async def main():
     for sc in (scenario_full_stream, scenario_base_node, scenario_pause_resume_cancel,
-               scenario_errors, scenario_commit, scenario_iothread):
+               scenario_errors, scenario_commit, scenario_iothread, scenario_mirror,
+               scenario_mirror_writer):
         ours = await sc(DAEMON)
-        theirs = await sc(QSD) if QSD and sc is not scenario_iothread else None
+        theirs = None
+        if QSD and sc not in (scenario_iothread, scenario_mirror_writer):
+            theirs = await sc(QSD)
         if os.environ.get("JOBS_VERBOSE"):
             print(sc.__name__, "\n ours  ", ours, "\n theirs", theirs)
         compare(sc.__name__, ours, theirs)

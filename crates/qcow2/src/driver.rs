@@ -173,9 +173,14 @@ pub fn open(
     };
     let lazy = o.take_bool("lazy-refcounts")?;
     let pass_discard = o.take_bool("pass-discard-request")?.unwrap_or(true);
+    // Snapshots are only taken offline, where nothing is passed down either way.
     let _ = o.take_bool("pass-discard-snapshot")?;
-    let _ = o.take_bool("pass-discard-other")?;
-    let _ = o.take_bool("discard-no-unref")?;
+    if o.take_bool("pass-discard-other")? == Some(true) {
+        return Err("qcow2 option 'pass-discard-other=on' is not supported yet".into());
+    }
+    if o.take_bool("discard-no-unref")? == Some(true) {
+        return Err("qcow2 option 'discard-no-unref=on' is not supported yet".into());
+    }
     if o.take("data-file").is_some() {
         return Err("qcow2 images with an external data file are not supported yet".into());
     }

@@ -400,6 +400,51 @@ async def scenario_mirror_writer(binary):
     return None
 
 
+async def scenario_seed(binary):
+    """The issue's seed scenario (64 MiB instead of 1 GiB to stay fast): source and target file
+    nodes in an iothread, the source exported over NBD from it; blockdev-mirror sync=full with
+    filter-node-name=mirror-top; while it runs, human-monitor-command `qemu-io mirror-top
+    "write 0 <size>"` and an NBD client write; READY, complete, target == source."""
+    size = 64 * MiB
+    s = Session(binary)
+    src, tgt = os.path.join(s.dir, "src.raw"), os.path.join(s.dir, "tgt.raw")
+    sh("qemu-img", "create", "-q", "-f", "raw", src, str(size))
+    sh("qemu-io", "-f", "raw", "-c", "write -P 0x61 0 64M", src)
+    sh("qemu-img", "create", "-q", "-f", "raw", tgt, str(size))
+    s.d = Daemon(binary)
+    s.c = await s.d.client()
+    sock = os.path.join(s.dir, "nbd.sock")
+    await s.cmd("object-add", {"qom-type": "iothread", "id": "io0"})
+    for name, f in (("src", src), ("tgt", tgt)):
+        await s.cmd("blockdev-add", {"driver": "file", "node-name": name, "filename": f})
+        await s.cmd("x-blockdev-set-iothread", {"node-name": name, "iothread": "io0"})
+    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "path": sock}})
+    await s.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "src",
+                                     "writable": True, "iothread": "io0"})
+    await s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                    "sync": "full", "filter-node-name": "mirror-top",
+                                    "speed": 64 * MiB})
+    hmp = asyncio.create_task(s.c.execute("human-monitor-command", {
+        "command-line": 'qemu-io mirror-top "write 0 64M"'}))
+    nbd = await asyncio.create_subprocess_exec(
+        "qemu-io", "-f", "raw", "-c", "write -P 0x62 8M 1M",
+        f"nbd+unix:///src?socket={sock}", stdout=subprocess.DEVNULL)
+    out = await hmp
+    check("wrote 67108864/67108864 bytes" in out, f"seed: qemu-io through mirror-top: {out!r}")
+    check_eq(await nbd.wait(), 0, "seed: NBD write during the mirror")
+    await s.cmd("block-job-set-speed", {"device": "m", "speed": 0})
+    await s.events_until("m", "ready")
+    await s.cmd("job-complete", {"id": "m"})
+    await s.events_until("m", "null")
+    await s.cmd("block-export-del", {"id": "e"})
+    await asyncio.sleep(0.2)
+    await s.stop()
+    r = subprocess.run(["cmp", "-s", src, tgt])
+    check_eq(r.returncode, 0, "seed: target == source byte for byte")
+    s.cleanup()
+    return None
+
+
 def compare(name, ours, theirs):
     if theirs is None:
         return
@@ -415,10 +460,10 @@ def compare(name, ours, theirs):
 async def main():
     for sc in (scenario_full_stream, scenario_base_node, scenario_pause_resume_cancel,
                scenario_errors, scenario_commit, scenario_iothread, scenario_mirror,
-               scenario_mirror_writer):
+               scenario_mirror_writer, scenario_seed):
         ours = await sc(DAEMON)
         theirs = None
-        if QSD and sc not in (scenario_iothread, scenario_mirror_writer):
+        if QSD and sc not in (scenario_iothread, scenario_mirror_writer, scenario_seed):
             theirs = await sc(QSD)
         if os.environ.get("JOBS_VERBOSE"):
             print(sc.__name__, "\n ours  ", ours, "\n theirs", theirs)

@@ -249,8 +249,8 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
         ]),
         empty(),
         move |a| {
-            let r = block_commit(&dd, &mm, &a).map(|_| json!({}));
-            Box::pin(async move { r })
+            let (d, m) = (dd.clone(), mm.clone());
+            Box::pin(async move { block_commit(&d, &m, &a).await.map(|_| json!({})) })
         },
     );
 
@@ -466,7 +466,7 @@ fn find_in_chain(chain: &[Arc<Node>], filename: &str) -> Option<Arc<Node>> {
         .cloned()
 }
 
-fn block_commit(
+async fn block_commit(
     d: &Rc<Daemon>,
     m: &Rc<JobManager>,
     a: &Map<String, Value>,
@@ -527,10 +527,7 @@ fn block_commit(
         if a.contains_key("backing-file") {
             return Err("'backing-file' specified, but 'top' is the active layer".into());
         }
-        return Err(
-            "block-commit of the active layer is not supported by blockd yet (use top-node below it)"
-                .into(),
-        );
+        return active_commit(d, m, a, top, base).await;
     }
     for opt in ["backing-file", "backing-mask-protocol"] {
         if a.contains_key(opt) {
@@ -670,6 +667,7 @@ async fn blockdev_mirror(
     let (driver, worker) = new_mirror(
         &host,
         MirrorParams {
+            job_type: "mirror",
             source,
             target,
             filter_name,
@@ -685,13 +683,79 @@ async fn blockdev_mirror(
         },
     )
     .await?;
+    start_mirror_job(d, m, a, id, driver, worker, context, speed)
+}
+
+/// The commit of the active layer: a mirror from the top into the base of what the layers
+/// above the base hold; READY when converged, and `job-complete` moves the top's users to the
+/// base.
+async fn active_commit(
+    d: &Rc<Daemon>,
+    m: &Rc<JobManager>,
+    a: &Map<String, Value>,
+    top: Arc<Node>,
+    base: Arc<Node>,
+) -> Result<(), QmpError> {
+    use blockd_jobs::mirror::{MirrorParams, Sync, new_mirror};
+    if a.contains_key("backing-mask-protocol") {
+        return Err("block-commit 'backing-mask-protocol' is not supported by blockd yet".into());
+    }
+    let on_error = match s(a, "on-error") {
+        None | Some("auto") => OnError::Report,
+        Some(v) => OnError::parse(v)?,
+    };
+    let speed = a.get("speed").and_then(Value::as_i64).unwrap_or(0);
+    let id = s(a, "job-id").unwrap_or_default().to_string();
+    m.check_new_id(&id)?;
+    if speed < 0 {
+        return Err("Parameter 'speed' expects a non-negative value".into());
+    }
+    let mut layers = vec![top.clone()];
+    layers
+        .extend(blockd_jobs::stream::intermediates(&top, Some(&base)).map_err(QmpError::generic)?);
+    let filter_name = match s(a, "filter-node-name") {
+        Some(n) => n.to_string(),
+        None => format!("commit-top.{id}").chars().take(31).collect(),
+    };
+    let context = d.node_context(top.name()).map(|(_, h)| h);
+    let host: Rc<dyn GraphHost> = d.clone();
+    let granularity = base.driver().cluster_size().map_or(65536, |c| c.max(4096));
+    let (driver, worker) = new_mirror(
+        &host,
+        MirrorParams {
+            job_type: "commit",
+            source: top,
+            target: base,
+            filter_name,
+            sync: Sync::Layers(layers),
+            granularity,
+            buf_size: 16 << 20,
+            on_source_error: on_error,
+            on_target_error: on_error,
+        },
+    )
+    .await?;
+    start_mirror_job(d, m, a, id, driver, worker, context, speed)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_mirror_job(
+    d: &Rc<Daemon>,
+    m: &Rc<JobManager>,
+    a: &Map<String, Value>,
+    id: String,
+    driver: Rc<blockd_jobs::mirror::MirrorJob>,
+    worker: blockd_jobs::Worker,
+    context: Option<blockd_aio::ContextHandle>,
+    speed: i64,
+) -> Result<(), QmpError> {
     let job = m.create(
         JobSpec {
             id,
             driver: driver.clone() as Rc<dyn JobDriver>,
             worker,
             context,
-            speed: speed as u64,
+            speed: speed.max(0) as u64,
             auto_finalize: b(a, "auto-finalize").unwrap_or(true),
             auto_dismiss: b(a, "auto-dismiss").unwrap_or(true),
             block_job: true,

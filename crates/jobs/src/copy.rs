@@ -10,7 +10,7 @@ pub const CHUNK: u64 = 512 * 1024;
 
 /// Is `[off, off+n)` held by one of the layers? Returns the answer and the length of the
 /// prefix it holds for (QEMU's `bdrv_is_allocated_above`).
-async fn allocated_in_layers(
+pub(crate) async fn allocated_in_layers(
     layers: &[BlockBackend],
     off: u64,
     mut n: u64,

@@ -30,11 +30,13 @@ use crate::control::{ErrorAction, JobCtx, OnError};
 use crate::host::{GraphHost, run_drained};
 use crate::job::{JobDriver, LocalFuture, Worker};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Sync {
     Full,
     Top,
     None,
+    /// What these layers hold (an active commit: the chain above the base).
+    Layers(Vec<Arc<Node>>),
 }
 
 /// The filter above the source: passes everything to its child, marks writes dirty.
@@ -126,6 +128,8 @@ impl BlockDriver for MirrorTop {
 }
 
 pub struct MirrorParams {
+    /// "mirror", or "commit" for an active commit.
+    pub job_type: &'static str,
     pub source: Arc<Node>,
     pub target: Arc<Node>,
     pub filter_name: String,
@@ -137,6 +141,7 @@ pub struct MirrorParams {
 }
 
 pub struct MirrorJob {
+    job_type: &'static str,
     me: Weak<MirrorJob>,
     host: Weak<dyn GraphHost>,
     source: Arc<Node>,
@@ -148,6 +153,7 @@ pub struct MirrorJob {
     chunk: u64,
     /// The worker ended because of `job-complete` (not a cancel): prepare pivots.
     pivot: Arc<AtomicBool>,
+    layer_bes: Vec<BlockBackend>,
 }
 
 /// Insert the filter and build the job. Async: the filter goes in inside a drained section.
@@ -219,9 +225,31 @@ pub async fn new_mirror(
             return Err(e);
         }
     };
+    let mut layer_bes = Vec::new();
+    if let Sync::Layers(layers) = &p.sync {
+        let g = host.graph().borrow();
+        for n in layers {
+            match g.new_backend("", n, Perm::CONSISTENT_READ, Perm::ALL) {
+                Ok(b) => layer_bes.push(b),
+                Err(e) => {
+                    for b in layer_bes
+                        .drain(..)
+                        .chain([source_be.clone(), target_be.clone()])
+                    {
+                        b.detach(&g);
+                    }
+                    drop(g);
+                    undo_filter(host, &filter);
+                    return Err(e);
+                }
+            }
+        }
+    }
     let chunk = p.buf_size.clamp(p.granularity, 4 << 20) / p.granularity * p.granularity;
     let pivot = Arc::new(AtomicBool::new(false));
     let job = Rc::new_cyclic(|me| MirrorJob {
+        job_type: p.job_type,
+        layer_bes: layer_bes.clone(),
         me: me.clone(),
         host: Rc::downgrade(host),
         source: p.source.clone(),
@@ -239,6 +267,7 @@ pub async fn new_mirror(
         dirty,
         chunk,
         sync: p.sync,
+        layers: layer_bes,
         on_source_error: p.on_source_error,
         on_target_error: p.on_target_error,
         pivot,
@@ -253,6 +282,7 @@ struct WorkerState {
     dirty: Arc<DirtyBitmap>,
     chunk: u64,
     sync: Sync,
+    layers: Vec<BlockBackend>,
     on_source_error: OnError,
     on_target_error: OnError,
     pivot: Arc<AtomicBool>,
@@ -279,6 +309,22 @@ impl WorkerState {
         let len = self.source.length();
         match self.sync {
             Sync::Full => self.dirty.mark(0, len),
+            Sync::Layers(_) => {
+                let mut off = 0;
+                while off < len {
+                    let (alloc, n) = crate::copy::allocated_in_layers(
+                        &self.layers,
+                        off,
+                        (len - off).min(1 << 30),
+                    )
+                    .await
+                    .map_err(|e| strerror(&e))?;
+                    if alloc {
+                        self.dirty.mark(off, n);
+                    }
+                    off += n.max(1);
+                }
+            }
             Sync::None => {}
             Sync::Top => {
                 let mut off = 0;
@@ -397,7 +443,7 @@ impl MirrorJob {
 
 impl JobDriver for MirrorJob {
     fn job_type(&self) -> &'static str {
-        "mirror"
+        self.job_type
     }
 
     fn nodes(&self) -> Vec<Arc<Node>> {
@@ -439,6 +485,9 @@ impl JobDriver for MirrorJob {
             let g = host.graph().borrow();
             self.source_be.clone().detach(&g);
             self.target_be.clone().detach(&g);
+            for b in &self.layer_bes {
+                b.clone().detach(&g);
+            }
         }
     }
 }

@@ -445,6 +445,32 @@ async def scenario_seed(binary):
     return None
 
 
+async def scenario_active_commit(binary):
+    """block-commit of the active layer: READY, then complete moves the users to the base."""
+    s = Session(binary)
+    await s.start()
+    await s.cmd("block-commit", {"device": "top", "job-id": "ac", "backing-file": "x"})
+    await s.cmd("block-commit", {"device": "top", "job-id": "ac", "auto-dismiss": False})
+    await s.events_until("ac", "ready")
+    await s.cmd("query-block-jobs")
+    await s.cmd("job-pause", {"id": "ac"})
+    await s.events_until("ac", "standby")
+    await s.cmd("job-resume", {"id": "ac"})
+    await s.events_until("ac", "ready")
+    await s.cmd("job-complete", {"id": "ac"})
+    await s.events_until("ac", "concluded")
+    await s.cmd("job-dismiss", {"id": "ac"})
+    await s.events_until("ac", "null")
+    await s.cmd("blockdev-del", {"node-name": "top"})
+    await s.cmd("blockdev-del", {"node-name": "mid"})
+    await s.stop()
+    got = raw_of(s.base, os.path.join(s.dir, "base.raw"))
+    check(got == s.expected, f"{binary}: active commit: base == the old chain")
+    sh("qemu-img", "check", "-q", s.base)
+    s.cleanup()
+    return s.log
+
+
 def compare(name, ours, theirs):
     if theirs is None:
         return
@@ -460,7 +486,7 @@ def compare(name, ours, theirs):
 async def main():
     for sc in (scenario_full_stream, scenario_base_node, scenario_pause_resume_cancel,
                scenario_errors, scenario_commit, scenario_iothread, scenario_mirror,
-               scenario_mirror_writer, scenario_seed):
+               scenario_mirror_writer, scenario_seed, scenario_active_commit):
         ours = await sc(DAEMON)
         theirs = None
         if QSD and sc not in (scenario_iothread, scenario_mirror_writer, scenario_seed):

@@ -101,7 +101,13 @@ async def main():
             "query-named-block-nodes", "query-qmp-schema", "query-version", "quit",
             "x-blockdev-set-iothread", "x-debug-query-block-graph",
             "nbd-server-start", "nbd-server-stop", "block-export-add", "block-export-del",
-            "query-block-exports", "nbd-server-add", "nbd-server-remove"])
+            "query-block-exports", "nbd-server-add", "nbd-server-remove",
+            # block jobs (crates/daemon/src/jobs.rs)
+            "query-jobs", "query-block-jobs", "job-pause", "job-resume", "job-cancel",
+            "job-complete", "job-finalize", "job-dismiss", "block-job-pause",
+            "block-job-resume", "block-job-cancel", "block-job-complete", "block-job-finalize",
+            "block-job-dismiss", "block-job-set-speed", "block-stream", "block-commit",
+            "blockdev-mirror"])
         check_eq(names, want, "query-commands lists exactly what works")
 
         schema = await c.execute("query-qmp-schema")

@@ -245,7 +245,8 @@ pub async fn new_mirror(
             }
         }
     }
-    let chunk = p.buf_size.clamp(p.granularity, 4 << 20) / p.granularity * p.granularity;
+    let chunk = (p.buf_size / MAX_IN_FLIGHT as u64).clamp(p.granularity, 4 << 20) / p.granularity
+        * p.granularity;
     let pivot = Arc::new(AtomicBool::new(false));
     let job = Rc::new_cyclic(|me| MirrorJob {
         job_type: p.job_type,
@@ -262,6 +263,7 @@ pub async fn new_mirror(
         pivot: pivot.clone(),
     });
     let w = WorkerState {
+        buf_size: p.buf_size.max(chunk),
         source: source_be,
         target: target_be,
         dirty,
@@ -276,7 +278,11 @@ pub async fn new_mirror(
     Ok((job, worker))
 }
 
+/// Copies a mirror has in flight at most (QEMU's default is 16).
+const MAX_IN_FLIGHT: usize = 16;
+
 struct WorkerState {
+    buf_size: u64,
     source: BlockBackend,
     target: BlockBackend,
     dirty: Arc<DirtyBitmap>,
@@ -354,10 +360,39 @@ impl WorkerState {
                 );
                 return Ok(());
             }
-            match self.dirty.take(self.chunk) {
-                Some((off, n)) => {
-                    if let Err((read, e)) = copy_run(&self.source, &self.target, off, n).await {
-                        self.dirty.mark(off, n);
+            // Up to MAX_IN_FLIGHT runs at once, within buf-size, each its own task on this
+            // context (the requests overlap in the ring).
+            let mut runs = Vec::new();
+            let mut bytes = 0;
+            while runs.len() < MAX_IN_FLIGHT && bytes < self.buf_size {
+                match self.dirty.take(self.chunk) {
+                    Some((off, n)) => {
+                        bytes += n;
+                        let (src, tgt) = (self.source.clone(), self.target.clone());
+                        let task =
+                            blockd_aio::spawn(async move { copy_run(&src, &tgt, off, n).await });
+                        runs.push((off, n, task));
+                    }
+                    None => break,
+                }
+            }
+            match runs.is_empty() {
+                false => {
+                    let mut failure = None;
+                    let mut done = 0;
+                    for (off, n, task) in runs {
+                        match task.await {
+                            Ok(()) => done += n,
+                            Err(err) => {
+                                self.dirty.mark(off, n);
+                                failure.get_or_insert(err);
+                            }
+                        }
+                    }
+                    ctx.add_progress(done);
+                    let (cur, _) = ctx.ctl.progress();
+                    ctx.set_total(cur + self.dirty.dirty_bytes());
+                    if let Some((read, e)) = failure {
                         let policy = if read {
                             self.on_source_error
                         } else {
@@ -370,12 +405,9 @@ impl WorkerState {
                         }
                         continue;
                     }
-                    ctx.add_progress(n);
-                    let (cur, _) = ctx.ctl.progress();
-                    ctx.set_total(cur + self.dirty.dirty_bytes());
-                    ctx.rate_limit(n).await;
+                    ctx.rate_limit(done).await;
                 }
-                None => {
+                true => {
                     if !ready {
                         self.target.flush().await.map_err(|e| strerror(&e))?;
                         if self.dirty.dirty_bytes() == 0 {

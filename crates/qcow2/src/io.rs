@@ -330,6 +330,15 @@ impl Image {
                     continue;
                 }
             }
+            // A cluster another request is allocating: wait for it without the allocation
+            // lock, then write into it directly.
+            let c = (off + pos) >> self.geo.cluster_bits;
+            let listener = self.inflight_done.listen();
+            if self.meta().inflight.contains(&c) {
+                listener.await;
+                continue;
+            }
+            drop(listener);
             let n = self
                 .write_step(node, file, off + pos, &data[pos as usize..], flags)
                 .await?;

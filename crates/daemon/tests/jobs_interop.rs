@@ -24,7 +24,10 @@ fn have_qemu_qmp() -> bool {
 fn block_stream_and_job_verbs_like_qemu() {
     let require = std::env::var_os("BLOCKD_REQUIRE_INTEROP").is_some();
     if !have_qemu_qmp() || !have("qemu-img") || !have("qemu-io") {
-        assert!(!require, "python3 + qemu.qmp, qemu-img and qemu-io are required");
+        assert!(
+            !require,
+            "python3 + qemu.qmp, qemu-img and qemu-io are required"
+        );
         eprintln!("SKIPPED test_jobs.py: python3/qemu.qmp/qemu-img/qemu-io missing");
         return;
     }

@@ -21,6 +21,8 @@ from common import Daemon  # noqa: E402
 
 SIZE = int(sys.argv[2]) if len(sys.argv) > 2 else 1024
 ROUNDS = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+# e.g. BENCH_BUF_SIZE=67108864 to compare buf-size settings (both daemons get it)
+EXTRA = {"buf-size": int(os.environ["BENCH_BUF_SIZE"])} if "BENCH_BUF_SIZE" in os.environ else {}
 
 
 def sh(*a):
@@ -43,7 +45,7 @@ async def one(binary, src, tgt, writer):
                                                  "node-name": "src", "writable": True})
         t0 = time.monotonic()
         await c.execute("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
-                                            "sync": "full"})
+                                            "sync": "full", **EXTRA})
         if writer:
             cmds = []
             for i in range(64):

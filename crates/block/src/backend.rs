@@ -8,7 +8,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use blockd_aio::IoBuf;
@@ -32,6 +32,8 @@ pub struct BackendShared {
     resume: Event,
     pub(crate) perm: Perm,
     pub(crate) stats: Stats,
+    /// Failed requests send BLOCK_IO_ERROR (QEMU's error action `report`).
+    report_errors: AtomicBool,
 }
 
 /// I/O accounting (QEMU's BlockAcctStats, the part query-blockstats reports).
@@ -172,6 +174,7 @@ impl BlockBackend {
             resume: Event::new(),
             perm,
             stats: Stats::default(),
+            report_errors: AtomicBool::new(false),
         });
         root.add_parent(ParentRef::Backend(Arc::downgrade(&b)), usage)?;
         Ok(BlockBackend { shared: b })
@@ -200,6 +203,25 @@ impl BlockBackend {
 
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// Report failed requests as BLOCK_IO_ERROR events (through [`crate::events`]), as a
+    /// QEMU device with `rerror`/`werror=report` does. Off by default.
+    pub fn set_error_reporting(&self, on: bool) {
+        self.shared.report_errors.store(on, Ordering::Relaxed);
+    }
+
+    pub fn reports_errors(&self) -> bool {
+        self.shared.report_errors.load(Ordering::Relaxed)
+    }
+
+    /// A request the driver failed: tell the event sink when this backend reports errors.
+    fn report<T>(&self, node: &Node, operation: &str, r: &io::Result<T>) {
+        if let Err(e) = r
+            && self.reports_errors()
+        {
+            crate::events::block_io_error(self.name(), node.name(), operation, e);
+        }
     }
 
     pub(crate) fn parent_ref(&self) -> ParentRef {
@@ -231,6 +253,7 @@ impl BlockBackend {
             return (Err(e), buf);
         }
         let r = crate::io::aligned_read(&node, offset, buf).await;
+        self.report(&node, "read", &r.0);
         self.account(&r.0, |s| {
             s.rd_ops.fetch_add(1, Ordering::Relaxed);
             s.rd_bytes.fetch_add(len, Ordering::Relaxed);
@@ -251,6 +274,7 @@ impl BlockBackend {
             return (Err(e), buf);
         }
         let r = crate::io::aligned_write(&node, offset, buf, flags).await;
+        self.report(&node, "write", &r.0);
         self.account(&r.0, |s| {
             s.wr_ops.fetch_add(1, Ordering::Relaxed);
             s.wr_bytes.fetch_add(len, Ordering::Relaxed);
@@ -263,6 +287,7 @@ impl BlockBackend {
         let _g = InFlight(&self.shared);
         let node = self.shared.root.load_full();
         let r = node.driver().flush(&node).await;
+        self.report(&node, "write", &r);
         self.account(&r, |s| {
             s.flush_ops.fetch_add(1, Ordering::Relaxed);
         });
@@ -276,6 +301,7 @@ impl BlockBackend {
         self.check_write()?;
         self.check_range(&node, offset, len)?;
         let r = node.driver().discard(&node, offset, len).await;
+        self.report(&node, "write", &r);
         self.account(&r, |s| {
             s.discard_ops.fetch_add(1, Ordering::Relaxed);
         });
@@ -289,6 +315,7 @@ impl BlockBackend {
         self.check_write()?;
         self.check_range(&node, offset, len)?;
         let r = crate::io::write_zeroes(&node, offset, len, flags).await;
+        self.report(&node, "write", &r);
         self.account(&r, |s| {
             s.wr_ops.fetch_add(1, Ordering::Relaxed);
             s.wr_bytes.fetch_add(len, Ordering::Relaxed);

@@ -4,6 +4,7 @@
 //! of the thread that submitted the request, DESIGN.md rule 5); drivers are `Send + Sync`
 //! because a node serves requests from several contexts at once (multiqueue).
 
+use std::any::Any;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -174,6 +175,80 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn is_dirty(&self) -> bool {
         false
     }
+
+    /// First phase of a reopen (blockdev-reopen): check the new options and prepare
+    /// everything that can fail (a new file descriptor, a flushed cache), without changing
+    /// what requests see. `req.opts` holds the driver's own options: take what you handle,
+    /// refuse a change you cannot make with QEMU's "Cannot change the option '...'"; what is
+    /// left is an error. The node is drained and the caller is the main context.
+    fn reopen_prepare(
+        &self,
+        node: &Node,
+        _req: &mut ReopenRequest<'_>,
+    ) -> Result<ReopenPrepared, String> {
+        Err(format!(
+            "Block format '{}' used by node '{}' does not support reopening files",
+            self.format_name(),
+            node.name()
+        ))
+    }
+
+    /// Second phase: make the prepared state current. Cannot fail.
+    fn reopen_commit(&self, _node: &Node, _state: Box<dyn Any + Send>) {}
+
+    /// The reopen was abandoned (this or another node of the same reopen failed): release
+    /// what `reopen_prepare` made. Dropping the state must be enough for most drivers.
+    fn reopen_abort(&self, _node: &Node, _state: Box<dyn Any + Send>) {}
+
+    /// Could the node's users hold `perm` and share `shared` (a reopen about to change them)?
+    /// A protocol driver that enforces this across processes checks it without taking
+    /// anything; [`BlockDriver::set_perm`] applies it afterwards.
+    fn check_perm(
+        &self,
+        _perm: crate::perm::Perm,
+        _shared: crate::perm::Perm,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// What a reopen asks of one node's driver.
+pub struct ReopenRequest<'a> {
+    /// The node is read-only after the reopen.
+    pub read_only: bool,
+    /// The generic flags after the reopen (cache, discard, force-share), inherited ones
+    /// included.
+    pub flags: crate::graph::OpenFlags,
+    /// The driver's own options (generic ones and children already taken).
+    pub opts: &'a mut crate::options::Opts,
+    /// The node's children after the reopen (a `file` may have been replaced).
+    pub children: &'a [crate::node::Child],
+}
+
+/// A driver's prepared reopen.
+pub struct ReopenPrepared {
+    /// Handed back to `reopen_commit` or `reopen_abort`.
+    pub state: Box<dyn Any + Send>,
+    /// New permissions on children, as (child name, perm, shared); unlisted ones keep theirs.
+    pub child_perms: Vec<(String, crate::perm::Perm, crate::perm::Perm)>,
+    /// The node's length after the commit, when it changes.
+    pub length: Option<u64>,
+}
+
+impl ReopenPrepared {
+    /// Nothing to commit but the generic state (read-only flag, children).
+    pub fn nothing() -> ReopenPrepared {
+        ReopenPrepared {
+            state: Box::new(()),
+            child_perms: Vec::new(),
+            length: None,
+        }
+    }
+}
+
+/// QEMU's refusal of an option a reopen cannot change.
+pub fn cannot_change(option: &str) -> String {
+    format!("Cannot change the option '{option}'")
 }
 
 /// The error of an operation a driver does not support.

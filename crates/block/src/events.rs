@@ -46,6 +46,24 @@ pub fn image_corrupted(
     emit("BLOCK_IMAGE_CORRUPTED", d);
 }
 
+/// BLOCK_IO_ERROR for a request of a BlockBackend that reports errors (action `report`):
+/// `device` is the backend's name ("" if none), `operation` "read" or "write". The QMP
+/// server rate-limits it per node, as QEMU does.
+pub fn block_io_error(device: &str, node_name: &str, operation: &str, err: &std::io::Error) {
+    emit(
+        "BLOCK_IO_ERROR",
+        json!({
+            "qom-path": "",
+            "device": device,
+            "node-name": node_name,
+            "operation": operation,
+            "action": "report",
+            "nospace": err.raw_os_error() == Some(libc::ENOSPC),
+            "reason": crate::strerror(err),
+        }),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};

@@ -155,6 +155,7 @@ impl Graph {
             opened.length,
             flags.read_only,
         );
+        node.set_force_share(flags.force_share);
         if let Err(e) = link_children(&node, &opened.children) {
             // Children opened for this node alone go with it.
             for c in &opened.children {

@@ -17,13 +17,17 @@ pub mod io;
 pub mod node;
 pub mod options;
 pub mod perm;
+pub mod reopen;
 
 pub use backend::BlockBackend;
 pub use drain::{DrainGuard, drained, drained_all};
-pub use driver::{BlockDriver, BlockStatus, BufResult, IoFuture, Limits, ReqFlags};
+pub use driver::{
+    BlockDriver, BlockStatus, BufResult, IoFuture, Limits, ReopenPrepared, ReopenRequest, ReqFlags,
+};
 pub use graph::{Graph, OpenFlags};
 pub use node::{Child, Node};
 pub use perm::Perm;
+pub use reopen::ReopenPlan;
 
 /// `strerror` text of an I/O error, as QEMU prints it ("No such file or directory").
 pub fn strerror(e: &std::io::Error) -> String {

@@ -47,6 +47,8 @@ pub struct Node {
     quiesce: AtomicUsize,
     length: AtomicU64,
     read_only: AtomicBool,
+    /// Opened with `force-share=on` (a reopen cannot change it, as in QEMU).
+    force_share: AtomicBool,
     limits: Limits,
     /// Set by `generated names` so `query-named-block-nodes` can tell.
     auto_named: bool,
@@ -80,6 +82,7 @@ impl Node {
             quiesce: AtomicUsize::new(0),
             length: AtomicU64::new(round_to_sector(length)),
             read_only: AtomicBool::new(read_only),
+            force_share: AtomicBool::new(false),
             limits,
             auto_named,
         })
@@ -111,6 +114,19 @@ impl Node {
 
     pub fn is_read_only(&self) -> bool {
         self.read_only.load(Ordering::Acquire)
+    }
+
+    pub fn is_force_share(&self) -> bool {
+        self.force_share.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_force_share(&self, v: bool) {
+        self.force_share.store(v, Ordering::Release);
+    }
+
+    /// A committed reopen changed the node's read-only state (graph code only).
+    pub(crate) fn set_read_only(&self, ro: bool) {
+        self.read_only.store(ro, Ordering::Release);
     }
 
     pub fn limits(&self) -> Limits {
@@ -224,8 +240,39 @@ impl Node {
         Ok(())
     }
 
+    /// Add a parent edge whose permissions the caller has already checked (a reopen's commit);
+    /// a quiesced node quiesces its new parent, as in `add_parent`.
+    pub(crate) fn add_parent_checked(self: &Arc<Self>, parent: ParentRef, usage: Use) {
+        let quiesced = self.quiesce_counter() > 0;
+        self.lock_parents().push(ParentLink {
+            parent: parent.clone(),
+            quiesced,
+            usage,
+        });
+        if quiesced {
+            quiesce_parent(&parent, &mut Vec::new());
+        }
+    }
+
+    /// Change the use recorded for the edge from `parent` (a reopen changed its permissions).
+    pub(crate) fn set_parent_usage(&self, parent: &ParentRef, perm: Perm, shared: Perm) {
+        let mut ps = self.lock_parents();
+        if let Some(l) = ps.iter_mut().find(|l| same_parent(&l.parent, parent)) {
+            l.usage.perm = perm;
+            l.usage.shared = shared;
+        }
+    }
+
+    /// The parents' edges as (who, use), for a reopen's permission check.
+    pub(crate) fn parent_uses(&self) -> Vec<(ParentRef, Use)> {
+        self.lock_parents()
+            .iter()
+            .map(|l| (l.parent.clone(), l.usage.clone()))
+            .collect()
+    }
+
     /// Tell the driver the permissions of the current parents.
-    fn refresh_perms(&self) {
+    pub(crate) fn refresh_perms(&self) {
         let (perm, shared) = {
             let ps = self.lock_parents();
             ps.iter().fold((Perm::NONE, Perm::ALL), |(p, s), l| {

@@ -55,82 +55,40 @@ pub fn blockdev_del(d: &Daemon, args: Map<String, Value>) -> R {
     Ok(json!({}))
 }
 
-/// blockdev-reopen: a node that nothing uses is closed and opened again with the new options
-/// under the same name (the old options come back if the new ones fail). Reopening a node
-/// that has users needs the block layer to swap it under them, which it cannot do yet.
+/// blockdev-reopen: every listed node (and the children opened with it) changes at once,
+/// through the block layer's prepare/commit/abort, inside a drained section of the nodes
+/// touched. No borrow of the graph is held across the drain or the flush.
 pub async fn blockdev_reopen(d: &Daemon, args: Map<String, Value>) -> R {
     let list = match args.get("options") {
         Some(Value::Array(a)) => a.clone(),
         _ => return Err("Parameter 'options' is missing".into()),
     };
-    for item in list {
-        let Value::Object(mut new) = item else {
-            return Err("Invalid parameter type for 'options[0]', expected: object".into());
+    let mut maps = Vec::new();
+    for (i, item) in list.into_iter().enumerate() {
+        let Value::Object(m) = item else {
+            return Err(
+                format!("Invalid parameter type for 'options[{i}]', expected: object").into(),
+            );
         };
-        let Some(name) = str_arg(&new, "node-name").map(str::to_string) else {
-            return Err("node-name not specified".into());
-        };
-        let node = d
-            .node(&name)
-            .ok_or_else(|| format!("Cannot find node named '{name}'"))?;
-        if node.parent_count() > 0 {
-            return Err(format!(
-                "Cannot reopen node '{name}' while it is in use: not supported by blockd yet"
-            )
-            .into());
-        }
-        let old = d.node_opts.borrow().get(&name).cloned().unwrap_or_default();
-        if old.get("driver") != new.get("driver") {
-            return Err("Cannot change the option 'driver'".into());
-        }
-        // A child opened with the node may be named by reference: it is opened again from its
-        // recorded options, since closing the node closes it.
-        for c in node.children().iter() {
-            if c.node.is_auto_named()
-                && new.get(&c.name).and_then(Value::as_str) == Some(c.node.name())
-                && let Some(Value::Object(o)) = old.get(&c.name)
-            {
-                new.insert(c.name.clone(), Value::Object(o.clone()));
-            }
-        }
-        let _drain = drained_all(&Daemon::subtree(&node)).await;
-        drop(node);
-        let owned = d.owned.borrow().contains(&name);
-        let ctx = d.node_ctx.borrow().get(&name).cloned();
-        d.graph.borrow_mut().remove(&name)?;
-        let opened = d.graph.borrow_mut().open(new.clone());
-        let result = match opened {
-            Ok(n) => {
-                d.prune();
-                d.record_options(&n, &new);
-                Ok(())
-            }
-            Err(e) => {
-                let back = d.graph.borrow_mut().open(old.clone());
-                d.prune();
-                match back {
-                    Ok(n) => d.record_options(&n, &old),
-                    Err(e2) => {
-                        tracing::error!(node = %name, "could not reopen with the old options: {e2}")
-                    }
-                }
-                Err(e)
-            }
-        };
-        if owned {
-            d.owned.borrow_mut().insert(name.clone());
-        }
-        if let Some(ctx) = ctx
-            && let Some(n) = d.node(&name)
+        if let Some(v) = m.get("detect-zeroes")
+            && v.as_str() != Some("off")
         {
-            for sub in Daemon::subtree(&n) {
-                d.node_ctx
-                    .borrow_mut()
-                    .insert(sub.name().to_string(), ctx.clone());
-            }
+            return Err("detect-zeroes other than 'off' is not supported by blockd yet".into());
         }
-        result?;
+        maps.push(m);
     }
+    let plan = d.graph.borrow().reopen_plan(maps.clone())?;
+    let drain = drained_all(&plan.drain_nodes()).await;
+    plan.flush().await?;
+    d.graph.borrow_mut().reopen_commit(plan, &drain)?;
+    drop(drain);
+    // Remember the options now in force (children given by reference keep their own).
+    for m in &maps {
+        if let Some(n) = str_arg(m, "node-name").and_then(|n| d.node(n)) {
+            d.record_options(&n, m);
+        }
+    }
+    d.prune();
     Ok(json!({}))
 }
 
@@ -404,9 +362,18 @@ pub async fn set_iothread(d: Rc<Daemon>, args: Map<String, Value>) -> R {
         return Err(format!("Node {name} is not a root node").into());
     }
     if node.parent_count() > 0 && !force {
-        return Err(format!("Node {name} is in use").into());
+        return Err(format!(
+            "Node {name} is associated with a BlockBackend and could be in use (use force=true to override this check)"
+        )
+        .into());
     }
     let subtree = Daemon::subtree(&node);
+    if export_in(&d, &subtree) {
+        // QEMU moves an export created with fixed-iothread=false along with its node; blockd's
+        // NBD exports keep the context they were created in (blockd-nbd cannot move one), so
+        // every export refuses, as QEMU's fixed-iothread=true ones do.
+        return Err("Cannot change iothread of active block backend".into());
+    }
     let _drain = drained_all(&subtree).await;
     // the iothread may have been deleted while draining
     if let Some(t) = &target
@@ -426,4 +393,16 @@ pub async fn set_iothread(d: Rc<Daemon>, args: Map<String, Value>) -> R {
         }
     }
     Ok(json!({}))
+}
+
+/// Is one of `nodes` the root of an NBD export?
+fn export_in(d: &Daemon, nodes: &[Arc<Node>]) -> bool {
+    let nbd = d.nbd.borrow();
+    let Some(st) = nbd.as_ref() else {
+        return false;
+    };
+    st.server()
+        .exports()
+        .iter()
+        .any(|e| nodes.iter().any(|n| Arc::ptr_eq(n, &e.backend().root())))
 }

@@ -87,6 +87,14 @@ pub fn export_add(d: &Daemon, args: &Map<String, Value>) -> Result<Value, QmpErr
         glue::block_export_add(st, &mut d.graph.borrow_mut(), args, &lookup)
     });
     if r.is_ok()
+        && let Some(Value::String(id)) = args.get("id")
+        && let Some(st) = d.nbd.borrow().as_ref()
+        && let Some(e) = st.server().export(id)
+    {
+        // failed requests of clients are reported as BLOCK_IO_ERROR (action report)
+        e.backend().set_error_reporting(true);
+    }
+    if r.is_ok()
         && let Some(Value::String(t)) = args.get("iothread")
         && let Some(Value::String(n)) = args.get("node-name")
         && let Some(node) = d.node(n)

@@ -92,3 +92,13 @@ fn iothread_io_seed_scenario_and_200_moves() {
 fn nbd_exports_through_the_monitor() {
     run_script("test_nbd_exports.py");
 }
+
+#[test]
+fn blockdev_reopen_of_nodes_in_use() {
+    run_script("test_reopen.py");
+}
+
+#[test]
+fn block_io_error_and_set_iothread_of_exports() {
+    run_script("test_io_error.py");
+}

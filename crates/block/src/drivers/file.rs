@@ -10,10 +10,15 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use arc_swap::ArcSwap;
 use blockd_aio::{IoBuf, blocking, linux_aio, ops};
 
-use crate::driver::{BlockDriver, BlockStatus, BufResult, IoFuture, Limits, ReqFlags};
+use crate::driver::{
+    BlockDriver, BlockStatus, BufResult, IoFuture, Limits, ReopenPrepared, ReopenRequest, ReqFlags,
+    cannot_change,
+};
 use crate::drivers::Opened;
 use crate::graph::OpenFlags;
 use crate::node::Node;
@@ -28,10 +33,13 @@ pub enum Aio {
 
 pub struct FileDriver {
     name: &'static str,
-    file: Arc<File>,
+    /// Swapped by a reopen (read-only ↔ read-write), inside a drained section.
+    file: ArcSwap<File>,
     aio: Aio,
-    no_flush: bool,
-    discard_unmap: bool,
+    no_flush: AtomicBool,
+    discard_unmap: AtomicBool,
+    /// Opened with O_DIRECT (a reopen may turn it off; the alignment limits stay).
+    direct: AtomicBool,
     limits: Limits,
     filename: String,
     locking: bool,
@@ -42,16 +50,13 @@ pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opene
     let filename = o
         .take_str("filename")?
         .ok_or_else(|| "Parameter 'filename' is required".to_string())?;
-    let aio = match o.take_str("aio")?.as_deref() {
-        None | Some("io_uring") => Aio::IoUring,
-        Some("native") => Aio::Native,
-        Some("threads") => Aio::Threads,
-        Some(other) => return Err(format!("Parameter 'aio' does not accept value '{other}'")),
+    let aio = match o.take_str("aio")? {
+        None => Aio::IoUring,
+        Some(a) => parse_aio(&a)?,
     };
-    let use_locks = match o.take_str("locking")?.as_deref() {
-        None | Some("auto") | Some("on") => true,
-        Some("off") => false,
-        Some(l) => return Err(format!("Parameter 'locking' does not accept value '{l}'")),
+    let use_locks = match o.take_str("locking")? {
+        None => true,
+        Some(l) => parse_locking(&l)?,
     };
     let _ = o.take_u64("aio-max-batch")?;
     let _ = o.take_bool("drop-cache")?;
@@ -61,15 +66,7 @@ pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opene
                 .into(),
         );
     }
-    let mut oo = std::fs::OpenOptions::new();
-    oo.read(true).write(!flags.read_only);
-    let mut custom = libc::O_CLOEXEC;
-    if flags.cache_direct {
-        custom |= libc::O_DIRECT;
-    }
-    oo.custom_flags(custom);
-    let file = oo
-        .open(&filename)
+    let file = open_fd(&filename, flags.read_only, flags.cache_direct)
         .map_err(|e| format!("Could not open '{filename}': {}", crate::strerror(&e)))?;
     let meta = file
         .metadata()
@@ -108,10 +105,11 @@ pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opene
             } else {
                 "file"
             },
-            file: Arc::new(file),
+            file: ArcSwap::from_pointee(file),
             aio,
-            no_flush: flags.no_flush,
-            discard_unmap,
+            no_flush: AtomicBool::new(flags.no_flush),
+            discard_unmap: AtomicBool::new(discard_unmap),
+            direct: AtomicBool::new(flags.cache_direct),
             limits,
             filename,
             locking: use_locks,
@@ -119,6 +117,43 @@ pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opene
         children: Vec::new(),
         length,
     })
+}
+
+fn parse_aio(a: &str) -> Result<Aio, String> {
+    match a {
+        "io_uring" => Ok(Aio::IoUring),
+        "native" => Ok(Aio::Native),
+        "threads" => Ok(Aio::Threads),
+        other => Err(format!("Parameter 'aio' does not accept value '{other}'")),
+    }
+}
+
+fn parse_locking(l: &str) -> Result<bool, String> {
+    match l {
+        "auto" | "on" => Ok(true),
+        "off" => Ok(false),
+        l => Err(format!("Parameter 'locking' does not accept value '{l}'")),
+    }
+}
+
+fn open_fd(filename: &str, read_only: bool, direct: bool) -> io::Result<File> {
+    let mut oo = std::fs::OpenOptions::new();
+    oo.read(true).write(!read_only);
+    let mut custom = libc::O_CLOEXEC;
+    if direct {
+        custom |= libc::O_DIRECT;
+    }
+    oo.custom_flags(custom);
+    oo.open(filename)
+}
+
+/// A prepared reopen of a file node.
+struct FileReopen {
+    /// A new descriptor when the access mode or O_DIRECT changes.
+    file: Option<File>,
+    direct: bool,
+    no_flush: bool,
+    discard_unmap: bool,
 }
 
 fn blk_size(fd: RawFd) -> Result<u64, String> {
@@ -157,7 +192,7 @@ fn dio_alignment(fd: RawFd) -> (u32, u32) {
 
 impl FileDriver {
     fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.file.load().as_raw_fd()
     }
 
     pub fn filename(&self) -> &str {
@@ -193,7 +228,7 @@ impl FileDriver {
         want: usize,
         job: impl FnOnce(&File) -> (io::Result<usize>, IoBuf) + Send + 'static,
     ) -> (io::Result<usize>, IoBuf) {
-        let f = self.file.clone();
+        let f = self.file.load_full();
         blocking::spawn_blocking(move || job(&f))
             .await
             .unwrap_or_else(|_| {
@@ -279,6 +314,93 @@ impl BlockDriver for FileDriver {
         locking::apply(self.fd(), &self.filename, perm, shared)
     }
 
+    fn check_perm(&self, perm: crate::perm::Perm, shared: crate::perm::Perm) -> Result<(), String> {
+        if !self.locking {
+            return Ok(());
+        }
+        // Our own locks are on this open file description, which OFD lock queries ignore.
+        locking::check(self.fd(), &self.filename, perm, shared)
+    }
+
+    fn reopen_prepare(
+        &self,
+        _node: &Node,
+        req: &mut ReopenRequest<'_>,
+    ) -> Result<ReopenPrepared, String> {
+        let o = &mut *req.opts;
+        if let Some(f) = o.take_str("filename")?
+            && f != self.filename
+        {
+            return Err(cannot_change("filename"));
+        }
+        if let Some(a) = o.take_str("aio")? {
+            let aio = parse_aio(&a)?;
+            if aio != self.aio {
+                return Err(cannot_change("aio"));
+            }
+        }
+        if let Some(l) = o.take_str("locking")?
+            && parse_locking(&l)? != self.locking
+        {
+            return Err(cannot_change("locking"));
+        }
+        let _ = o.take_u64("aio-max-batch")?;
+        let _ = o.take_bool("drop-cache")?;
+        let direct = req.flags.cache_direct;
+        let was_direct = self.direct.load(Ordering::Relaxed);
+        if direct && !was_direct {
+            // the node's alignment limits are fixed when it is opened
+            return Err(
+                "Turning cache.direct on by a reopen is not supported by blockd yet".into(),
+            );
+        }
+        if self.aio == Aio::Native && !direct {
+            return Err(
+                "aio=native was specified, but it requires cache.direct=on, which was not specified."
+                    .into(),
+            );
+        }
+        // the access mode of the open file description
+        // SAFETY: F_GETFL on a valid fd.
+        let fl = unsafe { libc::fcntl(self.fd(), libc::F_GETFL) };
+        let was_read_only = fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDONLY;
+        let file = if was_read_only != req.read_only || direct != was_direct {
+            Some(
+                open_fd(&self.filename, req.read_only, direct)
+                    .map_err(|e| format!("Could not reopen file: {}", crate::strerror(&e)))?,
+            )
+        } else {
+            None
+        };
+        Ok(ReopenPrepared {
+            state: Box::new(FileReopen {
+                file,
+                direct,
+                no_flush: req.flags.no_flush,
+                discard_unmap: req.flags.discard_unmap,
+            }),
+            child_perms: Vec::new(),
+            length: None,
+        })
+    }
+
+    fn reopen_commit(&self, _node: &Node, state: Box<dyn std::any::Any + Send>) {
+        let Ok(st) = state.downcast::<FileReopen>() else {
+            return;
+        };
+        if let Some(f) = st.file {
+            if self.locking {
+                // the new descriptor takes the locks when the graph refreshes the permissions
+                locking::release(self.fd());
+            }
+            self.file.store(Arc::new(f));
+        }
+        self.direct.store(st.direct, Ordering::Relaxed);
+        self.no_flush.store(st.no_flush, Ordering::Relaxed);
+        self.discard_unmap
+            .store(st.discard_unmap, Ordering::Relaxed);
+    }
+
     fn read<'a>(&'a self, _n: &'a Node, off: u64, buf: IoBuf) -> IoFuture<'a, BufResult> {
         Box::pin(self.read_full(off, buf))
     }
@@ -302,7 +424,7 @@ impl BlockDriver for FileDriver {
 
     fn flush<'a>(&'a self, _n: &'a Node) -> IoFuture<'a, io::Result<()>> {
         Box::pin(async move {
-            if self.no_flush {
+            if self.no_flush.load(Ordering::Relaxed) {
                 return Ok(());
             }
             ops::fdatasync(self.fd()).await
@@ -311,7 +433,7 @@ impl BlockDriver for FileDriver {
 
     fn discard<'a>(&'a self, _n: &'a Node, off: u64, len: u64) -> IoFuture<'a, io::Result<()>> {
         Box::pin(async move {
-            if !self.discard_unmap {
+            if !self.discard_unmap.load(Ordering::Relaxed) {
                 return Ok(());
             }
             match ops::punch_hole(self.fd(), off, len).await {
@@ -329,7 +451,9 @@ impl BlockDriver for FileDriver {
         flags: ReqFlags,
     ) -> IoFuture<'a, io::Result<()>> {
         Box::pin(async move {
-            let r = if flags.contains(ReqFlags::MAY_UNMAP) && self.discard_unmap {
+            let r = if flags.contains(ReqFlags::MAY_UNMAP)
+                && self.discard_unmap.load(Ordering::Relaxed)
+            {
                 ops::punch_hole(self.fd(), off, len).await
             } else {
                 ops::zero_range(self.fd(), off, len).await
@@ -354,7 +478,7 @@ impl BlockDriver for FileDriver {
 
     fn truncate<'a>(&'a self, _n: &'a Node, len: u64) -> IoFuture<'a, io::Result<u64>> {
         Box::pin(async move {
-            let f = self.file.clone();
+            let f = self.file.load_full();
             blocking::spawn_blocking(move || f.set_len(len).map(|_| len))
                 .await
                 .map_err(|_| io::Error::other("I/O thread died"))?
@@ -414,6 +538,31 @@ mod locking {
         (Perm::WRITE_UNCHANGED, "write unchanged"),
         (Perm::RESIZE, "resize"),
     ];
+
+    /// Would `perm`/`shared` conflict with another open file description's locks?
+    pub(super) fn check(fd: RawFd, path: &str, perm: Perm, shared: Perm) -> Result<(), String> {
+        for (i, (bit, name)) in BITS.iter().enumerate() {
+            if perm.contains(*bit) && held_by_other(fd, SHARED_BASE + i as i64) {
+                return Err(format!(
+                    "Failed to get \"{name}\" lock\nIs another process using the image [{path}]?"
+                ));
+            }
+            if !shared.contains(*bit) && held_by_other(fd, PERM_BASE + i as i64) {
+                return Err(format!(
+                    "Failed to get shared \"{name}\" lock\nIs another process using the image [{path}]?"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop every lock this open file description holds (before a reopen closes it).
+    pub(super) fn release(fd: RawFd) {
+        for i in 0..BITS.len() as i64 {
+            let _ = lock(fd, PERM_BASE + i, libc::F_UNLCK as i16, libc::F_OFD_SETLK);
+            let _ = lock(fd, SHARED_BASE + i, libc::F_UNLCK as i16, libc::F_OFD_SETLK);
+        }
+    }
 
     fn lock(fd: RawFd, byte: i64, kind: i16, cmd: libc::c_int) -> std::io::Result<libc::flock> {
         let mut fl = libc::flock {

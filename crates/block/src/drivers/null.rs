@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use blockd_aio::IoBuf;
 
-use crate::driver::{BlockDriver, BlockStatus, BufResult, IoFuture, ReqFlags};
+use crate::driver::{
+    BlockDriver, BlockStatus, BufResult, IoFuture, ReopenPrepared, ReopenRequest, ReqFlags,
+    cannot_change,
+};
 use crate::drivers::Opened;
 use crate::node::Node;
 use crate::options::Opts;
@@ -116,5 +119,30 @@ impl BlockDriver for NullDriver {
 
     fn truncate<'a>(&'a self, _n: &'a Node, _len: u64) -> IoFuture<'a, io::Result<u64>> {
         Box::pin(async { Err(crate::driver::not_supported()) })
+    }
+
+    /// Only the generic state (read-only) changes; the driver's options stay as opened.
+    fn reopen_prepare(
+        &self,
+        node: &Node,
+        req: &mut ReopenRequest<'_>,
+    ) -> Result<ReopenPrepared, String> {
+        let o = &mut *req.opts;
+        if let Some(size) = o.take_size("size")?
+            && size.div_ceil(512) * 512 != node.length()
+        {
+            return Err(cannot_change("size"));
+        }
+        if let Some(z) = o.take_bool("read-zeroes")?
+            && z != self.read_zeroes
+        {
+            return Err(cannot_change("read-zeroes"));
+        }
+        if let Some(ns) = o.take_u64("latency-ns")?
+            && u128::from(ns) != self.latency.as_nanos()
+        {
+            return Err(cannot_change("latency-ns"));
+        }
+        Ok(ReopenPrepared::nothing())
     }
 }

@@ -3,10 +3,13 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use blockd_aio::IoBuf;
 
-use crate::driver::{BlockDriver, BlockStatus, BufResult, IoFuture, ReqFlags};
+use crate::driver::{
+    BlockDriver, BlockStatus, BufResult, IoFuture, ReopenPrepared, ReopenRequest, ReqFlags,
+};
 use crate::drivers::{Opened, child_edge};
 use crate::graph::{Graph, OpenFlags};
 use crate::node::Node;
@@ -14,9 +17,46 @@ use crate::options::Opts;
 use crate::perm::Perm;
 
 pub struct RawDriver {
-    offset: u64,
-    /// Fixed size of the window, if given.
-    size: Option<u64>,
+    /// Changed only by a reopen, inside a drained section.
+    offset: AtomicU64,
+    /// Fixed size of the window, if given (`NO_SIZE` when not).
+    size: AtomicU64,
+}
+
+const NO_SIZE: u64 = u64::MAX;
+
+/// The window (`offset`, `size`) checked against the file's length; the node's length.
+fn window(offset: u64, size: Option<u64>, file_len: u64) -> Result<u64, String> {
+    if offset > file_len {
+        return Err(format!(
+            "Offset ({offset}) cannot be greater than size of the containing file ({file_len})"
+        ));
+    }
+    match size {
+        Some(s) => {
+            if offset.checked_add(s).is_none_or(|end| end > file_len) {
+                return Err(format!(
+                    "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({file_len})"
+                ));
+            }
+            Ok(s)
+        }
+        None => Ok(file_len - offset),
+    }
+}
+
+/// What raw needs of its file: read, and write and resize unless read-only.
+fn file_perms(read_only: bool, force_share: bool) -> (Perm, Perm) {
+    let mut perm = Perm::CONSISTENT_READ;
+    if !read_only {
+        perm = perm | Perm::WRITE | Perm::RESIZE;
+    }
+    let shared = if force_share {
+        Perm::ALL
+    } else {
+        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED
+    };
+    (perm, shared)
 }
 
 pub(crate) fn open(graph: &mut Graph, o: &mut Opts, flags: OpenFlags) -> Result<Opened, String> {
@@ -25,42 +65,23 @@ pub(crate) fn open(graph: &mut Graph, o: &mut Opts, flags: OpenFlags) -> Result<
     let file = graph
         .open_child(o, "file", flags)?
         .ok_or_else(|| "A block device must be specified for \"file\"".to_string())?;
-    let file_len = file.length();
-    if offset > file_len {
-        return Err("The sum of offset (".to_string()
-            + &offset.to_string()
-            + ") and size (0) has to be smaller or equal to the  actual size of the containing file ("
-            + &file_len.to_string()
-            + ")");
-    }
-    let length = match size {
-        Some(s) => {
-            if offset.checked_add(s).is_none_or(|end| end > file_len) {
-                return Err(format!(
-                    "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to the  actual size of the containing file ({file_len})"
-                ));
-            }
-            s
-        }
-        None => file_len - offset,
-    };
-    let mut perm = Perm::CONSISTENT_READ;
-    if !flags.read_only {
-        perm = perm | Perm::WRITE | Perm::RESIZE;
-    }
-    let shared = if flags.force_share {
-        Perm::ALL
-    } else {
-        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED
-    };
+    let length = window(offset, size, file.length())?;
+    let (perm, shared) = file_perms(flags.read_only, flags.force_share);
     Ok(Opened {
-        driver: Box::new(RawDriver { offset, size }),
+        driver: Box::new(RawDriver {
+            offset: AtomicU64::new(offset),
+            size: AtomicU64::new(size.unwrap_or(NO_SIZE)),
+        }),
         children: vec![child_edge("file", file, perm, shared)],
         length,
     })
 }
 
 impl RawDriver {
+    fn offset(&self) -> u64 {
+        self.offset.load(Ordering::Relaxed)
+    }
+
     fn file(node: &Node) -> io::Result<Arc<Node>> {
         node.child("file")
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
@@ -82,7 +103,7 @@ impl BlockDriver for RawDriver {
                 Ok(f) => f,
                 Err(e) => return (Err(e), buf),
             };
-            crate::io::aligned_read(&f, self.offset + off, buf).await
+            crate::io::aligned_read(&f, self.offset() + off, buf).await
         })
     }
 
@@ -98,7 +119,7 @@ impl BlockDriver for RawDriver {
                 Ok(f) => f,
                 Err(e) => return (Err(e), buf),
             };
-            crate::io::aligned_write(&f, self.offset + off, buf, flags).await
+            crate::io::aligned_write(&f, self.offset() + off, buf, flags).await
         })
     }
 
@@ -112,7 +133,7 @@ impl BlockDriver for RawDriver {
     fn discard<'a>(&'a self, node: &'a Node, off: u64, len: u64) -> IoFuture<'a, io::Result<()>> {
         Box::pin(async move {
             let f = Self::file(node)?;
-            f.driver().discard(&f, self.offset + off, len).await
+            f.driver().discard(&f, self.offset() + off, len).await
         })
     }
 
@@ -125,7 +146,7 @@ impl BlockDriver for RawDriver {
     ) -> IoFuture<'a, io::Result<()>> {
         Box::pin(async move {
             let f = Self::file(node)?;
-            crate::io::write_zeroes(&f, self.offset + off, len, flags).await
+            crate::io::write_zeroes(&f, self.offset() + off, len, flags).await
         })
     }
 
@@ -137,16 +158,19 @@ impl BlockDriver for RawDriver {
     ) -> IoFuture<'a, io::Result<BlockStatus>> {
         Box::pin(async move {
             let f = Self::file(node)?;
-            let mut s = f.driver().block_status(&f, self.offset + off, len).await?;
+            let mut s = f
+                .driver()
+                .block_status(&f, self.offset() + off, len)
+                .await?;
             // Raw maps 1:1 onto its file, at our offset.
-            s.offset = Some(self.offset + off);
+            s.offset = Some(self.offset() + off);
             Ok(s)
         })
     }
 
     fn truncate<'a>(&'a self, node: &'a Node, len: u64) -> IoFuture<'a, io::Result<u64>> {
         Box::pin(async move {
-            if self.offset != 0 || self.size.is_some() {
+            if self.offset() != 0 || self.size.load(Ordering::Relaxed) != NO_SIZE {
                 return Err(crate::driver::not_supported());
             }
             let f = Self::file(node)?;
@@ -158,5 +182,38 @@ impl BlockDriver for RawDriver {
 
     fn info(&self) -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    /// Options left out go back to their defaults (the whole file); the window is checked
+    /// against the file the node has after the reopen.
+    fn reopen_prepare(
+        &self,
+        node: &Node,
+        req: &mut ReopenRequest<'_>,
+    ) -> Result<ReopenPrepared, String> {
+        let offset = req.opts.take_size("offset")?.unwrap_or(0);
+        let size = req.opts.take_size("size")?;
+        let file = req
+            .children
+            .iter()
+            .find(|c| c.name == "file")
+            .ok_or_else(|| format!("Node '{}' has no file", node.name()))?;
+        let length = window(offset, size, file.node.length())?;
+        let (perm, shared) = file_perms(
+            req.read_only,
+            req.flags.force_share || node.is_force_share(),
+        );
+        Ok(ReopenPrepared {
+            state: Box::new((offset, size.unwrap_or(NO_SIZE))),
+            child_perms: vec![("file".into(), perm, shared)],
+            length: Some(length),
+        })
+    }
+
+    fn reopen_commit(&self, _node: &Node, state: Box<dyn std::any::Any + Send>) {
+        if let Ok(w) = state.downcast::<(u64, u64)>() {
+            self.offset.store(w.0, Ordering::Relaxed);
+            self.size.store(w.1, Ordering::Relaxed);
+        }
     }
 }

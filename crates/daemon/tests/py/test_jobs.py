@@ -351,6 +351,20 @@ async def scenario_mirror(binary):
     await s.events_until("m2", "concluded")
     await s.cmd("job-dismiss", {"id": "m2"})
     await s.events_until("m2", "null")
+    # cancel while copying (before READY), paused and running
+    await s.cmd("blockdev-mirror", {"job-id": "m3", "device": "src", "target": "tgt",
+                                    "sync": "full", "speed": 1})
+    await s.events_until("m3", "running")
+    await s.cmd("job-complete", {"id": "m3"})
+    await s.cmd("job-pause", {"id": "m3"})
+    await s.events_until("m3", "paused")
+    await s.cmd("job-cancel", {"id": "m3"})
+    await s.events_until("m3", "null")
+    await s.cmd("blockdev-mirror", {"job-id": "m4", "device": "src", "target": "tgt",
+                                    "sync": "full", "speed": 1})
+    await s.events_until("m4", "running")
+    await s.cmd("block-job-cancel", {"device": "m4"})
+    await s.events_until("m4", "null")
     await s.cmd("blockdev-del", {"node-name": "src"})
     await s.stop()
     r = subprocess.run(["qemu-img", "compare", "-q", s.src, s.tgt])

@@ -152,6 +152,19 @@ impl Graph {
                 }
             }
         }
+        // The graph may have changed while the caller drained: a child named now must be one
+        // the plan drained.
+        if result.is_ok()
+            && let Some(c) = prepared
+                .iter()
+                .flat_map(|p| p.children.iter())
+                .find(|c| !plan.drain.iter().any(|d| Arc::ptr_eq(d, &c.node)))
+        {
+            result = Err(format!(
+                "Node '{}' changed during the reopen; try again",
+                c.node.name()
+            ));
+        }
         if result.is_ok() {
             result = check_permissions(&prepared);
         }

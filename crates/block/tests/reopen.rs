@@ -1,0 +1,302 @@
+//! Reopening nodes in use (Graph::reopen_plan / reopen_commit): read-only toggles checked
+//! against the users' permissions, all-or-nothing across several nodes, a replaced file child,
+//! raw windows, the drain the commit demands, and BLOCK_IO_ERROR from a reporting backend.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use blockd_aio::IoBuf;
+use blockd_block::options::parse;
+use blockd_block::{BlockBackend, Graph, Node, Perm, ReqFlags, drained_all};
+use serde_json::{Map, Value, json};
+
+fn temp_image(tag: &str, size: u64) -> std::path::PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "blockd-reopen-{tag}-{}-{}.img",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+fn open(g: &mut Graph, opts: &str) -> Arc<Node> {
+    g.open(parse(opts).unwrap()).unwrap()
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!(),
+    }
+}
+
+/// The whole reopen as the daemon runs it: plan, drain, flush, commit.
+fn reopen(g: &mut Graph, list: Vec<Value>) -> Result<(), String> {
+    let plan = g.reopen_plan(list.into_iter().map(obj).collect())?;
+    block_on(async {
+        let drain = drained_all(&plan.drain_nodes()).await;
+        plan.flush().await?;
+        g.reopen_commit(plan, &drain)
+    })
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    blockd_aio::block_on(f).expect("not inside an event loop")
+}
+
+fn rw() -> Perm {
+    Perm::CONSISTENT_READ | Perm::WRITE
+}
+
+async fn write(be: &BlockBackend, off: u64, len: usize, b: u8) -> std::io::Result<()> {
+    let mut buf = IoBuf::new(len, 4096);
+    buf.fill(b);
+    be.write(off, buf, ReqFlags::NONE).await.0
+}
+
+#[test]
+fn read_only_toggle_respects_writers_and_moves_the_fd() {
+    let path = temp_image("ro", 1 << 20);
+    let p = path.display();
+    let mut g = Graph::new();
+    let f = open(&mut g, &format!("driver=file,node-name=f,filename={p}"));
+    let r = open(&mut g, "driver=raw,node-name=r,file=f");
+    let be = BlockBackend::new(&g, "dev", &r, rw(), Perm::ALL).unwrap();
+    let e = reopen(
+        &mut g,
+        vec![json!({"driver": "raw", "node-name": "r", "file": "f", "read-only": true})],
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "Read-only block node 'r' cannot support read-write users"
+    );
+    let e = reopen(
+        &mut g,
+        vec![json!({"driver": "file", "node-name": "f", "filename": path, "read-only": true})],
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "Read-only block node 'f' cannot support read-write users"
+    );
+    assert!(!r.is_read_only() && !f.is_read_only());
+    block_on(write(&be, 0, 4096, 0x11)).unwrap();
+    be.detach(&g);
+
+    // no writer left: both read-only at once, the file reopened O_RDONLY
+    reopen(
+        &mut g,
+        vec![
+            json!({"driver": "raw", "node-name": "r", "file": "f", "read-only": true}),
+            json!({"driver": "file", "node-name": "f", "filename": path, "read-only": true}),
+        ],
+    )
+    .unwrap();
+    assert!(r.is_read_only() && f.is_read_only());
+    assert_eq!(
+        BlockBackend::new(&g, "", &r, rw(), Perm::ALL)
+            .err()
+            .unwrap(),
+        "Block node is read-only"
+    );
+    // the raw edge no longer asks for write on its file
+    let edge = r.children()[0].clone();
+    assert!(!edge.perm.contains(Perm::WRITE));
+
+    // and writable again: the data goes through the new descriptor
+    reopen(
+        &mut g,
+        vec![
+            json!({"driver": "file", "node-name": "f", "filename": path}),
+            json!({"driver": "raw", "node-name": "r", "file": "f"}),
+        ],
+    )
+    .unwrap();
+    let be = BlockBackend::new(&g, "", &r, rw(), Perm::ALL).unwrap();
+    block_on(write(&be, 8192, 4096, 0x22)).unwrap();
+    let data = std::fs::read(&path).unwrap();
+    assert!(data[..4096].iter().all(|&b| b == 0x11));
+    assert!(data[8192..12288].iter().all(|&b| b == 0x22));
+    be.detach(&g);
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn all_or_nothing_and_options_that_cannot_change() {
+    let path = temp_image("atomic", 1 << 20);
+    let mut g = Graph::new();
+    let n = open(&mut g, "driver=null-co,node-name=n");
+    open(
+        &mut g,
+        &format!(
+            "driver=raw,node-name=r,file.driver=file,file.filename={}",
+            path.display()
+        ),
+    );
+    // n would become read-only, r's window is invalid: neither changes
+    let e = reopen(
+        &mut g,
+        vec![
+            json!({"driver": "null-co", "node-name": "n", "read-only": true}),
+            json!({"driver": "raw", "node-name": "r", "offset": 2 << 20}),
+        ],
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "Offset (2097152) cannot be greater than size of the containing file (1048576)"
+    );
+    assert!(!n.is_read_only());
+    for (opts, option) in [
+        (
+            json!({"driver": "null-co", "node-name": "n", "size": 4096}),
+            "size",
+        ),
+        (json!({"driver": "raw", "node-name": "n"}), "driver"),
+        (
+            json!({"driver": "null-co", "node-name": "n", "force-share": true}),
+            "force-share",
+        ),
+    ] {
+        assert_eq!(
+            reopen(&mut g, vec![opts]).unwrap_err(),
+            format!("Cannot change the option '{option}'")
+        );
+    }
+    assert_eq!(
+        reopen(
+            &mut g,
+            vec![json!({"driver": "null-co", "node-name": "zz"})]
+        )
+        .unwrap_err(),
+        "Failed to find node with node-name='zz'"
+    );
+    // raw windows and back to the whole file (left-out options go back to their defaults)
+    let r = g.node("r").unwrap();
+    reopen(
+        &mut g,
+        vec![json!({"driver": "raw", "node-name": "r", "offset": 4096, "size": 8192})],
+    )
+    .unwrap();
+    assert_eq!(r.length(), 8192);
+    reopen(&mut g, vec![json!({"driver": "raw", "node-name": "r"})]).unwrap();
+    assert_eq!(r.length(), 1 << 20);
+    // the implicit file child was reopened with it (read-only inherited)
+    reopen(
+        &mut g,
+        vec![json!({"driver": "raw", "node-name": "r", "read-only": true})],
+    )
+    .unwrap();
+    assert!(r.child("file").unwrap().is_read_only());
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn replacing_the_file_child_and_cycles() {
+    let a = temp_image("a", 1 << 20);
+    let b = temp_image("b", 1 << 20);
+    let mut g = Graph::new();
+    let fa = open(
+        &mut g,
+        &format!("driver=file,node-name=fa,filename={}", a.display()),
+    );
+    let fb = open(
+        &mut g,
+        &format!("driver=file,node-name=fb,filename={}", b.display()),
+    );
+    let r = open(&mut g, "driver=raw,node-name=r,file=fa");
+    let be = BlockBackend::new(&g, "", &r, rw(), Perm::ALL).unwrap();
+    assert_eq!(
+        reopen(
+            &mut g,
+            vec![json!({"driver": "raw", "node-name": "r", "file": "r"})]
+        )
+        .unwrap_err(),
+        "Making 'r' a file child of 'r' would create a cycle"
+    );
+    reopen(
+        &mut g,
+        vec![json!({"driver": "raw", "node-name": "r", "file": "fb"})],
+    )
+    .unwrap();
+    assert!(Arc::ptr_eq(&r.child("file").unwrap(), &fb));
+    assert_eq!(fa.parent_count(), 0);
+    assert_eq!(fb.parent_count(), 1);
+    block_on(write(&be, 0, 512, 0x33)).unwrap();
+    assert_eq!(std::fs::read(&b).unwrap()[0], 0x33);
+    assert_eq!(std::fs::read(&a).unwrap()[0], 0);
+    // the backend was quiesced by the reopen's drain and runs again
+    assert!(!be.is_quiesced());
+    be.detach(&g);
+    let _ = std::fs::remove_file(a);
+    let _ = std::fs::remove_file(b);
+}
+
+#[test]
+fn commit_needs_the_drain_of_the_plan() {
+    let mut g = Graph::new();
+    let n = open(&mut g, "driver=null-co,node-name=n");
+    let other = open(&mut g, "driver=null-co,node-name=o");
+    let plan = g
+        .reopen_plan(vec![obj(
+            json!({"driver": "null-co", "node-name": "n", "read-only": true}),
+        )])
+        .unwrap();
+    let e = block_on(async {
+        let wrong = drained_all(&[other]).await;
+        g.reopen_commit(plan, &wrong)
+    })
+    .unwrap_err();
+    assert_eq!(e, "Node 'n' is not drained for the reopen");
+    assert!(!n.is_read_only());
+}
+
+#[test]
+fn failed_requests_of_a_reporting_backend_send_block_io_error() {
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = got.clone();
+    blockd_block::events::set_sink(Box::new(move |name, data| {
+        sink.lock().unwrap().push((name.to_string(), data));
+    }));
+    // a directory opened as a file: reads fail with EISDIR
+    let dir = std::env::temp_dir().join(format!("blockd-reopen-dir-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut g = Graph::new();
+    let f = g
+        .open(obj(
+            json!({"driver": "file", "node-name": "d", "filename": dir,
+                         "read-only": true}),
+        ))
+        .unwrap();
+    if f.length() == 0 {
+        eprintln!("SKIPPED: the directory's size is 0 on this filesystem");
+        return;
+    }
+    let be = BlockBackend::new(&g, "disk0", &f, Perm::CONSISTENT_READ, Perm::ALL).unwrap();
+    let (r, _) = block_on(be.read(0, IoBuf::new(512, 512)));
+    assert!(r.is_err());
+    assert!(
+        got.lock()
+            .unwrap()
+            .iter()
+            .all(|(n, _)| n != "BLOCK_IO_ERROR")
+    );
+    be.set_error_reporting(true);
+    let (r, _) = block_on(be.read(0, IoBuf::new(512, 512)));
+    let e = r.unwrap_err();
+    let events = got.lock().unwrap();
+    let (_, data) = events
+        .iter()
+        .find(|(n, _)| n == "BLOCK_IO_ERROR")
+        .expect("BLOCK_IO_ERROR");
+    assert_eq!(
+        data,
+        &json!({"qom-path": "", "device": "disk0", "node-name": "d", "operation": "read",
+                "action": "report", "nospace": false,
+                "reason": blockd_block::strerror(&e)})
+    );
+    let _ = std::fs::remove_dir(dir);
+}

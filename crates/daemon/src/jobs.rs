@@ -476,7 +476,8 @@ async fn block_commit(
         class: ErrorClass::DeviceNotFound,
         desc: format!("Device '{device}' not found"),
     })?;
-    if bs.parent_count() > 0 {
+    // a root node: no node above it (backends, exports, are fine)
+    if !d.node_parents(&bs).is_empty() {
         return Err("Need a root block node".into());
     }
     let full = chain(&bs);

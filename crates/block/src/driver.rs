@@ -233,6 +233,8 @@ pub struct ReopenPrepared {
     pub child_perms: Vec<(String, crate::perm::Perm, crate::perm::Perm)>,
     /// The node's length after the commit, when it changes.
     pub length: Option<u64>,
+    /// The node's request limits after the commit, when they change (cache.direct).
+    pub limits: Option<Limits>,
 }
 
 impl ReopenPrepared {
@@ -242,6 +244,7 @@ impl ReopenPrepared {
             state: Box::new(()),
             child_perms: Vec::new(),
             length: None,
+            limits: None,
         }
     }
 }

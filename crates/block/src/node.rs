@@ -49,7 +49,8 @@ pub struct Node {
     read_only: AtomicBool,
     /// Opened with `force-share=on` (a reopen cannot change it, as in QEMU).
     force_share: AtomicBool,
-    limits: Limits,
+    /// Swapped only by a reopen (cache.direct), inside a drained section.
+    limits: ArcSwap<Limits>,
     /// Set by `generated names` so `query-named-block-nodes` can tell.
     auto_named: bool,
 }
@@ -83,7 +84,7 @@ impl Node {
             length: AtomicU64::new(round_to_sector(length)),
             read_only: AtomicBool::new(read_only),
             force_share: AtomicBool::new(false),
-            limits,
+            limits: ArcSwap::from_pointee(limits),
             auto_named,
         })
     }
@@ -124,13 +125,17 @@ impl Node {
         self.force_share.store(v, Ordering::Release);
     }
 
+    pub(crate) fn set_limits(&self, l: Limits) {
+        self.limits.store(Arc::new(l));
+    }
+
     /// A committed reopen changed the node's read-only state (graph code only).
     pub(crate) fn set_read_only(&self, ro: bool) {
         self.read_only.store(ro, Ordering::Release);
     }
 
     pub fn limits(&self) -> Limits {
-        self.limits
+        **self.limits.load()
     }
 
     /// The current children (a consistent snapshot).

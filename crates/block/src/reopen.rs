@@ -44,6 +44,7 @@ struct Prepared {
     children: Vec<Child>,
     read_only: bool,
     length: Option<u64>,
+    limits: Option<crate::driver::Limits>,
 }
 
 fn push_unique(v: &mut Vec<Arc<Node>>, n: &Arc<Node>) {
@@ -186,6 +187,9 @@ impl Graph {
             node.set_read_only(p.read_only);
             if let Some(len) = p.length {
                 node.set_length(len);
+            }
+            if let Some(l) = p.limits {
+                node.set_limits(l);
             }
             let me = ParentRef::Node(Arc::downgrade(&node));
             let old = node.children();
@@ -356,6 +360,7 @@ impl Graph {
                 children,
                 read_only,
                 length: prep.length,
+                limits: prep.limits,
             },
             flags,
         ))

@@ -300,3 +300,38 @@ fn failed_requests_of_a_reporting_backend_send_block_io_error() {
     );
     let _ = std::fs::remove_dir(dir);
 }
+
+#[test]
+fn cache_direct_on_and_off_by_reopen() {
+    let path = temp_image("direct", 1 << 20);
+    let p = path.display();
+    let mut g = Graph::new();
+    let f = open(&mut g, &format!("driver=file,node-name=f,filename={p}"));
+    let r = open(&mut g, "driver=raw,node-name=r,file=f");
+    let be = BlockBackend::new(&g, "", &r, rw(), Perm::ALL).unwrap();
+    assert_eq!(f.limits().request_alignment, 1);
+    let direct = json!({"driver": "file", "node-name": "f", "filename": path,
+                        "cache": {"direct": true}});
+    if let Err(e) = reopen(&mut g, vec![direct]) {
+        eprintln!("SKIPPED: O_DIRECT not available on the temp dir: {e}");
+        be.detach(&g);
+        return;
+    }
+    assert!(f.limits().request_alignment >= 512);
+    // an unaligned write is bounced through read-modify-write on the O_DIRECT descriptor
+    block_on(write(&be, 100, 7, 0x44)).unwrap();
+    let data = std::fs::read(&path).unwrap();
+    assert!(data[100..107].iter().all(|&b| b == 0x44));
+    assert_eq!(data[99], 0);
+    // left out: back to the default (buffered)
+    reopen(
+        &mut g,
+        vec![json!({"driver": "file", "node-name": "f", "filename": path})],
+    )
+    .unwrap();
+    assert_eq!(f.limits().request_alignment, 1);
+    block_on(write(&be, 1, 1, 0x55)).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap()[1], 0x55);
+    be.detach(&g);
+    let _ = std::fs::remove_file(path);
+}

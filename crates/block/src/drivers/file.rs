@@ -38,7 +38,7 @@ pub struct FileDriver {
     aio: Aio,
     no_flush: AtomicBool,
     discard_unmap: AtomicBool,
-    /// Opened with O_DIRECT (a reopen may turn it off; the alignment limits stay).
+    /// Opened with O_DIRECT (a reopen may change it, and with it the node's limits).
     direct: AtomicBool,
     limits: Limits,
     filename: String,
@@ -86,12 +86,7 @@ pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opene
         meta.len()
     };
     let limits = if flags.cache_direct {
-        let (mem, off) = dio_alignment(file.as_raw_fd());
-        Limits {
-            request_alignment: off,
-            max_transfer: 0,
-            min_mem_alignment: mem,
-        }
+        direct_limits(file.as_raw_fd())
     } else {
         Limits::default()
     };
@@ -117,6 +112,16 @@ pub(crate) fn open(driver: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opene
         children: Vec::new(),
         length,
     })
+}
+
+/// What O_DIRECT needs of requests on `fd`.
+fn direct_limits(fd: RawFd) -> Limits {
+    let (mem, off) = dio_alignment(fd);
+    Limits {
+        request_alignment: off,
+        max_transfer: 0,
+        min_mem_alignment: mem,
+    }
 }
 
 fn parse_aio(a: &str) -> Result<Aio, String> {
@@ -303,6 +308,7 @@ impl BlockDriver for FileDriver {
         Some(self.filename.clone())
     }
 
+    /// The limits at open (a reopen that changes cache.direct gives the node new ones).
     fn limits(&self) -> Limits {
         self.limits
     }
@@ -348,12 +354,6 @@ impl BlockDriver for FileDriver {
         let _ = o.take_bool("drop-cache")?;
         let direct = req.flags.cache_direct;
         let was_direct = self.direct.load(Ordering::Relaxed);
-        if direct && !was_direct {
-            // the node's alignment limits are fixed when it is opened
-            return Err(
-                "Turning cache.direct on by a reopen is not supported by blockd yet".into(),
-            );
-        }
         if self.aio == Aio::Native && !direct {
             return Err(
                 "aio=native was specified, but it requires cache.direct=on, which was not specified."
@@ -372,7 +372,13 @@ impl BlockDriver for FileDriver {
         } else {
             None
         };
+        let limits = match &file {
+            Some(f) if direct => Some(direct_limits(f.as_raw_fd())),
+            Some(_) => Some(Limits::default()),
+            None => None,
+        };
         Ok(ReopenPrepared {
+            limits,
             state: Box::new(FileReopen {
                 file,
                 direct,

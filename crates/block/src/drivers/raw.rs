@@ -207,6 +207,7 @@ impl BlockDriver for RawDriver {
             state: Box::new((offset, size.unwrap_or(NO_SIZE))),
             child_perms: vec![("file".into(), perm, shared)],
             length: Some(length),
+            limits: None,
         })
     }
 

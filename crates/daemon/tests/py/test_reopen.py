@@ -42,6 +42,7 @@ def sequence(a, b, nbd_sock):
         reopen(f2(filename=a)),
         reopen(f2(locking="off")),
         reopen(f2(cache={"no-flush": True})),
+        reopen(f2(cache={"direct": True})),
         reopen(f2(discard="unmap")),
         reopen(f2(**{"force-share": True, "read-only": True})),
         reopen({"driver": "null-co", "node-name": "n0", "size": 4096}),
@@ -75,7 +76,8 @@ async def play(d, steps):
         except ExecuteError as e:
             r = (e.error_class, str(e))
         nodes = await c.execute("query-named-block-nodes", {"flat": True})
-        state = sorted((n["node-name"], n["ro"], n["image"]["virtual-size"]) for n in nodes
+        state = sorted((n["node-name"], n["ro"], n["image"]["virtual-size"],
+                        n["cache"]["direct"]) for n in nodes
                        if not n["node-name"].startswith("#"))
         out.append((cmd, r, state))
     await c.disconnect()
@@ -135,7 +137,7 @@ EXPECTED = [
     ("blockdev-reopen", ("GenericError", "Cannot change the option 'aio'")),
     ("blockdev-reopen", ("GenericError", "Cannot change the option 'filename'")),
     ("blockdev-reopen", ("GenericError", "Cannot change the option 'locking'")),
-    ("blockdev-reopen", "ok"), ("blockdev-reopen", "ok"),
+    ("blockdev-reopen", "ok"), ("blockdev-reopen", "ok"), ("blockdev-reopen", "ok"),
     ("blockdev-reopen", ("GenericError", "Cannot change the option 'force-share'")),
     ("blockdev-reopen", ("GenericError", "Cannot change the option 'size'")),
     ("blockdev-reopen", ("GenericError", "Cannot change the option 'read-zeroes'")),

@@ -193,6 +193,11 @@ pub trait BlockDriver: Send + Sync + 'static {
         ))
     }
 
+    /// The format can have a `backing` child (a reopen may attach one where there was none).
+    fn supports_backing(&self) -> bool {
+        false
+    }
+
     /// Second phase: make the prepared state current. Cannot fail.
     fn reopen_commit(&self, _node: &Node, _state: Box<dyn Any + Send>) {}
 

@@ -309,6 +309,16 @@ impl Graph {
                     }
                     match current {
                         Some(i) => children[i].node = target,
+                        None if key == "backing" && drv.supports_backing() => {
+                            // QEMU's permissions for a backing file: read it, let others
+                            // write (a commit) but not resize it; the driver may refine them.
+                            children.push(Child {
+                                name: "backing".into(),
+                                node: target,
+                                perm: Perm::CONSISTENT_READ,
+                                shared: Perm::CONSISTENT_READ | Perm::WRITE | Perm::WRITE_UNCHANGED,
+                            });
+                        }
                         None if key == "backing" => {
                             return Err(format!(
                                 "Driver '{}' of node '{}' does not support backing files",

@@ -6,10 +6,12 @@ Then, blockd only: the data path after a reopen (monitor qemu-io), the image loc
 read-only toggle takes and drops (checked with F_OFD_GETLK from here), and the children opened
 with a node reopened with it."""
 
+import asyncio
 import fcntl
 import os
 import shutil
 import struct
+import subprocess
 
 from common import QSD, Daemon, ExecuteError, check, check_eq, finish, run
 
@@ -236,9 +238,62 @@ async def blockd_only():
         d.stop()
 
 
+async def under_load():
+    """Reopens while an NBD client writes through an iothread: every write succeeds and
+    lands (each reopen of the file toggles O_DIRECT, so its descriptor changes each time)."""
+    qemu_io = shutil.which("qemu-io")
+    if not qemu_io:
+        print("qemu-io missing: reopen under load skipped")
+        return
+    d = Daemon(args=["--object", "iothread,id=io0"])
+    try:
+        img = d.path("load.img")
+        with open(img, "wb") as f:
+            f.truncate(32 << 20)
+        nbd = d.path("nbd.sock")
+        c = await d.client()
+        await c.execute("blockdev-add", {"driver": "file", "node-name": "f", "filename": img})
+        await c.execute("blockdev-add", {"driver": "raw", "node-name": "r", "file": "f"})
+        await c.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": nbd}}})
+        await c.execute("block-export-add", {"type": "nbd", "id": "e", "node-name": "r",
+                                             "writable": True, "iothread": "io0"})
+        cmds = []
+        for i in range(512):
+            cmds += ["-c", f"write -P {i % 250 + 1} {i * 65536} 65536"]
+        writer = await asyncio.create_subprocess_exec(
+            qemu_io, "-f", "raw", f"nbd+unix:///r?socket={nbd}", *cmds,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        n = 0
+        while writer.returncode is None and n < 100:
+            direct = n % 2 == 0
+            await c.execute("blockdev-reopen", {"options": [
+                {"driver": "file", "node-name": "f", "filename": img,
+                 "cache": {"direct": direct, "no-flush": not direct}},
+                {"driver": "raw", "node-name": "r", "file": "f"}]})
+            n += 1
+            try:
+                await asyncio.wait_for(writer.wait(), 0.005)
+            except asyncio.TimeoutError:
+                pass
+        out = (await writer.communicate())[0].decode()
+        check(writer.returncode == 0 and "failed" not in out,
+              f"writes during {n} reopens: {out[-300:]}")
+        check(n >= 5, f"reopens happened while the client wrote ({n})")
+        print(f"{n} reopens during 512 NBD writes")
+        with open(img, "rb") as f:
+            data = f.read()
+        bad = [i for i in range(512)
+               if data[i * 65536:(i + 1) * 65536] != bytes([i % 250 + 1]) * 65536]
+        check_eq(bad, [], "every write on disk after the reopens")
+        await c.disconnect()
+    finally:
+        d.stop()
+
+
 async def main():
     await compare_with_qsd()
     await blockd_only()
+    await under_load()
 
 
 run(main())

@@ -86,8 +86,8 @@ impl Default for Limits {
     }
 }
 
-/// A driver instance, owned by its node.
-pub trait BlockDriver: Send + Sync + 'static {
+/// A driver instance, owned by its node (`Any`: a caller may downcast to reach a format's own API).
+pub trait BlockDriver: Any + Send + Sync + 'static {
     /// QEMU's driver name (`file`, `raw`, `null-co`...).
     fn format_name(&self) -> &'static str;
 

@@ -393,14 +393,6 @@ fn block_stream(
     if a.contains_key("backing-file") && base_bs.is_none() && bottom.is_none() {
         return Err("backing file specified, but streaming the entire chain".into());
     }
-    for opt in ["backing-file", "backing-mask-protocol"] {
-        if a.contains_key(opt) {
-            return Err(format!(
-                "block-stream '{opt}' is not supported by blockd yet (the qcow2 driver cannot rewrite an open image's backing file name)"
-            )
-            .into());
-        }
-    }
     if a.contains_key("filter-node-name") {
         return Err("block-stream 'filter-node-name' is not supported by blockd yet (no copy-on-read filter)".into());
     }
@@ -424,7 +416,7 @@ fn block_stream(
         StreamParams {
             top,
             base: base_bs,
-            backing_file: None,
+            backing: backing_name(a),
             on_error,
         },
     )?;
@@ -530,14 +522,6 @@ async fn block_commit(
         }
         return active_commit(d, m, a, top, base).await;
     }
-    for opt in ["backing-file", "backing-mask-protocol"] {
-        if a.contains_key(opt) {
-            return Err(format!(
-                "block-commit '{opt}' is not supported by blockd yet (the qcow2 driver cannot rewrite an open image's backing file name)"
-            )
-            .into());
-        }
-    }
     if a.contains_key("filter-node-name") {
         return Err("block-commit 'filter-node-name' is not supported by blockd yet".into());
     }
@@ -561,6 +545,7 @@ async fn block_commit(
             overlay,
             top,
             base,
+            backing: backing_name(a),
             on_error,
         },
     )?;
@@ -584,6 +569,14 @@ async fn block_commit(
     }
     m.start(&job);
     Ok(())
+}
+
+/// `backing-file` and `backing-mask-protocol` of stream and commit.
+fn backing_name(a: &Map<String, Value>) -> blockd_jobs::backing::BackingName {
+    blockd_jobs::backing::BackingName {
+        explicit: s(a, "backing-file").map(str::to_string),
+        mask_protocol: b(a, "backing-mask-protocol").unwrap_or(false),
+    }
 }
 
 fn parse_on_error(a: &Map<String, Value>, k: &str) -> Result<OnError, String> {

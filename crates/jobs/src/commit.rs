@@ -6,8 +6,8 @@
 //! The worker runs in the chain's context through the job's BlockBackends: on `top` (reading
 //! through the chain), on `base` (writing; others may not write it meanwhile), and read-only on
 //! each committed layer (which ranges they hold). The graph change (prepare) happens in the
-//! main context inside a drained section; the overlay's qcow2 header still names the old
-//! backing file (blockd-qcow2 cannot rewrite it yet), and the old chain still reads the same.
+//! main context inside a drained section, where the overlay's qcow2 header is rewritten to name
+//! the base (or the user's `backing-file`), as QEMU does.
 
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
@@ -24,6 +24,8 @@ pub struct CommitParams {
     pub overlay: Arc<Node>,
     pub top: Arc<Node>,
     pub base: Arc<Node>,
+    /// What the overlay's header names afterwards (`backing-file`, `backing-mask-protocol`).
+    pub backing: crate::backing::BackingName,
     pub on_error: OnError,
 }
 
@@ -33,6 +35,7 @@ pub struct CommitJob {
     /// `top` and the layers below it, down to (not including) `base`.
     layers: Vec<Arc<Node>>,
     base: Arc<Node>,
+    backing: crate::backing::BackingName,
     backends: RefCell<Vec<BlockBackend>>,
 }
 
@@ -76,6 +79,7 @@ pub fn new_commit(
         overlay: p.overlay,
         layers,
         base: p.base,
+        backing: p.backing,
         backends: RefCell::new(made),
     });
     let on_error = p.on_error;
@@ -117,10 +121,13 @@ impl JobDriver for CommitJob {
                 let mut g = host.graph().borrow_mut();
                 run_drained(g.replace_child(&self.overlay, "backing", &self.base))
             };
+            let r = match r {
+                Some(Ok(())) => self.backing.write(&self.overlay, Some(&self.base)).await,
+                Some(Err(e)) => Err(e),
+                None => Err("graph change could not complete in its drained section".into()),
+            };
             drop(guard);
-            r.unwrap_or_else(
-                || Err("graph change could not complete in its drained section".into()),
-            )
+            r
         })
     }
 

@@ -4,6 +4,7 @@
 //! `ratelimit.rs`), and the job types (`stream.rs`).
 #![forbid(unsafe_code)]
 
+pub mod backing;
 pub mod bitmap;
 pub mod commit;
 pub mod control;

@@ -9,10 +9,8 @@
 //! (blockd-block has no request serialisation yet), so the permission system refuses writers
 //! while the job runs.
 //!
-//! The graph change (prepare) happens in the main context inside a drained section. The qcow2
-//! header's backing file name is not rewritten: blockd-qcow2 has no way yet to change the
-//! backing file of an open image (the on-disk chain still names the old layers, which still
-//! hold the same data, so the image reads the same).
+//! The graph change (prepare) happens in the main context inside a drained section, and the
+//! top's qcow2 header is rewritten there to name the base (or no backing file), as QEMU does.
 
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
@@ -28,7 +26,8 @@ pub struct StreamParams {
     pub top: Arc<Node>,
     /// The node that stays below the top (`None`: stream the whole chain).
     pub base: Option<Arc<Node>>,
-    pub backing_file: Option<String>,
+    /// What the top's header names afterwards (`backing-file`, `backing-mask-protocol`).
+    pub backing: crate::backing::BackingName,
     pub on_error: OnError,
 }
 
@@ -37,6 +36,7 @@ pub struct StreamJob {
     top: Arc<Node>,
     base: Option<Arc<Node>>,
     intermediates: Vec<Arc<Node>>,
+    backing: crate::backing::BackingName,
     backends: RefCell<Vec<BlockBackend>>,
 }
 
@@ -70,7 +70,7 @@ pub fn new_stream(
     host: &Rc<dyn GraphHost>,
     p: StreamParams,
 ) -> Result<(Rc<StreamJob>, Worker), String> {
-    if p.backing_file.is_some() && p.base.is_none() {
+    if p.backing.explicit.is_some() && p.base.is_none() {
         return Err("backing file specified, but streaming the entire chain".into());
     }
     let inter = intermediates(&p.top, p.base.as_ref())?;
@@ -104,11 +104,16 @@ pub fn new_stream(
         top: p.top,
         base: p.base,
         intermediates: inter,
+        backing: p.backing,
         backends: RefCell::new(all),
     });
     let on_error = p.on_error;
     let worker: Worker = Box::new(move |ctx: JobCtx| {
         Box::pin(async move {
+            // Nothing between the top and the base: no work, no progress (as QEMU reports).
+            if layer_bes.is_empty() {
+                return Ok(());
+            }
             crate::copy::copy_above(&ctx, &top_be, &top_be, true, &layer_bes, on_error).await
         })
     });
@@ -128,7 +133,8 @@ impl JobDriver for StreamJob {
 
     fn prepare(&self) -> LocalFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            if self.intermediates.is_empty() {
+            // A top without backing file has nothing to stream and no name to rewrite.
+            if self.top.child("backing").is_none() {
                 return Ok(());
             }
             let host = self
@@ -139,18 +145,22 @@ impl JobDriver for StreamJob {
             nodes.extend(self.intermediates.iter().cloned());
             nodes.extend(self.base.iter().cloned());
             let guard = drained_all(&nodes).await;
-            let r = {
+            let r = if self.intermediates.is_empty() {
+                Some(Ok(()))
+            } else {
                 let mut g = host.graph().borrow_mut();
                 match &self.base {
                     Some(b) => run_drained(g.replace_child(&self.top, "backing", b)),
                     None => run_drained(g.remove_child(&self.top, "backing")),
                 }
             };
+            let r = match r {
+                Some(Ok(())) => self.backing.write(&self.top, self.base.as_ref()).await,
+                Some(Err(e)) => Err(e),
+                None => Err("graph change could not complete in its drained section".into()),
+            };
             drop(guard);
-            r.unwrap_or_else(|| {
-                Err("graph change could not complete in its drained section".into())
-            })?;
-            Ok(())
+            r
         })
     }
 

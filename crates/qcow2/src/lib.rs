@@ -6,6 +6,7 @@
 //! probe, info), `create` (formatting a new image), `check` (consistency check and repair).
 #![forbid(unsafe_code)]
 
+pub mod backing_name;
 pub mod cache;
 pub mod check;
 pub mod create;

@@ -529,6 +529,78 @@ async def scenario_commit_under_fire(binary):
     return None
 
 
+def backing_of(s, path):
+    """qemu-img info's backing name and format, the session directory shown as $D."""
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", path], check=True,
+                         capture_output=True, text=True).stdout
+    info = json.loads(out)
+    name = info.get("backing-filename")
+    return (name.replace(s.dir, "$D") if name else None, info.get("backing-filename-format"))
+
+
+async def scenario_backing_names(binary):
+    """After stream and commit the overlay's header names the new backing file (the base's
+    file name, or `backing-file` as given, relative names kept relative); with the removed
+    layers' files deleted the image opens from its header alone and reads as before."""
+    s = Session(binary)
+    await s.start()
+    await s.cmd("block-stream", {"job-id": "s", "device": "top", "base-node": "base"})
+    await s.events_until("s", "null")
+    await s.cmd("blockdev-del", {"node-name": "top"})
+    await s.cmd("blockdev-del", {"node-name": "mid"})
+    await s.stop()
+    s.log.append(("stream base-node", backing_of(s, s.top)))
+    os.unlink(s.mid)
+    check(raw_of(s.top, os.path.join(s.dir, "t.raw")) == s.expected,
+          f"{binary}: stream: top with its header's backing reads as before")
+    sh("qemu-img", "check", "-q", s.top)
+    s.cleanup()
+
+    # commit mid into base, the overlay told a relative name
+    s2 = Session(binary)
+    s2.log = s.log
+    await s2.start()
+    await s2.cmd("block-commit", {"job-id": "c", "device": "top", "top-node": "mid",
+                                  "base-node": "base", "backing-file": "base.qcow2"})
+    await s2.events_until("c", "null")
+    await s2.cmd("blockdev-del", {"node-name": "top"})
+    await s2.cmd("blockdev-del", {"node-name": "mid"})
+    await s2.stop()
+    s2.log.append(("commit backing-file", backing_of(s2, s2.top)))
+    os.unlink(s2.mid)
+    check(raw_of(s2.top, os.path.join(s2.dir, "t.raw")) == s2.expected,
+          f"{binary}: commit: top with its header's backing reads as before")
+    sh("qemu-img", "check", "-q", s2.top)
+    sh("qemu-img", "check", "-q", s2.base)
+    s2.cleanup()
+
+    # commit without backing-file; stream with backing-file and backing-mask-protocol;
+    # full stream: no backing name left
+    s3 = Session(binary)
+    s3.log = s.log
+    await s3.start()
+    await s3.cmd("block-commit", {"job-id": "c", "device": "top", "top-node": "mid",
+                                  "base-node": "base"})
+    await s3.events_until("c", "null")
+    s3.log.append(("commit", backing_of(s3, s3.top)))
+    await s3.cmd("block-stream", {"job-id": "s", "device": "top", "base-node": "base",
+                                  "backing-file": s3.base, "backing-mask-protocol": True})
+    await s3.events_until("s", "null")
+    s3.log.append(("stream mask-protocol", backing_of(s3, s3.top)))
+    await s3.cmd("block-stream", {"job-id": "s", "device": "top"})
+    await s3.events_until("s", "null")
+    await s3.cmd("blockdev-del", {"node-name": "top"})
+    await s3.stop()
+    s3.log.append(("full stream", backing_of(s3, s3.top)))
+    os.unlink(s3.mid)
+    os.unlink(s3.base)
+    check(raw_of(s3.top, os.path.join(s3.dir, "t.raw")) == s3.expected,
+          f"{binary}: full stream: top alone reads as before")
+    sh("qemu-img", "check", "-q", s3.top)
+    s3.cleanup()
+    return s.log
+
+
 def compare(name, ours, theirs):
     if theirs is None:
         return
@@ -545,7 +617,10 @@ async def main():
     for sc in (scenario_full_stream, scenario_base_node, scenario_pause_resume_cancel,
                scenario_errors, scenario_commit, scenario_iothread, scenario_mirror,
                scenario_mirror_writer, scenario_seed, scenario_active_commit,
-               scenario_commit_under_fire):
+               scenario_commit_under_fire, scenario_backing_names):
+        only = os.environ.get("JOBS_ONLY")
+        if only and only not in sc.__name__:
+            continue
         ours = await sc(DAEMON)
         theirs = None
         if QSD and sc not in (scenario_iothread, scenario_mirror_writer, scenario_seed,

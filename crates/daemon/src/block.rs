@@ -86,6 +86,16 @@ pub async fn blockdev_reopen(d: &Daemon, args: Map<String, Value>) -> R {
     for m in &maps {
         if let Some(n) = str_arg(m, "node-name").and_then(|n| d.node(n)) {
             d.record_options(&n, m);
+            // a new child runs its I/O where its parent does (as x-blockdev-set-iothread
+            // moves a subtree)
+            let ctx = d.node_ctx.borrow().get(n.name()).cloned();
+            if let Some(ctx) = ctx {
+                for sub in Daemon::subtree(&n) {
+                    d.node_ctx
+                        .borrow_mut()
+                        .insert(sub.name().to_string(), ctx.clone());
+                }
+            }
         }
     }
     d.prune();

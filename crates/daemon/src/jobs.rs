@@ -72,6 +72,20 @@ fn job_event_data() -> ObjectDef {
     ])
 }
 
+thread_local! {
+    /// The main context's job manager, for shutdown.
+    static MANAGER: RefCell<Option<Rc<JobManager>>> = const { RefCell::new(None) };
+}
+
+/// At `quit` or a termination signal, after the exports closed and before the nodes are
+/// drained and closed: every job is cancelled with QEMU's events (see
+/// `JobManager::cancel_all`).
+pub async fn shutdown() {
+    if let Some(m) = MANAGER.with(|m| m.borrow().clone()) {
+        m.cancel_all().await;
+    }
+}
+
 pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
     let weak = Rc::downgrade(server);
     let m = JobManager::new(Box::new(move |name, data| {
@@ -79,6 +93,7 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
             s.emit(name, Some(data));
         }
     }));
+    MANAGER.with(|g| *g.borrow_mut() = Some(m.clone()));
 
     let mm = m.clone();
     server.register(

@@ -307,6 +307,8 @@ async fn shutdown(d: &Rc<Daemon>, _server: &Rc<Server>) {
         blockd_aio::sleep(Duration::from_millis(20)).await;
         nbd::reap_now(d);
     }
+    // then the jobs end (cancelled, with their events) before the nodes are drained
+    jobs::shutdown().await;
     let nodes: Vec<_> = d.graph.borrow().nodes().cloned().collect();
     {
         let _drain = blockd_block::drained_all(&nodes).await;

@@ -621,22 +621,57 @@ impl JobManager {
         Ok(())
     }
 
-    /// Cancel every job and wait until all have ended (daemon shutdown).
+    /// Daemon shutdown, in QEMU's order: the drain of every node pauses the jobs that run
+    /// (running -> paused, ready -> standby), then each job is cancelled (force: a READY
+    /// mirror does not pivot), which resumes it, and it ends (aborting, BLOCK_JOB_CANCELLED,
+    /// concluded, null); jobs already concluded are dismissed. Returns once none is left (or
+    /// after a few seconds with the stragglers).
     pub async fn cancel_all(self: &Rc<Self>) {
+        use std::time::Duration;
+        let wait = |me: Rc<Self>, done: fn(&Job) -> bool| async move {
+            for _ in 0..1000 {
+                if me.list().iter().all(|j| done(j)) {
+                    break;
+                }
+                blockd_aio::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let mut paused_here = Vec::new();
+        for j in self.list() {
+            if matches!(j.status(), JobStatus::Running | JobStatus::Ready)
+                && !j.user_paused.get()
+                && self.user_pause(&j).is_ok()
+            {
+                paused_here.push(j.id.clone());
+            }
+        }
+        if !paused_here.is_empty() {
+            let ids = paused_here.clone();
+            let me = self.clone();
+            for _ in 0..1000 {
+                let all = me.list().iter().filter(|j| ids.contains(&j.id)).all(|j| {
+                    !matches!(j.status(), JobStatus::Running | JobStatus::Ready)
+                        || j.worker_done.get()
+                });
+                if all {
+                    break;
+                }
+                blockd_aio::sleep(Duration::from_millis(5)).await;
+            }
+        }
         for j in self.list() {
             if Verb::Cancel.allowed_in(j.status()) {
                 let _ = self.user_cancel(&j, true);
             }
         }
-        for _ in 0..1000 {
-            if self
-                .list()
-                .iter()
-                .all(|j| !j.started.get() || j.worker_done.get())
-            {
-                break;
+        wait(self.clone(), |j| {
+            matches!(j.status(), JobStatus::Concluded | JobStatus::Null)
+        })
+        .await;
+        for j in self.list() {
+            if j.status() == JobStatus::Concluded {
+                self.do_dismiss(&j);
             }
-            blockd_aio::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 }

@@ -25,7 +25,7 @@ if [ ! -e "$IMG" ]; then
     "$BIN/blockd-img" create -f qcow2 "$IMG" 1G
 fi
 "$BIN/blockd-img" info "$IMG"
-FMT="$("$BIN/blockd-img" info --output=json "$IMG" | sed -n 's/.*"format": "\([a-z0-9]*\)".*/\1/p' | head -n1)"
+FMT="$("$BIN/blockd-img" info "$IMG" | sed -n 's/^file format: //p')"
 mkdir -p "$(dirname "$QMP")"
 rm -f "$QMP"
 echo

@@ -353,6 +353,7 @@ impl BlockDriver for Qcow2 {
     }
 
     fn read<'a>(&'a self, node: &'a Node, off: u64, buf: IoBuf) -> IoFuture<'a, BufResult> {
+        self.image.remember_node(node);
         Box::pin(self.image.read(node, off, buf))
     }
 
@@ -363,6 +364,7 @@ impl BlockDriver for Qcow2 {
         buf: IoBuf,
         flags: ReqFlags,
     ) -> IoFuture<'a, BufResult> {
+        self.image.remember_node(node);
         Box::pin(self.image.write(node, off, buf, flags))
     }
 
@@ -382,6 +384,7 @@ impl BlockDriver for Qcow2 {
     }
 
     fn discard<'a>(&'a self, node: &'a Node, off: u64, len: u64) -> IoFuture<'a, io::Result<()>> {
+        self.image.remember_node(node);
         Box::pin(self.image.discard(node, off, len))
     }
 
@@ -392,6 +395,7 @@ impl BlockDriver for Qcow2 {
         len: u64,
         flags: ReqFlags,
     ) -> IoFuture<'a, io::Result<()>> {
+        self.image.remember_node(node);
         Box::pin(self.image.write_zeroes(node, off, len, flags))
     }
 
@@ -401,10 +405,12 @@ impl BlockDriver for Qcow2 {
         off: u64,
         len: u64,
     ) -> IoFuture<'a, io::Result<BlockStatus>> {
+        self.image.remember_node(node);
         Box::pin(self.image.block_status(node, off, len))
     }
 
     fn truncate<'a>(&'a self, node: &'a Node, len: u64) -> IoFuture<'a, io::Result<u64>> {
+        self.image.remember_node(node);
         Box::pin(self.image.truncate(node, len))
     }
 

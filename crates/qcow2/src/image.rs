@@ -115,6 +115,8 @@ pub struct Image {
     pub pass_discard: bool,
     /// The file child, for writing cached metadata back when the image is dropped.
     pub(crate) file: Option<Arc<Node>>,
+    /// The format node's name, for BLOCK_IMAGE_CORRUPTED (known from the first request).
+    pub(crate) node_name: std::sync::OnceLock<String>,
 }
 
 /// Marks guest clusters in flight; unmarks them (and wakes waiters) when dropped, also when
@@ -281,18 +283,28 @@ impl Image {
             cache,
             pass_discard,
             file: Some(file.clone()),
+            node_name: std::sync::OnceLock::new(),
         })
     }
 
-    /// QEMU's qcow2_signal_corruption: report once, set the corrupt bit when writable, and
-    /// refuse writes from now on.
-    pub(crate) async fn corruption(&self, file: &Arc<Node>, msg: &str) -> io::Error {
+    /// Remember the name of the node this image is the driver of (for events).
+    pub(crate) fn remember_node(&self, node: &Node) {
+        self.node_name.get_or_init(|| node.name().to_string());
+    }
+
+    /// QEMU's qcow2_signal_corruption: report once (stderr and BLOCK_IMAGE_CORRUPTED, with
+    /// the host range concerned when known), set the corrupt bit when writable (the event is
+    /// then fatal), and refuse writes from now on.
+    pub(crate) async fn corruption(
+        &self,
+        file: &Arc<Node>,
+        msg: &str,
+        offset: Option<u64>,
+        size: Option<u64>,
+    ) -> io::Error {
         if !self.corrupt.swap(true, Ordering::SeqCst) {
-            if self.read_only {
-                eprintln!(
-                    "qcow2: Image is corrupt: {msg}; further non-fatal corruption events will be suppressed"
-                );
-            } else {
+            let fatal = !self.read_only;
+            if fatal {
                 eprintln!(
                     "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed"
                 );
@@ -305,7 +317,13 @@ impl Image {
                     let _ = pwrite(file, 72, &bits.to_be_bytes()).await;
                     let _ = file.driver().flush(file).await;
                 }
+            } else {
+                eprintln!(
+                    "qcow2: Image is corrupt: {msg}; further non-fatal corruption events will be suppressed"
+                );
             }
+            let name = self.node_name.get().map_or("", String::as_str);
+            blockd_block::events::image_corrupted(name, msg, offset, size, fatal);
         }
         eio()
     }
@@ -352,6 +370,8 @@ impl Image {
                 .corruption(
                     file,
                     &format!("L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})"),
+                    None,
+                    None,
                 )
                 .await);
         }
@@ -455,7 +475,7 @@ impl Image {
             Ok(run) => Ok(run),
             Err(msg) => {
                 let full = format!("{msg} (L2 offset: {l2_off:#x}, L2 index: {l2i:#x})");
-                Err(self.corruption(file, &full).await)
+                Err(self.corruption(file, &full, None, None).await)
             }
         }
     }
@@ -471,7 +491,7 @@ impl Image {
         let end = off + len;
         let within = |start: u64, size: u64| size > 0 && off < start + size && start < end;
         if off < cs {
-            return Some("main header");
+            return Some("qcow2_header");
         }
         let m = self.meta();
         if within(m.l1_offset, m.l1.len() as u64 * 8) {
@@ -505,10 +525,8 @@ impl Image {
         len: u64,
     ) -> io::Result<()> {
         if let Some(what) = self.overlaps_metadata(off, len) {
-            let msg = format!(
-                "Preventing invalid write on metadata (overlaps with {what}); image marked as corrupt"
-            );
-            return Err(self.corruption(file, &msg).await);
+            let msg = format!("Preventing invalid write on metadata (overlaps with {what})");
+            return Err(self.corruption(file, &msg, Some(off), Some(len)).await);
         }
         Ok(())
     }
@@ -549,7 +567,12 @@ impl Image {
         }
         if off & (self.geo.cluster_size - 1) != 0 {
             return Err(self
-                .corruption(file, &format!("Refblock offset {off:#x} unaligned"))
+                .corruption(
+                    file,
+                    &format!("Refblock offset {off:#x} unaligned"),
+                    None,
+                    None,
+                )
                 .await);
         }
         let b = pread(file, off, self.geo.cluster_size as usize).await?;
@@ -608,6 +631,8 @@ impl Image {
                         .corruption(
                             file,
                             &format!("Freeing cluster {:#x} without a refcount block", i * cs),
+                            None,
+                            None,
                         )
                         .await);
                 }
@@ -636,7 +661,7 @@ impl Image {
             };
             if let Some(j) = bad {
                 let msg = format!("Invalid refcount update for cluster {:#x}", j * cs);
-                return Err(self.corruption(file, &msg).await);
+                return Err(self.corruption(file, &msg, None, None).await);
             }
             i = chunk_end;
         }
@@ -709,7 +734,9 @@ impl Image {
                     "Preventing invalid allocation of cluster {:#x} (overlaps with {what})",
                     c << cb
                 );
-                return Err(self.corruption(file, &msg).await);
+                return Err(self
+                    .corruption(file, &msg, Some(c << cb), Some(k << cb))
+                    .await);
             }
             self.update_refcounts(file, c, k, 1).await?;
             self.meta().free_hint = c + k;

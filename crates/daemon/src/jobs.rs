@@ -219,6 +219,38 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
         })
     });
 
+    let mm = m.clone();
+    server.register(
+        "block-job-change",
+        obj(vec![
+            member("id", Type::Str),
+            member(
+                "type",
+                Type::enumeration(&[
+                    "commit",
+                    "stream",
+                    "mirror",
+                    "backup",
+                    "create",
+                    "amend",
+                    "snapshot-load",
+                    "snapshot-save",
+                    "snapshot-delete",
+                ]),
+            ),
+            optional(
+                "copy-mode",
+                Type::enumeration(&["background", "write-blocking"]),
+            ),
+        ]),
+        empty(),
+        move |a| {
+            let r = find_block_job(&mm, s(&a, "id").unwrap_or_default())
+                .and_then(|j| done(mm.change(&j, &a)));
+            Box::pin(async move { r })
+        },
+    );
+
     let on_error = || Type::enumeration(&["report", "ignore", "enospc", "stop", "auto"]);
     let (dd, mm) = (d.clone(), m.clone());
     server.register(
@@ -634,11 +666,6 @@ async fn blockdev_mirror(
             return Err(format!("blockdev-mirror {why} is not supported by blockd yet").into());
         }
     }
-    if s(a, "copy-mode") == Some("write-blocking") {
-        return Err(
-            "blockdev-mirror copy-mode=write-blocking is not supported by blockd yet".into(),
-        );
-    }
     let granularity = a.get("granularity").and_then(Value::as_i64).unwrap_or(0);
     if granularity != 0 && !(512..=64 << 20).contains(&granularity) {
         return Err("Parameter 'granularity' expects a value in range [512B, 64MB]".into());
@@ -689,6 +716,7 @@ async fn blockdev_mirror(
             },
             on_source_error: parse_on_error(a, "on-source-error")?,
             on_target_error: parse_on_error(a, "on-target-error")?,
+            write_blocking: s(a, "copy-mode") == Some("write-blocking"),
         },
     )
     .await?;
@@ -741,6 +769,7 @@ async fn active_commit(
             buf_size: 16 << 20,
             on_source_error: on_error,
             on_target_error: on_error,
+            write_blocking: false,
         },
     )
     .await?;

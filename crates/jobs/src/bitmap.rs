@@ -57,6 +57,22 @@ impl DirtyBitmap {
         Some((off, end - off))
     }
 
+    /// Clear the granules wholly inside `[off, off+len)` (the last one also when the range
+    /// reaches the end): they were just written to the source and the target alike.
+    pub fn clear_covered(&self, off: u64, len: u64) {
+        let end = (off + len).min(self.len);
+        let first = off.div_ceil(self.granularity);
+        let last = if end == self.len {
+            end.div_ceil(self.granularity)
+        } else {
+            end / self.granularity
+        };
+        let mut w = self.lock();
+        for bit in first..last {
+            w[(bit / 64) as usize] &= !(1 << (bit % 64));
+        }
+    }
+
     /// Dirty bytes (whole granules).
     pub fn dirty_bytes(&self) -> u64 {
         let ones: u64 = self.lock().iter().map(|w| w.count_ones() as u64).sum();
@@ -81,6 +97,19 @@ mod tests {
         assert_eq!(b.take(1 << 20), None);
         b.mark(0, 1 << 20);
         assert_eq!(b.take(1 << 30), Some((0, 1 << 20)));
+    }
+
+    #[test]
+    fn clear_covered_only_whole_granules() {
+        let b = DirtyBitmap::new(200_000, 65536);
+        b.mark(0, 200_000);
+        b.clear_covered(1, 65536 * 2);
+        assert_eq!(b.take(1 << 20), Some((0, 65536)));
+        assert_eq!(b.take(1 << 20), Some((131072, 200_000 - 131072)));
+        b.mark(0, 200_000);
+        b.clear_covered(131072, 200_000 - 131072);
+        assert_eq!(b.take(1 << 20), Some((0, 131072)));
+        assert_eq!(b.take(1 << 20), None);
     }
 
     #[test]

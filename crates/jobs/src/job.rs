@@ -48,6 +48,16 @@ pub trait JobDriver {
         false
     }
 
+    /// `block-job-change` with the type-specific options (`type` already matched).
+    fn change(&self, _opts: &serde_json::Map<String, Value>) -> Result<(), String> {
+        Err("Job type does not support change".into())
+    }
+
+    /// Type-specific members of query-block-jobs (mirror: `actively-synced`).
+    fn block_info_extra(&self) -> Option<(&'static str, Value)> {
+        None
+    }
+
     /// The job's graph change, on success (QEMU's `prepare`); it may fail, which aborts the
     /// whole transaction. Runs in the main context; drains what it changes.
     fn prepare(&self) -> LocalFuture<'_, Result<(), String>> {
@@ -188,6 +198,9 @@ impl Job {
         });
         if let Some(e) = self.error() {
             v["error"] = json!(e);
+        }
+        if let Some((k, x)) = self.driver.block_info_extra() {
+            v[k] = x;
         }
         v
     }
@@ -610,6 +623,18 @@ impl JobManager {
         Verb::Dismiss.check(&job.id, job.status())?;
         self.do_dismiss(job);
         Ok(())
+    }
+
+    /// `block-job-change`: `opts` holds `type` and the type's options.
+    pub fn change(
+        &self,
+        job: &Rc<Job>,
+        opts: &serde_json::Map<String, Value>,
+    ) -> Result<(), String> {
+        Verb::Change.check(&job.id, job.status())?;
+        // As QEMU 10, `type` is not compared with the job's: the options of another type
+        // read as the mirror's defaults.
+        job.driver.change(opts)
     }
 
     pub fn set_speed(&self, job: &Rc<Job>, speed: i64) -> Result<(), String> {

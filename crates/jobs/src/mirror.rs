@@ -11,8 +11,14 @@
 //! the target (`Graph::replace_node`) and the filter goes. Cancelling after READY without
 //! `force`, or any other cancel, removes the filter and keeps the source.
 //!
-//! Not done: `sync` incremental/bitmap, `replaces`, `copy-mode=write-blocking`,
-//! `block-job-change`, several copies in flight at once.
+//! `copy-mode=write-blocking` (from the start, or switched on by `block-job-change`): while
+//! the job runs, a user write through the filter goes to the source and then to the target
+//! before it completes; the granules it covered wholly are clean afterwards. Background copies
+//! and such writes of overlapping ranges are serialised (`RangeLocks`), so a copy that read
+//! older data never lands after the newer write. Discards and write-zeroes are still copied
+//! in the background (marked dirty).
+//!
+//! Not done: `sync` incremental/bitmap.
 
 use std::cell::RefCell;
 use std::io;
@@ -39,9 +45,69 @@ pub enum Sync {
     Layers(Vec<Arc<Node>>),
 }
 
-/// The filter above the source: passes everything to its child, marks writes dirty.
+/// Ranges being copied or written to the target right now: overlapping ones wait.
+#[derive(Default)]
+struct RangeLocks {
+    held: std::sync::Mutex<Vec<(u64, u64)>>,
+    released: event_listener::Event,
+}
+
+struct RangeGuard<'a> {
+    locks: &'a RangeLocks,
+    range: (u64, u64),
+}
+
+impl RangeLocks {
+    async fn lock(&self, off: u64, len: u64) -> RangeGuard<'_> {
+        let end = off + len;
+        loop {
+            let listener = self.released.listen();
+            {
+                let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+                if !h.iter().any(|&(o, e)| o < end && off < e) {
+                    h.push((off, end));
+                    return RangeGuard {
+                        locks: self,
+                        range: (off, end),
+                    };
+                }
+            }
+            listener.await;
+        }
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut h = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = h.iter().position(|&r| r == self.range) {
+            h.swap_remove(i);
+        }
+        drop(h);
+        self.locks.released.notify(usize::MAX);
+    }
+}
+
+/// What the filter and the worker share for the write-blocking mode.
+pub struct ActiveSync {
+    write_blocking: AtomicBool,
+    /// The worker runs (not cancelled, no error): write-blocking copies only then.
+    running: AtomicBool,
+    target: BlockBackend,
+    ranges: RangeLocks,
+}
+
+impl ActiveSync {
+    fn copy_to_target(&self) -> bool {
+        self.write_blocking.load(Ordering::SeqCst) && self.running.load(Ordering::SeqCst)
+    }
+}
+
+/// The filter above the source: passes everything to its child, marks writes dirty (or, in
+/// write-blocking mode, writes them to the target too).
 struct MirrorTop {
     dirty: Arc<DirtyBitmap>,
+    active: std::sync::OnceLock<Arc<ActiveSync>>,
 }
 
 fn child(node: &Node) -> io::Result<Arc<Node>> {
@@ -73,6 +139,24 @@ impl BlockDriver for MirrorTop {
     ) -> IoFuture<'a, BufResult> {
         Box::pin(async move {
             let len = buf.len() as u64;
+            if let Some(a) = self.active.get().filter(|a| a.copy_to_target()) {
+                let _range = a.ranges.lock(off, len).await;
+                let (r, buf) = match child(node) {
+                    Ok(c) => blockd_block::io::aligned_write(&c, off, buf, flags).await,
+                    Err(e) => (Err(e), buf),
+                };
+                if r.is_err() {
+                    self.dirty.mark(off, len);
+                    return (r, buf);
+                }
+                let (t, buf) = a.target.write(off, buf, flags).await;
+                // The whole granules are now equal on both sides; partial ones are copied.
+                self.dirty.mark(off, len);
+                if t.is_ok() {
+                    self.dirty.clear_covered(off, len);
+                }
+                return (r, buf);
+            }
             let r = match child(node) {
                 Ok(c) => blockd_block::io::aligned_write(&c, off, buf, flags).await,
                 Err(e) => (Err(e), buf),
@@ -138,9 +222,12 @@ pub struct MirrorParams {
     pub buf_size: u64,
     pub on_source_error: OnError,
     pub on_target_error: OnError,
+    /// `copy-mode=write-blocking` from the start.
+    pub write_blocking: bool,
 }
 
 pub struct MirrorJob {
+    active: Arc<ActiveSync>,
     job_type: &'static str,
     me: Weak<MirrorJob>,
     host: Weak<dyn GraphHost>,
@@ -175,6 +262,7 @@ pub async fn new_mirror(
             &p.filter_name,
             Box::new(MirrorTop {
                 dirty: dirty.clone(),
+                active: std::sync::OnceLock::new(),
             }),
             vec![Child {
                 name: "backing".into(),
@@ -248,7 +336,16 @@ pub async fn new_mirror(
     let chunk = (p.buf_size / MAX_IN_FLIGHT as u64).clamp(p.granularity, 4 << 20) / p.granularity
         * p.granularity;
     let pivot = Arc::new(AtomicBool::new(false));
+    let active = Arc::new(ActiveSync {
+        write_blocking: AtomicBool::new(p.write_blocking),
+        running: AtomicBool::new(false),
+        target: target_be.clone(),
+        ranges: RangeLocks::default(),
+    });
+    let filter_node = job_filter_set_active(&filter, &active);
+    debug_assert!(filter_node);
     let job = Rc::new_cyclic(|me| MirrorJob {
+        active: active.clone(),
         job_type: p.job_type,
         layer_bes: layer_bes.clone(),
         me: me.clone(),
@@ -273,6 +370,7 @@ pub async fn new_mirror(
         on_source_error: p.on_source_error,
         on_target_error: p.on_target_error,
         pivot,
+        active,
     };
     let worker: Worker = Box::new(move |ctx: JobCtx| Box::pin(async move { w.run(ctx).await }));
     Ok((job, worker))
@@ -292,15 +390,34 @@ struct WorkerState {
     on_source_error: OnError,
     on_target_error: OnError,
     pivot: Arc<AtomicBool>,
+    active: Arc<ActiveSync>,
+}
+
+/// Give the filter the job's shared write-blocking state.
+fn job_filter_set_active(filter: &Arc<Node>, active: &Arc<ActiveSync>) -> bool {
+    let any: &dyn std::any::Any = filter.driver();
+    any.downcast_ref::<MirrorTop>()
+        .is_some_and(|f| f.active.set(active.clone()).is_ok())
+}
+
+/// Clears `running` when the worker ends, however it ends.
+struct RunningFlag(Arc<ActiveSync>);
+
+impl Drop for RunningFlag {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Copy one run; on failure the run is dirty again.
 async fn copy_run(
+    active: &ActiveSync,
     source: &BlockBackend,
     target: &BlockBackend,
     off: u64,
     n: u64,
 ) -> Result<(), (bool, io::Error)> {
+    let _range = active.ranges.lock(off, n).await;
     let (r, buf) = source.read(off, IoBuf::new(n as usize, 4096)).await;
     r.map_err(|e| (true, e))?;
     target
@@ -313,6 +430,8 @@ async fn copy_run(
 impl WorkerState {
     async fn run(self, ctx: JobCtx) -> Result<(), String> {
         let len = self.source.length();
+        self.active.running.store(true, Ordering::SeqCst);
+        let _running = RunningFlag(self.active.clone());
         match self.sync {
             Sync::Full => self.dirty.mark(0, len),
             Sync::Layers(_) => {
@@ -369,8 +488,10 @@ impl WorkerState {
                     Some((off, n)) => {
                         bytes += n;
                         let (src, tgt) = (self.source.clone(), self.target.clone());
-                        let task =
-                            blockd_aio::spawn(async move { copy_run(&src, &tgt, off, n).await });
+                        let active = self.active.clone();
+                        let task = blockd_aio::spawn(async move {
+                            copy_run(&active, &src, &tgt, off, n).await
+                        });
                         runs.push((off, n, task));
                     }
                     None => break,
@@ -450,7 +571,9 @@ impl MirrorJob {
         let host = self.host.upgrade().ok_or("the block graph is gone")?;
         let users = drained(&filter).await;
         while let Some((off, n)) = self.dirty.take(self.chunk) {
-            if let Err((_, e)) = copy_run(&self.source_be, &self.target_be, off, n).await {
+            if let Err((_, e)) =
+                copy_run(&self.active, &self.source_be, &self.target_be, off, n).await
+            {
                 self.dirty.mark(off, n);
                 return Err(strerror(&e));
             }
@@ -473,6 +596,26 @@ impl MirrorJob {
     }
 }
 
+impl MirrorJob {
+    /// `block-job-change`: only background -> write-blocking (as QEMU).
+    pub fn change_copy_mode(&self, write_blocking: bool) -> Result<(), String> {
+        let cur = self.active.write_blocking.load(Ordering::SeqCst);
+        if cur == write_blocking {
+            return Ok(());
+        }
+        if !write_blocking {
+            return Err("Change to copy mode 'background' is not implemented".into());
+        }
+        self.active.write_blocking.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// QEMU's `actively-synced`: write-blocking, READY and nothing left to copy.
+    pub fn actively_synced(&self) -> bool {
+        self.active.copy_to_target() && self.dirty.dirty_bytes() == 0
+    }
+}
+
 impl JobDriver for MirrorJob {
     fn job_type(&self) -> &'static str {
         self.job_type
@@ -484,6 +627,24 @@ impl JobDriver for MirrorJob {
 
     fn can_complete(&self) -> bool {
         true
+    }
+
+    fn change(&self, opts: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+        match opts.get("copy-mode").and_then(|v| v.as_str()) {
+            Some("write-blocking") => self.change_copy_mode(true),
+            // absent (options of another job type): QEMU reads the default, background
+            _ => self.change_copy_mode(false),
+        }
+    }
+
+    fn block_info_extra(&self) -> Option<(&'static str, serde_json::Value)> {
+        // only mirror jobs report it (an active commit is a "commit" job)
+        (self.job_type == "mirror").then(|| {
+            (
+                "actively-synced",
+                serde_json::Value::Bool(self.actively_synced()),
+            )
+        })
     }
 
     fn soft_cancel_when_ready(&self) -> bool {

@@ -381,7 +381,7 @@ async def scenario_mirror_writer(binary):
     the check.)"""
     s = await mirror_session(binary)
     sock = os.path.join(s.dir, "nbd.sock")
-    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "path": sock}})
+    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
     await s.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "src",
                                      "writable": True})
     url = f"nbd+unix:///src?socket={sock}"
@@ -433,7 +433,7 @@ async def scenario_seed(binary):
     for name, f in (("src", src), ("tgt", tgt)):
         await s.cmd("blockdev-add", {"driver": "file", "node-name": name, "filename": f})
         await s.cmd("x-blockdev-set-iothread", {"node-name": name, "iothread": "io0"})
-    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "path": sock}})
+    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
     await s.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "src",
                                      "writable": True, "iothread": "io0"})
     await s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
@@ -658,6 +658,98 @@ async def scenario_shutdown(binary):
     return s.log
 
 
+def pattern_at(path, fmt, pattern, off, length="64k"):
+    """Whether `path` holds `pattern` at `off` (read while the daemon has it open)."""
+    r = subprocess.run(["qemu-io", "-r", "-U", "-f", fmt, "-c",
+                        f"read -P {pattern} {off} {length}", path],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and "Pattern verification failed" not in r.stdout
+
+
+async def scenario_write_blocking(binary):
+    """A raw target, a background copy held at 1 byte/s: a write through the source's NBD
+    export (now above mirror-top) does not reach the target; block-job-change to
+    write-blocking (the way back is refused), then every acknowledged write is on the target
+    at once where the granules are clean (QEMU leaves dirty ones to the background copy;
+    blockd writes those through too); READY, complete, target == source. Also a mirror started write-blocking."""
+    s = Session(binary)
+    s.src = os.path.join(s.dir, "src.raw")
+    s.tgt = os.path.join(s.dir, "tgt.raw")
+    for f in (s.src, s.tgt):
+        sh("qemu-img", "create", "-q", "-f", "raw", f, str(SIZE))
+    sh("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4M", s.src)
+    s.d = Daemon(binary)
+    s.c = await s.d.client()
+    for name, f in (("src", s.src), ("tgt", s.tgt)):
+        await s.c.execute("blockdev-add", {"driver": "raw", "node-name": name,
+                                           "file": {"driver": "file", "filename": f}})
+    sock = os.path.join(s.dir, "nbd.sock")
+    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    await s.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "src",
+                                     "writable": True})
+    url = f"nbd+unix:///src?socket={sock}"
+
+    def nbd_write(p, off):
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {p} {off} 64k", url],
+                           capture_output=True, text=True)
+        check(r.returncode == 0 and "error" not in r.stdout + r.stderr,
+              f"{binary}: NBD write at {off}: {r.stdout} {r.stderr}")
+
+    await s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                    "sync": "full", "granularity": 65536,
+                                    "filter-node-name": "mtop"})
+    await s.events_until("m", "ready")
+    bj = await s.cmd("query-block-jobs")
+    s.log.append(("actively-synced", bj[0].get("actively-synced")))
+    # 1 byte/s: a first write may still be copied (blockd copies, then sleeps), the next not
+    await s.cmd("block-job-set-speed", {"device": "m", "speed": 1})
+    nbd_write("0x59", 3 * MiB)
+    await asyncio.sleep(0.3)
+    nbd_write("0x5a", 0)
+    await asyncio.sleep(0.3)
+    check(not pattern_at(s.tgt, "raw", "0x5a", 0),
+          f"{binary}: background mode: the write is not on the target yet")
+    await s.cmd("block-job-change", {"id": "m", "type": "stream"})
+    await s.cmd("block-job-change", {"id": "m", "type": "mirror", "copy-mode": "background"})
+    await s.cmd("block-job-change", {"id": "nope", "type": "mirror",
+                                     "copy-mode": "write-blocking"})
+    await s.cmd("block-job-change", {"id": "m", "type": "mirror", "copy-mode": "background"})
+    await s.cmd("block-job-change", {"id": "m", "type": "mirror",
+                                     "copy-mode": "write-blocking"})
+    await s.cmd("block-job-change", {"id": "m", "type": "mirror",
+                                     "copy-mode": "background"})
+    await s.cmd("block-job-change", {"id": "m", "type": "mirror",
+                                     "copy-mode": "write-blocking"})
+    for i in range(8):
+        # clean (already copied) granules: written through to the target
+        off = MiB + i * 120 * 1024
+        nbd_write(f"0x{0x60 + i:x}", off)
+        # blockd only: qemu-storage-daemon 10.0.2 left these to the background copy here
+        # (not understood yet; its transcript is still compared)
+        check(binary != DAEMON or pattern_at(s.tgt, "raw", f"0x{0x60 + i:x}", off),
+              f"{binary}: write-blocking: acknowledged write {i} is on the target")
+    await s.cmd("block-job-set-speed", {"device": "m", "speed": 0})
+    for _ in range(100):
+        bj = await s.cmd("query-block-jobs")
+        if bj[0].get("actively-synced"):
+            break
+        await asyncio.sleep(0.05)
+    s.log.append(("actively-synced", bj[0].get("actively-synced")))
+    await s.cmd("job-complete", {"id": "m"})
+    await s.events_until("m", "null")
+    # how much was copied depends on timing
+    s.log = [e if e[0] != "BLOCK_JOB_COMPLETED" else
+             (e[0], [kv for kv in e[1] if kv[0] not in ("len", "offset")]) for e in s.log]
+    s.log = [e for e in s.log if e != ("query-block-jobs", "ok")]
+    await s.cmd("block-export-del", {"id": "e"})
+    await asyncio.sleep(0.2)
+    await s.stop()
+    r = subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", s.src, s.tgt])
+    check_eq(r.returncode, 0, f"{binary}: write-blocking mirror: target == source")
+    s.cleanup()
+    return s.log
+
+
 def compare(name, ours, theirs):
     if theirs is None:
         return
@@ -675,7 +767,7 @@ async def main():
                scenario_errors, scenario_commit, scenario_iothread, scenario_mirror,
                scenario_mirror_writer, scenario_seed, scenario_active_commit,
                scenario_commit_under_fire, scenario_backing_names,
-               scenario_shutdown):
+               scenario_shutdown, scenario_write_blocking):
         only = os.environ.get("JOBS_ONLY")
         if only and only not in sc.__name__:
             continue

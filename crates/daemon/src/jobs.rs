@@ -333,6 +333,41 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
         },
     );
 
+    let (dd, mm) = (d.clone(), m.clone());
+    server.register(
+        "drive-mirror",
+        obj(vec![
+            optional("job-id", Type::Str),
+            member("device", Type::Str),
+            member("target", Type::Str),
+            optional("format", Type::Str),
+            optional("node-name", Type::Str),
+            optional("replaces", Type::Str),
+            member(
+                "sync",
+                Type::enumeration(&["top", "full", "none", "incremental", "bitmap"]),
+            ),
+            optional("mode", Type::enumeration(&["existing", "absolute-paths"])),
+            optional("speed", Type::Int),
+            optional("granularity", Type::Int),
+            optional("buf-size", Type::Int),
+            optional("on-source-error", on_error()),
+            optional("on-target-error", on_error()),
+            optional("unmap", Type::Bool),
+            optional(
+                "copy-mode",
+                Type::enumeration(&["background", "write-blocking"]),
+            ),
+            optional("auto-finalize", Type::Bool),
+            optional("auto-dismiss", Type::Bool),
+        ]),
+        empty(),
+        move |a| {
+            let (d, m) = (dd.clone(), mm.clone());
+            Box::pin(async move { drive_mirror(&d, &m, &a).await.map(|_| json!({})) })
+        },
+    );
+
     server.register_event(
         "JOB_STATUS_CHANGE",
         obj(vec![
@@ -638,7 +673,6 @@ async fn blockdev_mirror(
     m: &Rc<JobManager>,
     a: &Map<String, Value>,
 ) -> Result<(), QmpError> {
-    use blockd_jobs::mirror::{MirrorParams, Sync, new_mirror};
     let device = s(a, "device").unwrap_or_default();
     let source = d.node(device).ok_or_else(|| {
         QmpError::generic(format!(
@@ -651,16 +685,165 @@ async fn blockdev_mirror(
             "Cannot find device='{tname}' nor node-name='{tname}'"
         ))
     })?;
+    mirror_common(d, m, a, source, target, None).await
+}
+
+/// The sync modes blockd mirrors.
+fn parse_sync(a: &Map<String, Value>, cmd: &str) -> Result<blockd_jobs::mirror::Sync, QmpError> {
+    use blockd_jobs::mirror::Sync;
+    Ok(match s(a, "sync").unwrap_or_default() {
+        "full" => Sync::Full,
+        "top" => Sync::Top,
+        "none" => Sync::None,
+        other => {
+            return Err(format!("{cmd} sync={other} is not supported by blockd yet").into());
+        }
+    })
+}
+
+/// Create an image file for drive-mirror and blockdev-create: `raw` (a plain file of `size`
+/// bytes) or `qcow2` (formatted by blockd-qcow2 with `opts`, qemu-img's option names), on
+/// this context's event loop (no nested loop).
+async fn create_image(
+    path: &str,
+    fmt: &str,
+    size: u64,
+    opts: &[(String, String)],
+) -> Result<(), String> {
+    let qcow2_opts = match fmt {
+        "raw" => None,
+        "qcow2" => {
+            let mut kv = vec![("size".to_string(), size.to_string())];
+            kv.extend(opts.iter().cloned());
+            Some(blockd_qcow2::CreateOptions::from_qemu_opts(&kv)?)
+        }
+        other => {
+            return Err(format!(
+                "Creating '{other}' images is not supported by blockd yet"
+            ));
+        }
+    };
+    if fmt == "raw" && !opts.is_empty() {
+        return Err("Backing file not supported for file format 'raw'".into());
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| format!("Could not create '{path}': {}", blockd_block::strerror(&e)))?;
+    let Some(c) = qcow2_opts else {
+        return f
+            .set_len(size)
+            .map_err(|e| format!("Could not resize file: {}", blockd_block::strerror(&e)));
+    };
+    drop(f);
+    let mut g = Graph::new();
+    let mut file = Map::new();
+    file.insert("driver".into(), "file".into());
+    file.insert("filename".into(), path.into());
+    let node = g.open(file)?;
+    let r = blockd_qcow2::create(&node, &c).await;
+    let _ = g.remove(node.name());
+    r
+}
+
+/// drive-mirror: the target image is created (mode absolute-paths, the default: the source's
+/// size, format and, for sync top/none, its backing file) or opened (mode existing), then
+/// mirrored into as by blockdev-mirror.
+async fn drive_mirror(
+    d: &Rc<Daemon>,
+    m: &Rc<JobManager>,
+    a: &Map<String, Value>,
+) -> Result<(), QmpError> {
+    let device = s(a, "device").unwrap_or_default();
+    let source = d.node(device).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='{device}' nor node-name='{device}'"
+        ))
+    })?;
+    let sync = parse_sync(a, "drive-mirror")?;
+    let path = s(a, "target").unwrap_or_default().to_string();
+    let existing = s(a, "mode") == Some("existing");
+    let fmt = match s(a, "format") {
+        Some(f) => f.to_string(),
+        None if existing => {
+            let mut head = vec![0u8; 512];
+            let n = std::fs::File::open(&path)
+                .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+                .map_err(|e| {
+                    QmpError::generic(format!(
+                        "Could not open '{path}': {}",
+                        blockd_block::strerror(&e)
+                    ))
+                })?;
+            d.graph.borrow().probe_format(&head[..n], &path).to_string()
+        }
+        None if source.driver().is_format() => source.driver().format_name().to_string(),
+        None => "raw".to_string(),
+    };
+    // the layer below the target: none (full), the source's backing (top), the source (none)
+    let below = match sync {
+        blockd_jobs::mirror::Sync::Full => None,
+        blockd_jobs::mirror::Sync::Top => source.child("backing"),
+        _ => Some(source.clone()),
+    };
+    if !existing {
+        let mut opts = Vec::new();
+        if let Some(b) = &below {
+            let name = blockd_jobs::backing::node_filename(b).unwrap_or_default();
+            opts.push(("backing_file".to_string(), name));
+            opts.push((
+                "backing_fmt".to_string(),
+                b.driver().format_name().to_string(),
+            ));
+        }
+        create_image(&path, &fmt, source.length(), &opts).await?;
+    }
+    let mut o = Map::new();
+    o.insert("driver".into(), fmt.clone().into());
+    if let Some(n) = s(a, "node-name") {
+        o.insert("node-name".into(), n.into());
+    }
+    o.insert("file".into(), json!({"driver": "file", "filename": path}));
+    if fmt != "raw" {
+        o.insert(
+            "backing".into(),
+            below.as_ref().map_or(Value::Null, |b| b.name().into()),
+        );
+    }
+    let target = d.graph.borrow_mut().open(o)?;
+    // A new image reads as zeroes: a full copy skips what no layer of the source holds
+    // (QEMU's zero_target=false).
+    let sync = (!existing && matches!(sync, blockd_jobs::mirror::Sync::Full))
+        .then(|| blockd_jobs::mirror::Sync::Layers(chain(&source)));
+    let r = mirror_common(d, m, a, source, target.clone(), sync).await;
+    if r.is_err() {
+        let _ = d.graph.borrow_mut().remove(target.name());
+        d.prune();
+    }
+    r
+}
+
+async fn mirror_common(
+    d: &Rc<Daemon>,
+    m: &Rc<JobManager>,
+    a: &Map<String, Value>,
+    source: Arc<Node>,
+    target: Arc<Node>,
+    sync_override: Option<blockd_jobs::mirror::Sync>,
+) -> Result<(), QmpError> {
+    use blockd_jobs::mirror::{MirrorParams, Sync, new_mirror};
     let sync = match s(a, "sync").unwrap_or_default() {
         "full" => Sync::Full,
         "top" => Sync::Top,
         "none" => Sync::None,
         other => {
-            return Err(
-                format!("blockdev-mirror sync={other} is not supported by blockd yet").into(),
-            );
+            return Err(format!("mirror sync={other} is not supported by blockd yet").into());
         }
     };
+    let sync = sync_override.unwrap_or(sync);
     for (opt, why) in [("replaces", "'replaces'"), ("unmap", "'unmap'")] {
         if a.contains_key(opt) {
             return Err(format!("blockdev-mirror {why} is not supported by blockd yet").into());

@@ -681,6 +681,15 @@ impl JobDriver for MirrorJob {
             for b in &self.layer_bes {
                 b.clone().detach(&g);
             }
+            drop(g);
+            // a target drive-mirror opened, unused after a cancel, is closed
+            let t = &self.target;
+            let mut g = host.graph().borrow_mut();
+            if t.is_auto_named() && t.parent_count() == 0 && g.node(t.name()).is_some() {
+                let _ = g.remove(t.name());
+            }
+            drop(g);
+            host.graph_changed();
         }
     }
 }

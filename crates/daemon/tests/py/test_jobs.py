@@ -750,6 +750,57 @@ async def scenario_write_blocking(binary):
     return s.log
 
 
+async def scenario_drive_mirror(binary):
+    """drive-mirror creates the target (absolute-paths: the source's format and size; sync=top
+    names the source's backing file) or opens it (existing, format given); complete; the
+    target reads as the source and qemu-img info shows what QEMU writes."""
+    s = Session(binary)
+    await s.start()
+    full = os.path.join(s.dir, "full.qcow2")
+    top = os.path.join(s.dir, "top-copy.qcow2")
+    raw = os.path.join(s.dir, "existing.raw")
+    await s.cmd("drive-mirror", {"job-id": "m", "device": "nope", "target": full,
+                                 "sync": "full"})
+    await s.cmd("drive-mirror", {"job-id": "m", "device": "top", "target": raw,
+                                 "sync": "full", "mode": "existing"})
+    await s.cmd("drive-mirror", {"job-id": "m", "device": "top", "target": full,
+                                 "sync": "full"})
+    await s.events_until("m", "ready")
+    await s.cmd("block-job-cancel", {"device": "m"})
+    await s.events_until("m", "null")
+    s.log.append(("full", backing_of(s, full)))
+    await s.cmd("drive-mirror", {"job-id": "t", "device": "top", "target": top,
+                                 "sync": "top"})
+    await s.events_until("t", "ready")
+    await s.cmd("job-complete", {"id": "t"})
+    await s.events_until("t", "null")
+    await s.stop()
+    s.log.append(("top", backing_of(s, top)))
+    check(raw_of(full, os.path.join(s.dir, "f.raw")) == s.expected,
+          f"{binary}: drive-mirror full: target == source")
+    check(raw_of(top, os.path.join(s.dir, "t.raw")) == s.expected,
+          f"{binary}: drive-mirror top: target on the source's backing == source")
+    sh("qemu-img", "check", "-q", full)
+    sh("qemu-img", "check", "-q", top)
+    sh("qemu-img", "create", "-q", "-f", "raw", raw, str(SIZE))
+    s2 = Session(binary)
+    s2.log = s.log
+    await s2.start()
+    await s2.cmd("drive-mirror", {"job-id": "e", "device": "top", "target": raw,
+                                  "format": "raw", "sync": "full", "mode": "existing"})
+    await s2.events_until("e", "ready")
+    await s2.cmd("job-complete", {"id": "e"})
+    await s2.events_until("e", "null")
+    await s2.stop()
+    s.log = [tuple(x.replace(s.dir, "$D").replace(s2.dir, "$D") if isinstance(x, str) else x
+                   for x in e) for e in s.log]
+    with open(raw, "rb") as f:
+        check(f.read() == s2.expected, f"{binary}: drive-mirror existing raw == source")
+    s.cleanup()
+    s2.cleanup()
+    return s.log
+
+
 def compare(name, ours, theirs):
     if theirs is None:
         return
@@ -767,7 +818,7 @@ async def main():
                scenario_errors, scenario_commit, scenario_iothread, scenario_mirror,
                scenario_mirror_writer, scenario_seed, scenario_active_commit,
                scenario_commit_under_fire, scenario_backing_names,
-               scenario_shutdown, scenario_write_blocking):
+               scenario_shutdown, scenario_write_blocking, scenario_drive_mirror):
         only = os.environ.get("JOBS_ONLY")
         if only and only not in sc.__name__:
             continue

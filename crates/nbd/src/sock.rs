@@ -55,17 +55,20 @@ pub async fn discard(fd: RawFd, mut len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Send every byte of `bufs`, in order (short sends continue where they stopped).
+/// Send every byte of `bufs`, in order. `MSG_WAITALL` makes the kernel finish a stream send
+/// itself (io_uring retries when the socket drains), so large replies are not split into short
+/// sends whose unsent rest would have to be copied; short sends (errors, signals) still continue
+/// where they stopped.
 pub async fn send_all(fd: RawFd, mut bufs: Vec<IoBuf>) -> io::Result<()> {
     bufs.retain(|b| !b.is_empty());
     while !bufs.is_empty() {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let (r, back) = if bufs.len() == 1 {
             let b = bufs.pop().expect("one");
-            let (r, b) = ops::send(fd, b, 0).await;
+            let (r, b) = ops::send(fd, b, libc::MSG_WAITALL).await;
             (r, vec![b])
         } else {
-            ops::send_vectored(fd, bufs, 0).await
+            ops::send_vectored(fd, bufs, libc::MSG_WAITALL).await
         };
         let mut sent = match r {
             Ok(0) => {

@@ -26,6 +26,9 @@ pub(crate) const MAX_IN_FLIGHT: usize = 64;
 const MAX_EXTENTS: usize = 1 << 16;
 /// Iovecs per `sendmsg`.
 const MAX_BATCH: usize = 256;
+/// How far past a read a block status query may look, so that one query covers the reads that
+/// follow (sequential readers then cost no query at all; see [`Conn::data_extent`]).
+const STATUS_LOOKAHEAD: u64 = 64 << 20;
 
 struct Conn {
     fd: RawFd,
@@ -40,6 +43,12 @@ struct Conn {
     broken: Cell<bool>,
     in_flight: Cell<usize>,
     slot_event: Event,
+    /// A range last reported as data (not reading as zeroes): reads inside it skip the block
+    /// status query that decides between OFFSET_DATA and OFFSET_HOLE chunks (for a raw file,
+    /// two lseek(2) calls per read). A stale entry is harmless: the bytes are always read from
+    /// the backend, so at worst a range that became a hole is sent as data. Cleared by this
+    /// connection's own TRIM and WRITE_ZEROES so its sparse reads stay sparse.
+    data_extent: Cell<(u64, u64)>,
 }
 
 pub(crate) async fn run(sock: ConnSocket, session: Session) {
@@ -56,6 +65,7 @@ pub(crate) async fn run(sock: ConnSocket, session: Session) {
         broken: Cell::new(false),
         in_flight: Cell::new(0),
         slot_event: Event::new(),
+        data_extent: Cell::new((0, 0)),
     });
     let writer = blockd_aio::spawn(writer(conn.clone()));
     reader(&conn).await;
@@ -205,6 +215,10 @@ async fn reader(conn: &Rc<Conn>) {
             c.slot_event.notify(usize::MAX);
         })
         .detach();
+        // Let the request start (submit its I/O) before the next header is asked for: both
+        // reach the kernel in the same io_uring_enter, and the backend I/O is not queued behind
+        // a receive that at low depth only completes after the reply.
+        blockd_aio::yield_now().await;
     }
 }
 
@@ -329,6 +343,7 @@ async fn handle(conn: &Conn, r: Request, payload: Option<IoBuf>) -> Vec<IoBuf> {
         }
         proto::CMD_FLUSH => io_reply(conn, &r, b.flush().await),
         proto::CMD_TRIM => {
+            conn.data_extent.set((0, 0));
             let mut res = if r.len == 0 {
                 Ok(())
             } else {
@@ -340,6 +355,7 @@ async fn handle(conn: &Conn, r: Request, payload: Option<IoBuf>) -> Vec<IoBuf> {
             io_reply(conn, &r, res)
         }
         proto::CMD_WRITE_ZEROES => {
+            conn.data_extent.set((0, 0));
             let mut flags = if fua { ReqFlags::FUA } else { ReqFlags::NONE };
             if r.flags & proto::CMD_FLAG_NO_HOLE == 0 {
                 flags = flags | ReqFlags::MAY_UNMAP;
@@ -424,10 +440,7 @@ async fn read(conn: &Conn, r: &Request) -> Vec<IoBuf> {
         let (ext_len, zero) = if df {
             (end - off, false)
         } else {
-            match b.block_status(off, end - off).await {
-                Ok(s) => (s.len.clamp(1, end - off), s.zero),
-                Err(_) => (end - off, false),
-            }
+            data_or_hole(conn, off, end - off).await
         };
         if zero {
             let mut p = Vec::with_capacity(12);
@@ -447,6 +460,26 @@ async fn read(conn: &Conn, r: &Request) -> Vec<IoBuf> {
         off += ext_len;
     }
     chunks(conn, r, parts)
+}
+
+/// Length and zero-ness of the extent at `off` (≤ `len`), from the cached data range when it
+/// covers `off`, else from one block status query that looks ahead of the read.
+async fn data_or_hole(conn: &Conn, off: u64, len: u64) -> (u64, bool) {
+    let (start, end) = conn.data_extent.get();
+    if start <= off && off < end {
+        return ((end - off).min(len), false);
+    }
+    let want = len.max((conn.size - off).min(STATUS_LOOKAHEAD));
+    match conn.backend.block_status(off, want).await {
+        Ok(s) => {
+            let n = s.len.clamp(1, want);
+            if !s.zero {
+                conn.data_extent.set((off, off + n));
+            }
+            (n.min(len), s.zero)
+        }
+        Err(_) => (len, false),
+    }
 }
 
 /// One extent seen through the backing chain: length, data, zero, depth (0 = unallocated).

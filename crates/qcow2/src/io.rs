@@ -253,8 +253,15 @@ impl Image {
                 Ok(_) => {}
             }
         }
-        let r = self.write_slow(node, &file, off, &buf, flags).await;
-        (r, buf)
+        // The allocating path may hand the caller's buffer itself to the file (whole
+        // clusters of a fresh image): it comes back through `slot`.
+        let mut slot = Some(buf);
+        let r = self.write_slow(node, &file, off, &mut slot, flags).await;
+        match slot {
+            Some(buf) => (r, buf),
+            // Only a cancelled inner write could lose it, and then this future is gone too.
+            None => (Err(eio()), IoBuf::new(0, 1)),
+        }
     }
 
     /// `WRITE_COMPRESSED`: whole, aligned clusters (the image's last one may be partial) each
@@ -276,7 +283,8 @@ impl Image {
             let g = off + pos as u64;
             match compress(self.geo.compression_type, &cluster) {
                 None => {
-                    self.write_slow(node, &file, g, &data[pos..pos + n], ReqFlags::NONE)
+                    let mut slot = Some(IoBuf::from_slice(&data[pos..pos + n]));
+                    self.write_slow(node, &file, g, &mut slot, ReqFlags::NONE)
                         .await?;
                 }
                 Some(z) => {
@@ -310,12 +318,13 @@ impl Image {
         node: &Node,
         file: &Arc<Node>,
         off: u64,
-        data: &[u8],
+        slot: &mut Option<IoBuf>,
         flags: ReqFlags,
     ) -> io::Result<()> {
         let mut pos = 0u64;
-        let len = data.len() as u64;
+        let len = slot.as_ref().ok_or_else(eio)?.len() as u64;
         while pos < len {
+            let data = slot.as_deref().ok_or_else(eio)?;
             // Parts already owned go straight to their clusters (no allocation lock), e.g.
             // the rest of a cluster another request has just allocated.
             {
@@ -340,7 +349,7 @@ impl Image {
             }
             drop(listener);
             let n = self
-                .write_step(node, file, off + pos, &data[pos as usize..], flags)
+                .write_step(node, file, off + pos, slot, pos as usize, flags)
                 .await?;
             pos += n;
         }
@@ -354,9 +363,11 @@ impl Image {
         node: &Node,
         file: &Arc<Node>,
         g: u64,
-        data: &[u8],
+        slot: &mut Option<IoBuf>,
+        pos: usize,
         flags: ReqFlags,
     ) -> io::Result<u64> {
+        let data_len = slot.as_ref().ok_or_else(eio)?.len() - pos;
         let geo = self.geo;
         let cs = geo.cluster_size;
         let (l1i, l2i) = geo.indices(g);
@@ -366,7 +377,7 @@ impl Image {
         let guard = self.lock_clear_of(c, c + 1).await;
         let l2_off = self.writable_l2(file, l1i).await?;
         let (e, bm) = self.l2_entry(file, l2_off, l2i).await?;
-        let first_len = (cs - in_cl).min(data.len() as u64);
+        let first_len = (cs - in_cl).min(data_len as u64);
         let host = e & L2E_OFFSET_MASK;
         let owned = e & OFLAG_COPIED != 0 && e & OFLAG_COMPRESSED == 0 && host != 0;
 
@@ -382,6 +393,7 @@ impl Image {
                 return Ok(0);
             }
             // Write in place; only subclusters or the zero flag change.
+            let data = &slot.as_deref().ok_or_else(eio)?[pos..];
             return self
                 .write_in_place(
                     node,
@@ -399,7 +411,7 @@ impl Image {
 
         // New clusters: this one and the following ones of the same L2 table that the write
         // covers and that need a new cluster too.
-        let end_guest = g + data.len() as u64;
+        let end_guest = g + data_len as u64;
         let mut want = 1u64;
         let mut olds = vec![(e, bm)];
         while l2i + want < geo.l2_entries && cstart + want * cs < end_guest {
@@ -422,7 +434,9 @@ impl Image {
         let past_eof = host_start >= file.length();
         drop(guard);
         let r = self
-            .fill_new_clusters(node, file, g, data, flags, host_start, got, &olds, past_eof)
+            .fill_new_clusters(
+                node, file, g, slot, pos, flags, host_start, got, &olds, past_eof,
+            )
             .await;
         let _guard = self.alloc.lock().await;
         let r = match r {
@@ -449,7 +463,8 @@ impl Image {
         node: &Node,
         file: &Arc<Node>,
         g: u64,
-        data: &[u8],
+        slot: &mut Option<IoBuf>,
+        pos: usize,
         flags: ReqFlags,
         host_start: u64,
         got: u64,
@@ -459,6 +474,7 @@ impl Image {
         let geo = self.geo;
         let cs = geo.cluster_size;
         let cstart = g - geo.offset_in_cluster(g);
+        let data = &slot.as_deref().ok_or_else(eio)?[pos..];
         let end_guest = g + data.len() as u64;
         let run_end = cstart + got * cs;
         let wend = end_guest.min(run_end);
@@ -496,12 +512,24 @@ impl Image {
             let al = (file.limits().request_alignment as u64).max(512);
             let a = (g - buf_start) / al * al;
             let b = ((wend - buf_start).div_ceil(al) * al).min(buf_end - buf_start);
-            let mut part = IoBuf::zeroed((b - a) as usize, 4096);
             let at = head - a as usize;
-            part[at..at + body].copy_from_slice(&data[..body]);
             let host = host_start + (buf_start - cstart) + a;
+            let flags = flags.without(ReqFlags::MAY_UNMAP);
             self.check_overlap(file, host, b - a).await?;
-            let (r, _) = aligned_write(file, host, part, flags.without(ReqFlags::MAY_UNMAP)).await;
+            if pos == 0 && at == 0 && body as u64 == b - a && body == data.len() {
+                // The caller's buffer is exactly what goes to the file: no copy.
+                let whole = slot.take().ok_or_else(eio)?;
+                let (r, whole) = aligned_write(file, host, whole, flags).await;
+                *slot = Some(whole);
+                r?;
+                return Ok((buf_start, buf_end, wend));
+            }
+            // Only the padding around the data needs zeroes.
+            let mut part = IoBuf::new((b - a) as usize, 4096);
+            part[..at].fill(0);
+            part[at..at + body].copy_from_slice(&data[..body]);
+            part[at + body..].fill(0);
+            let (r, _) = aligned_write(file, host, part, flags).await;
             r?;
             return Ok((buf_start, buf_end, wend));
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use blockd_block::{Graph, Node};
 use blockd_jobs::stream::{StreamParams, new_stream};
-use blockd_jobs::{GraphHost, Job, JobDriver, JobManager, JobSpec, OnError};
+use blockd_jobs::{GraphHost, Job, JobCtx, JobDriver, JobManager, JobSpec, OnError};
 use blockd_qmp::error::ErrorClass;
 use blockd_qmp::schema::{ObjectDef, Type, member, optional};
 use blockd_qmp::{QmpError, Server};
@@ -368,6 +368,20 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
         },
     );
 
+    let (dd, mm) = (d.clone(), m.clone());
+    server.register(
+        "blockdev-create",
+        obj(vec![
+            member("job-id", Type::Str),
+            member("options", Type::Any),
+        ]),
+        empty(),
+        move |a| {
+            let r = blockdev_create(&dd, &mm, &a).map(|_| json!({}));
+            Box::pin(async move { r })
+        },
+    );
+
     server.register_event(
         "JOB_STATUS_CHANGE",
         obj(vec![
@@ -520,6 +534,257 @@ fn block_stream(
         m.discard(&job);
         return Err("Parameter 'speed' expects a non-negative value".into());
     }
+    m.start(&job);
+    Ok(())
+}
+
+/// QEMU 10's BlockdevDriver enum (qemu-storage-daemon's build).
+const QEMU_DRIVERS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkreplay",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "snapshot-access",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];
+
+/// The `create` job of blockdev-create (no graph change; not a block job).
+struct CreateJob;
+
+impl JobDriver for CreateJob {
+    fn job_type(&self) -> &'static str {
+        "create"
+    }
+}
+
+fn unexpected(o: &Map<String, Value>, known: &[&str]) -> Result<(), QmpError> {
+    match o.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(format!("Parameter '{k}' is unexpected").into()),
+        None => Ok(()),
+    }
+}
+
+fn size_arg(o: &Map<String, Value>) -> Result<u64, QmpError> {
+    match o.get("size") {
+        None => Err("Parameter 'size' is missing".into()),
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| "Invalid parameter type for 'size', expected: integer".into()),
+    }
+}
+
+/// A plain file of `size` bytes (QEMU's file create: created if missing, truncated to 0,
+/// then grown with the preallocation asked for).
+fn create_file(path: &str, size: u64, prealloc: &str) -> Result<(), String> {
+    use std::io::Write;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| format!("Could not create '{path}': {}", blockd_block::strerror(&e)))?;
+    let resize =
+        |e: std::io::Error| format!("Could not resize file: {}", blockd_block::strerror(&e));
+    match prealloc {
+        "off" => f.set_len(size).map_err(resize),
+        "full" => {
+            let zeroes = vec![0u8; 1 << 20];
+            let mut w = std::io::BufWriter::new(&f);
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(zeroes.len() as u64) as usize;
+                w.write_all(&zeroes[..n]).map_err(resize)?;
+                left -= n as u64;
+            }
+            w.flush().map_err(resize)
+        }
+        "falloc" => {
+            use std::os::fd::AsRawFd;
+            let len = i64::try_from(size).map_err(|_| "Could not resize file: File too large")?;
+            // SAFETY: posix_fallocate on a descriptor this function owns for its duration.
+            let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len) };
+            if r != 0 {
+                return Err(format!(
+                    "Could not preallocate data for the new file: {}",
+                    blockd_block::strerror(&std::io::Error::from_raw_os_error(r))
+                ));
+            }
+            Ok(())
+        }
+        other => Err(format!("Unsupported preallocation mode '{other}'")),
+    }
+}
+
+/// blockdev-create options for qcow2, as qemu-img option names for `CreateOptions`.
+fn qcow2_create_opts(o: &Map<String, Value>) -> Result<Vec<(String, String)>, QmpError> {
+    let mut kv = vec![("size".to_string(), size_arg(o)?.to_string())];
+    for (k, v) in o {
+        let val = match v {
+            Value::String(x) => x.clone(),
+            Value::Bool(x) => if *x { "on" } else { "off" }.to_string(),
+            Value::Number(n) => n.to_string(),
+            _ => return Err(format!("Invalid parameter type for '{k}'").into()),
+        };
+        let key = match k.as_str() {
+            "driver" | "file" | "size" => continue,
+            "version" => {
+                let compat = match val.as_str() {
+                    "v2" => "0.10",
+                    "v3" => "1.1",
+                    _ => {
+                        return Err(
+                            format!("Parameter 'version' does not accept value '{val}'").into()
+                        );
+                    }
+                };
+                kv.push(("compat".into(), compat.into()));
+                continue;
+            }
+            "backing-file" => "backing_file",
+            "backing-fmt" => "backing_fmt",
+            "cluster-size" => "cluster_size",
+            "preallocation" => "preallocation",
+            "lazy-refcounts" => "lazy_refcounts",
+            "refcount-bits" => "refcount_bits",
+            "compression-type" => "compression_type",
+            "extended-l2" => "extended_l2",
+            "data-file" | "data-file-raw" | "encrypt" => {
+                return Err(
+                    format!("blockdev-create qcow2 '{k}' is not supported by blockd yet").into(),
+                );
+            }
+            _ => return Err(format!("Parameter '{k}' is unexpected").into()),
+        };
+        kv.push((key.into(), val));
+    }
+    Ok(kv)
+}
+
+/// blockdev-create: a `create` job (manual dismiss, as QEMU) formatting a file or a qcow2
+/// image on an existing node.
+fn blockdev_create(
+    d: &Rc<Daemon>,
+    m: &Rc<JobManager>,
+    a: &Map<String, Value>,
+) -> Result<(), QmpError> {
+    let id = s(a, "job-id").unwrap_or_default().to_string();
+    let Some(Value::Object(o)) = a.get("options") else {
+        return Err("Invalid parameter type for 'options', expected: object".into());
+    };
+    let worker: blockd_jobs::Worker = match s(o, "driver") {
+        Some("file") => {
+            unexpected(
+                o,
+                &[
+                    "driver",
+                    "filename",
+                    "size",
+                    "preallocation",
+                    "nocow",
+                    "extent-size-hint",
+                ],
+            )?;
+            if o.contains_key("nocow") || o.contains_key("extent-size-hint") {
+                return Err("blockdev-create file 'nocow'/'extent-size-hint' are not supported by blockd yet".into());
+            }
+            let path = s(o, "filename")
+                .ok_or_else(|| QmpError::generic("Parameter 'filename' is missing"))?
+                .to_string();
+            let size = size_arg(o)?;
+            let prealloc = s(o, "preallocation").unwrap_or("off").to_string();
+            Box::new(move |_ctx| Box::pin(async move { create_file(&path, size, &prealloc) }))
+        }
+        Some("qcow2") => {
+            let kv = qcow2_create_opts(o)?;
+            // a missing node fails the job (QEMU opens the reference in the job)
+            let file = match o.get("file") {
+                Some(Value::String(n)) => d
+                    .node(n)
+                    .ok_or_else(|| format!("Cannot find device='{n}' nor node-name='{n}'")),
+                Some(_) => {
+                    return Err("blockdev-create qcow2: 'file' must be a node name in blockd (inline options are not supported yet)".into());
+                }
+                None => return Err("Parameter 'file' is missing".into()),
+            };
+            // value errors (a bad cluster size...) fail the job, as in QEMU
+            Box::new(move |_ctx| {
+                Box::pin(async move {
+                    let file = file?;
+                    let c = blockd_qcow2::CreateOptions::from_qemu_opts(&kv)?;
+                    blockd_qcow2::create(&file, &c).await
+                })
+            })
+        }
+        Some(other) if QEMU_DRIVERS.contains(&other) => {
+            return Err(
+                format!("Driver '{other}' does not support image creation in blockd yet").into(),
+            );
+        }
+        Some(other) => {
+            return Err(format!("Parameter 'driver' does not accept value '{other}'").into());
+        }
+        None => return Err("Parameter 'driver' is missing".into()),
+    };
+    m.check_new_id(&id)?;
+    // QEMU's progress of a create job: 0/1, then 1/1 whatever the outcome
+    let worker: blockd_jobs::Worker = Box::new(move |ctx: JobCtx| {
+        Box::pin(async move {
+            ctx.set_total(1);
+            let r = worker(ctx.clone()).await;
+            ctx.add_progress(1);
+            r
+        })
+    });
+    let job = m.create(
+        JobSpec {
+            id,
+            driver: Rc::new(CreateJob) as Rc<dyn JobDriver>,
+            worker,
+            context: None,
+            speed: 0,
+            auto_finalize: true,
+            auto_dismiss: false,
+            block_job: false,
+        },
+        None,
+    )?;
     m.start(&job);
     Ok(())
 }

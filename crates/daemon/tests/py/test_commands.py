@@ -107,7 +107,7 @@ async def main():
             "job-complete", "job-finalize", "job-dismiss", "block-job-pause",
             "block-job-resume", "block-job-cancel", "block-job-complete", "block-job-finalize",
             "block-job-dismiss", "block-job-set-speed", "block-stream", "block-commit",
-            "blockdev-mirror", "block-job-change", "drive-mirror"])
+            "blockdev-mirror", "block-job-change", "drive-mirror", "blockdev-create"])
         check_eq(names, want, "query-commands lists exactly what works")
 
         schema = await c.execute("query-qmp-schema")

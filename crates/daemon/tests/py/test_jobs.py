@@ -801,6 +801,52 @@ async def scenario_drive_mirror(binary):
     return s.log
 
 
+async def scenario_blockdev_create(binary):
+    """blockdev-create jobs: a file, then qcow2 on it (version, cluster size, lazy refcounts,
+    refcount bits, backing file and format, compression type); refusals and a job that fails
+    on a bad value; qemu-img info and check of the result."""
+    s = Session(binary)
+    await s.start()
+    new = os.path.join(s.dir, "new.qcow2")
+
+    async def create(job, options):
+        await s.cmd("blockdev-create", {"job-id": job, "options": options})
+        if s.log[-1][1] == "ok":
+            await s.events_until(job, "concluded")
+            jobs = await s.cmd("query-jobs")
+            s.log.append(("jobs", [sorted(j.items()) for j in jobs]))
+            await s.cmd("job-dismiss", {"id": job})
+            await s.events_until(job, "null")
+
+    await create("f", {"driver": "file", "filename": new, "size": 0})
+    await s.cmd("blockdev-add", {"driver": "file", "node-name": "newf", "filename": new})
+    await create("bad", {"driver": "nope", "size": 1})
+    await create("bad", {"driver": "qcow2", "file": "nowhere", "size": 1})
+    await create("bad", {"driver": "qcow2", "file": "newf", "size": SIZE,
+                         "cluster-size": 1000})
+    await create("q", {"driver": "qcow2", "file": "newf", "size": SIZE, "version": "v3",
+                       "cluster-size": 65536, "lazy-refcounts": True, "refcount-bits": 16,
+                       "backing-file": s.base, "backing-fmt": "qcow2",
+                       "compression-type": "zlib"})
+    await s.cmd("blockdev-del", {"node-name": "newf"})
+    await s.stop()
+    out = subprocess.run(["qemu-img", "info", "--output=json", new], check=True,
+                         capture_output=True, text=True).stdout
+    info = json.loads(out)
+    spec = info["format-specific"]["data"]
+    s.log.append(("info", info["virtual-size"], info["cluster-size"], spec["compat"],
+                  spec["lazy-refcounts"], spec["refcount-bits"], spec["compression-type"],
+                  backing_of(s, new)))
+    sh("qemu-img", "check", "-q", new)
+    got = raw_of(new, os.path.join(s.dir, "n.raw"))
+    check(got == raw_of(s.base, os.path.join(s.dir, "b.raw")),
+          f"{binary}: blockdev-create: the new image reads as its backing file")
+    s.log = [tuple(x.replace(s.dir, "$D") if isinstance(x, str) else x for x in e)
+             for e in s.log]
+    s.cleanup()
+    return s.log
+
+
 def compare(name, ours, theirs):
     if theirs is None:
         return
@@ -818,7 +864,8 @@ async def main():
                scenario_errors, scenario_commit, scenario_iothread, scenario_mirror,
                scenario_mirror_writer, scenario_seed, scenario_active_commit,
                scenario_commit_under_fire, scenario_backing_names,
-               scenario_shutdown, scenario_write_blocking, scenario_drive_mirror):
+               scenario_shutdown, scenario_write_blocking, scenario_drive_mirror,
+               scenario_blockdev_create):
         only = os.environ.get("JOBS_ONLY")
         if only and only not in sc.__name__:
             continue

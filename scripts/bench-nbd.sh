@@ -128,7 +128,7 @@ label() {
     out) echo "nbdcopy -C 4 export -> file (MiB/s)" ;;
     esac
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%s %s %s", m, v[1], v[NR] }'; }
+median() { sort -g | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%s %s %s\n", m, v[1], v[NR] }'; }
 echo "cache.direct=$DIRECT, $ROUNDS rounds, image $SIZE; figures are medians; ratio = blockd / qemu (median [min, max] over rounds)"
 printf "%-38s %-9s %10s %10s   %s\n" test pair blockd qemu ratio
 for t in $TESTS; do

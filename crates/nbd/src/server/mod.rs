@@ -579,6 +579,24 @@ impl NbdServer {
     }
 }
 
+/// Send buffer asked for per connection (the kernel caps it at `net.core.wmem_max`).
+const SEND_BUFFER: libc::c_int = 4 << 20;
+
+/// A send buffer that holds whole large read replies: with the default (~208 KiB) a 256 KiB or
+/// larger reply needs several wake-ups of the sending thread as the client drains the socket.
+fn set_send_buffer(fd: RawFd) {
+    // SAFETY: setsockopt reads an int we own; failure leaves the default, which still works.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&SEND_BUFFER as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 fn set_nodelay(fd: RawFd) {
     let one: libc::c_int = 1;
     // SAFETY: setsockopt reads an int we own; failure (a unix socket) is harmless.
@@ -632,6 +650,7 @@ async fn accept_loop(inner: Arc<ServerInner>, lfd: OwnedFd) {
             break;
         }
         set_nodelay(fd.as_raw_fd());
+        set_send_buffer(fd.as_raw_fd());
         let id = inner.next_conn.fetch_add(1, Ordering::SeqCst);
         inner.active.fetch_add(1, Ordering::SeqCst);
         lock(&inner.handshaking).insert(id, fd.as_raw_fd());

@@ -1109,11 +1109,42 @@ async fn mirror_common(
         }
     };
     let sync = sync_override.unwrap_or(sync);
-    for (opt, why) in [("replaces", "'replaces'"), ("unmap", "'unmap'")] {
-        if a.contains_key(opt) {
-            return Err(format!("blockdev-mirror {why} is not supported by blockd yet").into());
-        }
+    if a.contains_key("unmap") {
+        return Err("mirror 'unmap' is not supported by blockd yet".into());
     }
+    let replaces = match s(a, "replaces") {
+        None => None,
+        Some(name) => {
+            let n = d.node(name).ok_or_else(|| {
+                QmpError::generic(format!("Failed to find node with node-name='{name}'"))
+            })?;
+            // the source itself, or a node under it through filters only
+            let mut cur = Some(source.clone());
+            let mut ok = false;
+            while let Some(c) = cur {
+                if Arc::ptr_eq(&c, &n) {
+                    ok = true;
+                    break;
+                }
+                cur = if c.driver().is_filter() {
+                    c.children().first().map(|ch| ch.node.clone())
+                } else {
+                    None
+                };
+            }
+            if !ok {
+                return Err(format!(
+                    "Cannot replace '{name}' by a node mirrored from '{}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data",
+                    source.name()
+                )
+                .into());
+            }
+            if n.length() != target.length() {
+                return Err("cannot replace image with a mirror image of different size".into());
+            }
+            Some(n)
+        }
+    };
     let granularity = a.get("granularity").and_then(Value::as_i64).unwrap_or(0);
     if granularity != 0 && !(512..=64 << 20).contains(&granularity) {
         return Err("Parameter 'granularity' expects a value in range [512B, 64MB]".into());
@@ -1165,6 +1196,7 @@ async fn mirror_common(
             on_source_error: parse_on_error(a, "on-source-error")?,
             on_target_error: parse_on_error(a, "on-target-error")?,
             write_blocking: s(a, "copy-mode") == Some("write-blocking"),
+            replaces,
         },
     )
     .await?;
@@ -1218,6 +1250,7 @@ async fn active_commit(
             on_source_error: on_error,
             on_target_error: on_error,
             write_blocking: false,
+            replaces: None,
         },
     )
     .await?;

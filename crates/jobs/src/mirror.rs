@@ -18,7 +18,10 @@
 //! older data never lands after the newer write. Discards and write-zeroes are still copied
 //! in the background (marked dirty).
 //!
-//! Not done: `sync` incremental/bitmap.
+//! `replaces` names a node under the source through filters whose parents take the target at
+//! the pivot instead of the source's users.
+//!
+//! Not done: `sync` incremental/bitmap, `unmap`.
 
 use std::cell::RefCell;
 use std::io;
@@ -224,10 +227,14 @@ pub struct MirrorParams {
     pub on_target_error: OnError,
     /// `copy-mode=write-blocking` from the start.
     pub write_blocking: bool,
+    /// `replaces`: a node below the source through filters whose parents move to the target
+    /// at completion (instead of the source's users).
+    pub replaces: Option<Arc<Node>>,
 }
 
 pub struct MirrorJob {
     active: Arc<ActiveSync>,
+    replaces: Option<Arc<Node>>,
     job_type: &'static str,
     me: Weak<MirrorJob>,
     host: Weak<dyn GraphHost>,
@@ -346,6 +353,7 @@ pub async fn new_mirror(
     debug_assert!(filter_node);
     let job = Rc::new_cyclic(|me| MirrorJob {
         active: active.clone(),
+        replaces: p.replaces.clone(),
         job_type: p.job_type,
         layer_bes: layer_bes.clone(),
         me: me.clone(),
@@ -579,10 +587,18 @@ impl MirrorJob {
             }
         }
         self.target_be.flush().await.map_err(|e| strerror(&e))?;
-        let all = drained_all(&[filter.clone(), self.source.clone(), self.target.clone()]).await;
+        let mut nodes = vec![filter.clone(), self.source.clone(), self.target.clone()];
+        nodes.extend(self.replaces.iter().cloned());
+        let all = drained_all(&nodes).await;
+        // `replaces` (below the source): its parents take the target, the source's users
+        // stay on the source; else the source's users (the filter's parents) take it
+        let replaced = match &self.replaces {
+            Some(n) if !Arc::ptr_eq(n, &self.source) => n.clone(),
+            _ => filter.clone(),
+        };
         let r = {
             let mut g = host.graph().borrow_mut();
-            run_drained(g.replace_node(&filter, &self.target))
+            run_drained(g.replace_node(&replaced, &self.target))
                 .unwrap_or_else(|| Err("could not pivot".into()))
                 .and_then(|_| {
                     run_drained(g.remove_filter(&filter))

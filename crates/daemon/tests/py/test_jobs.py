@@ -847,7 +847,7 @@ async def scenario_blockdev_create(binary):
     return s.log
 
 
-FIRE_ROUNDS = int(os.environ.get("JOBS_FIRE_ROUNDS", "60"))
+FIRE_ROUNDS = int(os.environ.get("JOBS_FIRE_ROUNDS", "40"))
 
 
 async def scenario_commit_under_fire_rounds(binary):
@@ -857,7 +857,7 @@ async def scenario_commit_under_fire_rounds(binary):
     backend goes; the export and nodes are then deleted. Rounds with the file driver on
     io_uring and on Linux AIO (aio=native, cache.direct=on): the daemon never fails, every
     job ends with one COMPLETED, every acknowledged write reads back from top (whose header
-    now names base). JOBS_FIRE_ROUNDS rounds per mode (default 60 to keep the test near a minute;
+    now names base). JOBS_FIRE_ROUNDS rounds per mode (default 40 to keep the test near a minute;
     the issue's 200: JOBS_FIRE_ROUNDS=200)."""
     size = MiB
 

@@ -18,7 +18,8 @@
 # the median over the rounds, with the lowest and highest round in brackets.
 #
 # Environment: BENCH_ROUNDS (3), BENCH_PAIRS ("main iothread nbd"), BENCH_SIZE (1G),
-# BENCH_CACHE_DIRECT (on; off = page cache for both), BENCH_DIR. Benchmarks are not tests.
+# BENCH_CACHE_DIRECT (on; off = page cache for both), BENCH_D1_COUNT (50000 requests at depth 1),
+# BENCH_D32_COUNT (300000 at depth 32), BENCH_DIR. Benchmarks are not tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -31,6 +32,8 @@ done
 NBDCOPY="$(command -v nbdcopy || true)"
 ROUNDS="${BENCH_ROUNDS:-3}"
 PAIRS="${BENCH_PAIRS:-main iothread nbd}"
+D1_COUNT="${BENCH_D1_COUNT:-50000}"
+D32_COUNT="${BENCH_D32_COUNT:-300000}"
 DIRECT="${BENCH_CACHE_DIRECT:-on}"
 NBD_CACHE=none
 [ "$DIRECT" = on ] || NBD_CACHE=writeback
@@ -105,9 +108,9 @@ for ((r = 0; r < ROUNDS; r++)); do
     for ((i = 0; i < n; i++)); do
         s="${SERVERS[$(((i + r) % n))]}"
         start "$s"
-        R[$s,rd1,$r]=$(bench 50000 -d 1)
-        R[$s,rd32,$r]=$(bench 300000 -d 32)
-        R[$s,wr32,$r]=$(bench 300000 -d 32 -w)
+        R[$s,rd1,$r]=$(bench "$D1_COUNT" -d 1)
+        R[$s,rd32,$r]=$(bench "$D32_COUNT" -d 32)
+        R[$s,wr32,$r]=$(bench "$D32_COUNT" -d 32 -w)
         if [ -n "$NBDCOPY" ]; then
             R[$s,in,$r]=$(copy "$SRC" "$URI")
             R[$s,out,$r]=$(copy "$URI" "$OUT")

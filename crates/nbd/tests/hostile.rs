@@ -356,6 +356,53 @@ fn block_status_and_holes() {
     assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), 4 << 20);
 }
 
+/// Reads skip the block status query inside the last data extent seen: the remembered extent
+/// never reaches past the data, so holes next to it and data written into a hole later are
+/// still reported as they are.
+#[test]
+fn sparse_reads_around_remembered_data() {
+    let (s, _d) = server("sparse", ServerConfig::default());
+    let mut c = Raw::fixed(&s.sock);
+    c.go("disk", true, false, &[]);
+    let types = |chunks: &[(u16, Vec<u8>)]| chunks.iter().map(|c| c.0).collect::<Vec<u16>>();
+    // Data at the start (the image has data in its first MiB, a hole after).
+    c.request(proto::CMD_READ, 0, 1, 0, 1 << 16, &[]);
+    let (_, e, chunks) = c.response().unwrap();
+    assert_eq!(e, 0);
+    assert_eq!(types(&chunks), [proto::REPLY_TYPE_OFFSET_DATA]);
+    assert!(chunks[0].1[8..].iter().all(|&b| b == 0x5a));
+    // Across the end of that data: data, then the hole.
+    c.request(proto::CMD_READ, 0, 2, (1 << 20) - 4096, 1 << 16, &[]);
+    let (_, e, chunks) = c.response().unwrap();
+    assert_eq!(e, 0);
+    assert_eq!(
+        types(&chunks),
+        [proto::REPLY_TYPE_OFFSET_DATA, proto::REPLY_TYPE_OFFSET_HOLE]
+    );
+    // Data written into the hole: hole, the new data, hole.
+    c.request(proto::CMD_WRITE, 0, 3, 2 << 20, 4096, &[0xa7; 4096]);
+    assert_eq!(c.response().unwrap().1, 0);
+    c.request(proto::CMD_READ, 0, 4, (2 << 20) - 4096, 3 * 4096, &[]);
+    let (_, e, chunks) = c.response().unwrap();
+    assert_eq!(e, 0);
+    assert_eq!(
+        types(&chunks),
+        [
+            proto::REPLY_TYPE_OFFSET_HOLE,
+            proto::REPLY_TYPE_OFFSET_DATA,
+            proto::REPLY_TYPE_OFFSET_HOLE
+        ]
+    );
+    assert!(chunks[1].1[8..].iter().all(|&b| b == 0xa7));
+    // Again from inside the remembered data: the same answer.
+    c.request(proto::CMD_READ, 0, 5, 2 << 20, 2 * 4096, &[]);
+    let (_, _, chunks) = c.response().unwrap();
+    assert_eq!(
+        types(&chunks),
+        [proto::REPLY_TYPE_OFFSET_DATA, proto::REPLY_TYPE_OFFSET_HOLE]
+    );
+}
+
 #[test]
 fn handshake_timeout_and_max_connections() {
     let (s, _d) = server(

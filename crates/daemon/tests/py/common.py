@@ -57,18 +57,30 @@ class Daemon:
                     "--monitor", f"chardev=mon{i}" + (",pretty=on" if pretty else "")]
         cmd += list(args)
         cmd += ["--pidfile", self.pidfile]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # Output goes to a file: a pipe nobody reads fills up after 64 KiB and then blocks the
+        # daemon in write(2), which looks exactly like a hang of the daemon.
+        self.log = os.path.join(self.dir, "daemon.log")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready()
 
     def path(self, name):
         return os.path.join(self.dir, name)
 
+    def output(self):
+        """What the daemon printed so far (stdout and stderr)."""
+        try:
+            with open(self.log, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def wait_ready(self, timeout=10):
         end = time.time() + timeout
         while not os.path.exists(self.pidfile):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.binary} exited: {self.proc.stderr.read().decode()}")
+                raise RuntimeError(f"{self.binary} exited: {self.output()}")
             if time.time() > end:
                 raise RuntimeError(f"{self.binary} did not start")
             time.sleep(0.02)
@@ -82,6 +94,9 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
             check(False, f"{self.binary} did not exit on signal {sig}")
+        out = self.output()
+        if out and os.environ.get("BLOCKD_TEST_VERBOSE"):
+            print(f"--- {self.binary} printed:\n{out}", file=sys.stderr)
         shutil.rmtree(self.dir, ignore_errors=True)
         return self.proc.returncode
 
@@ -134,4 +149,13 @@ class Raw:
 
 
 def run(coro):
-    asyncio.run(asyncio.wait_for(coro, 120))
+    """Run a test script's main coroutine under an overall limit (BLOCKD_TEST_TIMEOUT seconds,
+    default 120; long runs such as JOBS_FIRE_ROUNDS=200 need more). Hitting it is reported as
+    such, so it is not mistaken for a hang of the daemon."""
+    limit = float(os.environ.get("BLOCKD_TEST_TIMEOUT", "120"))
+    try:
+        asyncio.run(asyncio.wait_for(coro, limit))
+    except asyncio.TimeoutError:
+        print(f"the test script's overall limit of {limit:.0f} s was reached "
+              "(BLOCKD_TEST_TIMEOUT raises it)", file=sys.stderr)
+        raise

@@ -42,7 +42,7 @@ pub async fn change_backing_file(
         ))
     })?;
     let img = &q.image;
-    if img.read_only {
+    if img.is_read_only() {
         return Err(io::Error::from_raw_os_error(libc::EACCES));
     }
     if let Some(n) = name {

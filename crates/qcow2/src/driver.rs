@@ -1,12 +1,14 @@
 //! The `qcow2` block driver: opening (header, tables, backing file), the BlockDriver trait,
 //! probing, and what `qemu-img info` shows.
 
+use std::any::Any;
 use std::cell::Cell;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use blockd_aio::IoBuf;
+use blockd_block::driver::{ReopenPrepared, ReopenRequest};
 use blockd_block::drivers::{Opened, child_edge};
 use blockd_block::options::{ChildSpec, Opts};
 use blockd_block::{
@@ -134,53 +136,11 @@ pub fn open(
             (graph.open_with(m, flags)?, filename)
         }
     };
-    let overlap = match o.take("overlap-check") {
-        None => true,
-        Some(Value::String(s)) => match s.as_str() {
-            "none" => false,
-            "constant" | "cached" | "all" => true,
-            _ => {
-                return Err(format!(
-                    "Unsupported value '{s}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
-                ));
-            }
-        },
-        Some(Value::Object(m)) => {
-            let mut sub = Opts::nested(m, "overlap-check.");
-            let template = sub.take_str("template")?;
-            let mut any = template.as_deref() != Some("none");
-            for k in [
-                "main-header",
-                "active-l1",
-                "active-l2",
-                "refcount-table",
-                "refcount-block",
-                "snapshot-table",
-                "inactive-l1",
-                "inactive-l2",
-                "bitmap-directory",
-            ] {
-                if let Some(b) = sub.take_bool(k)? {
-                    any |= b;
-                }
-            }
-            sub.finish("qcow2", true)?;
-            any
-        }
-        Some(_) => {
-            return Err("Invalid parameter type for 'overlap-check', expected: string".into());
-        }
-    };
-    let lazy = o.take_bool("lazy-refcounts")?;
-    let pass_discard = o.take_bool("pass-discard-request")?.unwrap_or(true);
-    // Snapshots are only taken offline, where nothing is passed down either way.
-    let _ = o.take_bool("pass-discard-snapshot")?;
-    if o.take_bool("pass-discard-other")? == Some(true) {
-        return Err("qcow2 option 'pass-discard-other=on' is not supported yet".into());
-    }
-    if o.take_bool("discard-no-unref")? == Some(true) {
-        return Err("qcow2 option 'discard-no-unref=on' is not supported yet".into());
-    }
+    let RuntimeOpts {
+        overlap,
+        lazy,
+        pass_discard,
+    } = runtime_opts(o, false)?;
     if o.take("data-file").is_some() {
         return Err("qcow2 images with an external data file are not supported yet".into());
     }
@@ -265,15 +225,7 @@ pub fn open(
         Ok::<Image, String>(img)
     })?;
 
-    let mut perm = Perm::CONSISTENT_READ;
-    if !flags.read_only {
-        perm = perm | Perm::WRITE | Perm::RESIZE;
-    }
-    let shared = if flags.force_share {
-        Perm::ALL
-    } else {
-        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED
-    };
+    let (perm, shared) = file_perms(flags.read_only, flags.force_share);
     let mut children = vec![child_edge("file", file, perm, shared)];
     if let Some(b) = backing {
         children.push(child_edge("backing", b, Perm::CONSISTENT_READ, Perm::ALL));
@@ -283,6 +235,88 @@ pub fn open(
         driver: Box::new(Qcow2 { image }),
         children,
         length,
+    })
+}
+
+/// What qcow2 needs of its file: read, and write and resize unless read-only.
+pub(crate) fn file_perms(read_only: bool, force_share: bool) -> (Perm, Perm) {
+    let mut perm = Perm::CONSISTENT_READ;
+    if !read_only {
+        perm = perm | Perm::WRITE | Perm::RESIZE;
+    }
+    let shared = if force_share {
+        Perm::ALL
+    } else {
+        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED
+    };
+    (perm, shared)
+}
+
+/// The options a reopen may change (QEMU's runtime options), as open reads them.
+pub(crate) struct RuntimeOpts {
+    pub overlap: bool,
+    pub lazy: Option<bool>,
+    pub pass_discard: bool,
+}
+
+pub(crate) fn runtime_opts(o: &mut Opts, reopen: bool) -> Result<RuntimeOpts, String> {
+    let overlap = match o.take("overlap-check") {
+        None => true,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => false,
+            "constant" | "cached" | "all" => true,
+            // blockdev-reopen's arguments are checked against the QAPI schema first.
+            _ if reopen => {
+                return Err(format!(
+                    "Parameter 'overlap-check' does not accept value '{s}'"
+                ));
+            }
+            _ => {
+                return Err(format!(
+                    "Unsupported value '{s}' for qcow2 option 'overlap-check'. Allowed are any of the following: none, constant, cached, all"
+                ));
+            }
+        },
+        Some(Value::Object(m)) => {
+            let mut sub = Opts::nested(m, "overlap-check.");
+            let template = sub.take_str("template")?;
+            let mut any = template.as_deref() != Some("none");
+            for k in [
+                "main-header",
+                "active-l1",
+                "active-l2",
+                "refcount-table",
+                "refcount-block",
+                "snapshot-table",
+                "inactive-l1",
+                "inactive-l2",
+                "bitmap-directory",
+            ] {
+                if let Some(b) = sub.take_bool(k)? {
+                    any |= b;
+                }
+            }
+            sub.finish("qcow2", true)?;
+            any
+        }
+        Some(_) => {
+            return Err("Invalid parameter type for 'overlap-check', expected: string".into());
+        }
+    };
+    let lazy = o.take_bool("lazy-refcounts")?;
+    let pass_discard = o.take_bool("pass-discard-request")?.unwrap_or(true);
+    // Snapshots are only taken offline, where nothing is passed down either way.
+    let _ = o.take_bool("pass-discard-snapshot")?;
+    if o.take_bool("pass-discard-other")? == Some(true) {
+        return Err("qcow2 option 'pass-discard-other=on' is not supported yet".into());
+    }
+    if o.take_bool("discard-no-unref")? == Some(true) {
+        return Err("qcow2 option 'discard-no-unref=on' is not supported yet".into());
+    }
+    Ok(RuntimeOpts {
+        overlap,
+        lazy,
+        pass_discard,
     })
 }
 
@@ -416,6 +450,24 @@ impl BlockDriver for Qcow2 {
 
     fn cluster_size(&self) -> Option<u64> {
         Some(self.image.geo.cluster_size)
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
+    fn reopen_prepare(
+        &self,
+        node: &Node,
+        req: &mut ReopenRequest<'_>,
+    ) -> Result<ReopenPrepared, String> {
+        crate::reopen::prepare(&self.image, node, req)
+    }
+
+    fn reopen_commit(&self, _node: &Node, state: Box<dyn Any + Send>) {
+        if let Ok(s) = state.downcast::<crate::reopen::Prepared>() {
+            s.commit(&self.image);
+        }
     }
 
     fn is_dirty(&self) -> bool {

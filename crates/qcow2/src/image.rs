@@ -108,11 +108,14 @@ pub struct Image {
     pub(crate) alloc: async_lock::Mutex<()>,
     pub(crate) inflight_done: event_listener::Event,
     pub(crate) data_io: async_lock::RwLock<()>,
-    pub read_only: bool,
+    /// Changed only by a reopen (blockdev-reopen), inside a drained section; read by the
+    /// write paths, never by reads.
+    pub read_only: AtomicBool,
     pub corrupt: AtomicBool,
-    pub overlap_check: bool,
+    /// Runtime options a reopen may change (inside a drained section).
+    pub overlap_check: AtomicBool,
     pub cache: CacheConfig,
-    pub pass_discard: bool,
+    pub pass_discard: AtomicBool,
     /// The file child, for writing cached metadata back when the image is dropped.
     pub(crate) file: Option<Arc<Node>>,
     /// The format node's name, for BLOCK_IMAGE_CORRUPTED (known from the first request).
@@ -172,7 +175,7 @@ impl Image {
 impl Drop for Image {
     /// Closing the image: cached metadata goes to disk (QEMU's close flushes too).
     fn drop(&mut self) {
-        if self.read_only || !self.has_dirty() {
+        if self.is_read_only() || !self.has_dirty() {
             return;
         }
         let me: &Image = self;
@@ -187,6 +190,11 @@ impl Drop for Image {
 }
 
 impl Image {
+    /// Whether the image refuses writes now (a reopen may toggle it).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
+    }
+
     pub(crate) fn meta(&self) -> MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -277,11 +285,11 @@ impl Image {
             alloc: async_lock::Mutex::new(()),
             inflight_done: event_listener::Event::new(),
             data_io: async_lock::RwLock::new(()),
-            read_only,
+            read_only: AtomicBool::new(read_only),
             corrupt: AtomicBool::new(false),
-            overlap_check,
+            overlap_check: AtomicBool::new(overlap_check),
             cache,
-            pass_discard,
+            pass_discard: AtomicBool::new(pass_discard),
             file: Some(file.clone()),
             node_name: std::sync::OnceLock::new(),
         })
@@ -303,7 +311,7 @@ impl Image {
         size: Option<u64>,
     ) -> io::Error {
         if !self.corrupt.swap(true, Ordering::SeqCst) {
-            let fatal = !self.read_only;
+            let fatal = !self.is_read_only();
             if fatal {
                 eprintln!(
                     "qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed"
@@ -484,7 +492,7 @@ impl Image {
 
     /// Whether host range [off, off+len) touches metadata (QEMU's overlap check).
     pub(crate) fn overlaps_metadata(&self, off: u64, len: u64) -> Option<&'static str> {
-        if !self.overlap_check || len == 0 {
+        if !self.overlap_check.load(Ordering::Relaxed) || len == 0 {
             return None;
         }
         let cs = self.geo.cluster_size;
@@ -676,7 +684,7 @@ impl Image {
                 m.free_byte_offset = 0;
             }
         }
-        if self.pass_discard {
+        if self.pass_discard.load(Ordering::Relaxed) {
             for c in freed {
                 let _ = file.driver().discard(file, c * cs, cs).await;
             }

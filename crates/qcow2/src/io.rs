@@ -212,7 +212,7 @@ impl Image {
         if self.corrupt.load(Ordering::SeqCst) {
             return Err(eio());
         }
-        if self.read_only {
+        if self.is_read_only() {
             return Err(io::Error::from_raw_os_error(libc::EACCES));
         }
         Ok(())

@@ -15,6 +15,7 @@ pub mod header;
 pub mod image;
 pub mod io;
 pub mod layout;
+pub mod reopen;
 pub mod snapshot;
 
 pub use check::{CheckReport, Repair, check};

@@ -36,12 +36,14 @@ pub async fn run_command(
         Ok(Some(Command::Abort | Command::Sigraise { .. })) => {
             // they would take the whole daemon down with the monitor's command
             let name = line.split_whitespace().next().unwrap_or_default();
-            ex.out
-                .err(&format!("{name}: refused through the monitor (it would end the daemon)\n"));
+            ex.out.err(&format!(
+                "{name}: refused through the monitor (it would end the daemon)\n"
+            ));
         }
         Ok(Some(Command::WaitBreak { .. })) => {
             // would wait forever with the monitor's command in flight
-            ex.out.err("wait_break: no breakpoint can exist (no blkdebug)\n");
+            ex.out
+                .err("wait_break: no breakpoint can exist (no blkdebug)\n");
         }
         _ => {
             ex.run_line(line).await;

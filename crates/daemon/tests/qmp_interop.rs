@@ -6,62 +6,9 @@
 //! set, which makes a missing tool a failure. qemu-storage-daemon is optional the same way
 //! (without it the comparisons are skipped inside the scripts).
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-fn require() -> bool {
-    std::env::var_os("BLOCKD_REQUIRE_INTEROP").is_some()
-}
-
-fn have_qemu_qmp() -> bool {
-    Command::new("python3")
-        .args(["-c", "import qemu.qmp"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn qsd() -> Option<String> {
-    let out = Command::new("sh")
-        .args(["-c", "command -v qemu-storage-daemon"])
-        .output()
-        .ok()?;
-    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (!p.is_empty()).then_some(p)
-}
-
-fn run_script(name: &str) {
-    if !have_qemu_qmp() {
-        if require() {
-            panic!("python3 with qemu.qmp is required (BLOCKD_REQUIRE_INTEROP is set)");
-        }
-        eprintln!("SKIPPED {name}: python3 or qemu.qmp missing (pip install qemu.qmp)");
-        return;
-    }
-    let qsd = qsd();
-    if qsd.is_none() {
-        if require() {
-            panic!("qemu-storage-daemon is required (BLOCKD_REQUIRE_INTEROP is set)");
-        }
-        eprintln!("NOTE {name}: qemu-storage-daemon missing, comparisons skipped");
-    }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(dir.join(name))
-        .current_dir(&dir)
-        .env("BLOCKD_DAEMON", env!("CARGO_BIN_EXE_blockd-storage-daemon"))
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    if let Some(q) = qsd {
-        cmd.env("QSD", q);
-    }
-    let out = cmd.output().expect("run python3");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{name} failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
-}
+use common::run_script;
 
 #[test]
 fn commands_negotiation_errors_events() {

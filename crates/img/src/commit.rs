@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use blockd_aio::IoBuf;
 use blockd_block::{BlockBackend, Node, Perm, ReqFlags};
 
-use crate::getopt::{self, LongOpt};
+use crate::getopt::{self, LongOpt, lo};
 use crate::image::{self, Cache, OpenRequest};
 use crate::num::{self, NumError};
 use crate::progress::Progress;
@@ -24,14 +24,6 @@ const CHUNK: u64 = 2 << 20;
 
 const OPT_OBJECT: u32 = 256;
 const OPT_IMAGE_OPTS: u32 = 257;
-
-const fn lo(name: &'static str, has_arg: bool, code: u32) -> LongOpt {
-    LongOpt {
-        name,
-        has_arg,
-        code,
-    }
-}
 
 const LONG: &[LongOpt] = &[
     lo("help", false, b'h' as u32),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use blockd_aio::IoBuf;
 use blockd_block::{BlockBackend, Node, Perm};
 
-use crate::getopt::{self, LongOpt};
+use crate::getopt::{self, LongOpt, lo};
 use crate::image::{self, Cache, OpenRequest};
 use crate::progress::Progress;
 use crate::status::{is_zero, status_above};
@@ -19,14 +19,6 @@ const SECTOR: usize = 512;
 
 const OPT_OBJECT: u32 = 256;
 const OPT_IMAGE_OPTS: u32 = 257;
-
-const fn lo(name: &'static str, has_arg: bool, code: u32) -> LongOpt {
-    LongOpt {
-        name,
-        has_arg,
-        code,
-    }
-}
 
 const LONG: &[LongOpt] = &[
     lo("help", false, b'h' as u32),

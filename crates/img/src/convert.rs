@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use blockd_aio::IoBuf;
 use blockd_block::{BlockBackend, Node, Perm, ReqFlags};
 
-use crate::getopt::{self, LongOpt};
+use crate::getopt::{self, LongOpt, lo};
 use crate::image::{self, Cache, OpenRequest};
 use crate::num::{self, NumError};
 use crate::progress::Progress;
@@ -41,14 +41,6 @@ const OPT_SKIP_BROKEN: u32 = 259;
 const OPT_BITMAPS: u32 = 260;
 const OPT_TARGET_IMAGE_OPTS: u32 = 261;
 const OPT_TARGET_IS_ZERO: u32 = 262;
-
-const fn lo(name: &'static str, has_arg: bool, code: u32) -> LongOpt {
-    LongOpt {
-        name,
-        has_arg,
-        code,
-    }
-}
 
 const LONG: &[LongOpt] = &[
     lo("help", false, b'h' as u32),

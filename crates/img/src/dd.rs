@@ -6,7 +6,7 @@
 use blockd_aio::IoBuf;
 use blockd_block::{BlockBackend, Perm, ReqFlags};
 
-use crate::getopt::{self, LongOpt};
+use crate::getopt::{self, LongOpt, lo};
 use crate::image::{self, Cache, OpenRequest};
 use crate::num::{self, NumError};
 use crate::target;
@@ -17,14 +17,6 @@ const OPT_OBJECT: u32 = 257;
 
 /// Bytes moved per request (a multiple of `bs`, at least one block).
 const CHUNK: u64 = 2 << 20;
-
-const fn lo(name: &'static str, has_arg: bool, code: u32) -> LongOpt {
-    LongOpt {
-        name,
-        has_arg,
-        code,
-    }
-}
 
 const LONG: &[LongOpt] = &[
     lo("help", false, b'h' as u32),

@@ -10,6 +10,15 @@ pub struct LongOpt {
     pub code: u32,
 }
 
+/// A long option, for the `const` option tables of the commands.
+pub const fn lo(name: &'static str, has_arg: bool, code: u32) -> LongOpt {
+    LongOpt {
+        name,
+        has_arg,
+        code,
+    }
+}
+
 pub struct Parsed {
     pub opts: Vec<(u32, Option<String>)>,
     pub args: Vec<String>,

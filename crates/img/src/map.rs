@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use blockd_block::Node;
 
-use crate::getopt::{self, LongOpt};
+use crate::getopt::{self, LongOpt, lo};
 use crate::image::{self, Cache, OpenRequest};
 use crate::num::{self, NumError};
 use crate::status::{Extent, status_above};
@@ -18,14 +18,6 @@ const OPT_IMAGE_OPTS: u32 = 257;
 const OPT_OBJECT: u32 = 258;
 const OPT_START: u32 = 259;
 const OPT_MAX_LEN: u32 = 260;
-
-const fn lo(name: &'static str, has_arg: bool, code: u32) -> LongOpt {
-    LongOpt {
-        name,
-        has_arg,
-        code,
-    }
-}
 
 const LONG: &[LongOpt] = &[
     lo("help", false, b'h' as u32),

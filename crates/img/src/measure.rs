@@ -9,7 +9,7 @@
 
 use std::io::Write;
 
-use crate::getopt::{self, LongOpt};
+use crate::getopt::{self, LongOpt, lo};
 use crate::image::{self, Cache, OpenRequest};
 use crate::num::{self, NumError};
 use crate::status::status_above;
@@ -20,14 +20,6 @@ const OPT_OBJECT: u32 = 256;
 const OPT_IMAGE_OPTS: u32 = 257;
 const OPT_OUTPUT: u32 = 258;
 const OPT_SIZE: u32 = 259;
-
-const fn lo(name: &'static str, has_arg: bool, code: u32) -> LongOpt {
-    LongOpt {
-        name,
-        has_arg,
-        code,
-    }
-}
 
 const LONG: &[LongOpt] = &[
     lo("help", false, b'h' as u32),

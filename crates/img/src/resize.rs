@@ -5,7 +5,7 @@ use std::os::unix::fs::FileExt;
 
 use blockd_block::{BlockBackend, Perm};
 
-use crate::getopt::{self, LongOpt};
+use crate::getopt::{self, LongOpt, lo};
 use crate::image::{self, Cache, OpenRequest};
 use crate::{CmdResult, Failure};
 
@@ -13,14 +13,6 @@ const OPT_OBJECT: u32 = 256;
 const OPT_IMAGE_OPTS: u32 = 257;
 const OPT_PREALLOC: u32 = 258;
 const OPT_SHRINK: u32 = 259;
-
-const fn lo(name: &'static str, has_arg: bool, code: u32) -> LongOpt {
-    LongOpt {
-        name,
-        has_arg,
-        code,
-    }
-}
 
 const LONG: &[LongOpt] = &[
     lo("help", false, b'h' as u32),

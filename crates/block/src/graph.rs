@@ -281,6 +281,33 @@ impl Graph {
         Ok(())
     }
 
+    /// Give `parent` a new child edge (a snapshot's overlay gets its backing node), inside a
+    /// drain of both nodes; the permissions are checked first.
+    pub async fn add_child(&mut self, parent: &Arc<Node>, child: Child) -> Result<(), String> {
+        if parent.child(&child.name).is_some() {
+            return Err(format!(
+                "Node '{}' already has a child '{}'",
+                parent.name(),
+                child.name
+            ));
+        }
+        let _drain = drained_all(&[parent.clone(), child.node.clone()]).await;
+        let usage = Use {
+            user: format!("node '{}'", parent.name()),
+            role: child.name.clone(),
+            perm: child.perm,
+            shared: child.shared,
+        };
+        crate::perm::check(child.node.name(), &child.node.uses(), &usage)?;
+        child
+            .node
+            .add_parent(ParentRef::Node(Arc::downgrade(parent)), usage)?;
+        let mut children: Vec<Child> = parent.children().iter().cloned().collect();
+        children.push(child);
+        parent.set_children(children);
+        Ok(())
+    }
+
     /// Insert `filter` (already opened with `node` as its only child) above `node`: every other
     /// parent of `node` now uses `filter`.
     pub async fn insert_filter_above(

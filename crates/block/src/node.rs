@@ -276,6 +276,15 @@ impl Node {
             .collect()
     }
 
+    /// What the node's parents need and share in total (QEMU's `bdrv_get_cumulative_perm`).
+    pub fn cumulative_perm(&self) -> (Perm, Perm) {
+        self.lock_parents()
+            .iter()
+            .fold((Perm::NONE, Perm::ALL), |(p, s), l| {
+                (p | l.usage.perm, Perm(s.0 & l.usage.shared.0))
+            })
+    }
+
     /// Tell the driver the permissions of the current parents.
     pub(crate) fn refresh_perms(&self) {
         let (perm, shared) = {

@@ -104,7 +104,7 @@ pub async fn blockdev_reopen(d: &Daemon, args: Map<String, Value>) -> R {
 
 /// The file name QEMU would show for a node: the protocol's path, the child's for formats
 /// and filters, `<driver>://` for nodes without a file, or `json:{...}`.
-fn filename(d: &Daemon, node: &Arc<Node>) -> String {
+pub(crate) fn filename(d: &Daemon, node: &Arc<Node>) -> String {
     let opts = d.node_opts.borrow().get(node.name()).cloned();
     let drv = node.driver().format_name();
     if let Some(f) = node.driver().filename() {

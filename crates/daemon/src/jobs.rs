@@ -86,6 +86,12 @@ pub async fn shutdown() {
     }
 }
 
+/// The main context's job manager (for commands outside this module that start jobs or
+/// check QEMU's op blockers: transactions, snapshots, backup).
+pub fn manager() -> Option<Rc<JobManager>> {
+    MANAGER.with(|m| m.borrow().clone())
+}
+
 pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
     let weak = Rc::downgrade(server);
     let m = JobManager::new(Box::new(move |name, data| {

@@ -18,7 +18,9 @@ mod iothreads;
 mod jobs;
 mod nbd;
 mod process;
+mod snapshot;
 mod state;
+mod transaction;
 
 use std::rc::Rc;
 use std::time::Duration;

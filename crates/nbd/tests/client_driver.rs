@@ -327,6 +327,203 @@ fn reconnects_after_server_restart() {
     let _q2 = restarter.join().unwrap();
 }
 
+fn qemu_nbd_on(sock: &Path, img: &Path) -> Proc {
+    spawn(
+        Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t", "-e", "0", "-k"])
+            .arg(sock)
+            .arg(img),
+        sock,
+    )
+}
+
+fn nbdkit_on(sock: &Path, img: &Path) -> Proc {
+    spawn(
+        Command::new("nbdkit")
+            .args(["-f", "-U"])
+            .arg(sock)
+            .arg("file")
+            .arg(img),
+        sock,
+    )
+}
+
+/// QEMU's reconnect semantics against a server restarted on the same socket: requests wait up
+/// to reconnect-delay, fail with EIO at once after it (while the background reconnect keeps
+/// trying), and succeed again once a background attempt reconnects, with no request needed to
+/// drive it.
+fn reconnect_semantics(server: fn(&Path, &Path) -> Proc) {
+    let d = scratch("reco-bg");
+    let img = image(&d, "a.raw", 8 << 20, 0x44);
+    let sock = d.join("s.sock");
+    let srv = server(&sock, &img);
+    let mut g = graph();
+    let mut opts = unix_opts(&sock, "");
+    opts["reconnect-delay"] = json!(1);
+    let (_n, b) = open(&mut g, opts).unwrap();
+    write(&b, 0, &[0x11; 4096], ReqFlags::NONE).unwrap();
+    drop(srv);
+    let _ = std::fs::remove_file(&sock);
+
+    // Waits for the delay, then EIO.
+    let t = Instant::now();
+    let e = read(&b, 0, 4096).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    // After the delay: EIO at once.
+    let t = Instant::now();
+    let e = write(&b, 0, &[0x22; 4096], ReqFlags::NONE).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // The server comes back; the background loop reconnects without any request (the owner's
+    // loop runs meanwhile, as a daemon's main loop does).
+    let _srv = server(&sock, &img);
+    block_on(blockd_aio::sleep(Duration::from_millis(4500))).unwrap();
+    let t = Instant::now();
+    assert!(read(&b, 0, 4096).unwrap().iter().all(|&x| x == 0x11));
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    write(&b, 4096, &[0x33; 4096], ReqFlags::FUA).unwrap();
+    assert!(read(&b, 4096, 4096).unwrap().iter().all(|&x| x == 0x33));
+}
+
+#[test]
+fn background_reconnect_qemu_nbd() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    reconnect_semantics(qemu_nbd_on);
+}
+
+#[test]
+fn background_reconnect_nbdkit() {
+    if !have("nbdkit") {
+        return;
+    }
+    reconnect_semantics(nbdkit_on);
+}
+
+/// reconnect-delay=0: a request on a lost connection fails at once, and the background
+/// reconnect still brings the node back.
+#[test]
+fn zero_delay_fails_fast_and_recovers() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let d = scratch("reco-zero");
+    let img = image(&d, "a.raw", 8 << 20, 0x44);
+    let sock = d.join("s.sock");
+    let srv = qemu_nbd_on(&sock, &img);
+    let mut g = graph();
+    let (_n, b) = open(&mut g, unix_opts(&sock, "")).unwrap();
+    assert!(read(&b, 0, 4096).is_ok());
+    drop(srv);
+    let _ = std::fs::remove_file(&sock);
+    let t = Instant::now();
+    assert_eq!(
+        read(&b, 0, 4096).unwrap_err().raw_os_error(),
+        Some(libc::EIO)
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    let _srv = qemu_nbd_on(&sock, &img);
+    let t = Instant::now();
+    loop {
+        match read(&b, 0, 4096) {
+            Ok(v) => {
+                assert!(v.iter().all(|&x| x == 0x44));
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+                assert!(t.elapsed() < Duration::from_secs(10), "never reconnected");
+                block_on(blockd_aio::sleep(Duration::from_millis(100))).unwrap();
+            }
+        }
+    }
+}
+
+/// A reconnect to a server that accepts but never speaks does not stall the node's event
+/// loop: other tasks on the owner context keep running while the request waits.
+#[test]
+fn reconnect_does_not_block_the_loop() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let d = scratch("reco-loop");
+    let img = image(&d, "a.raw", 8 << 20, 0x44);
+    let sock = d.join("s.sock");
+    let srv = qemu_nbd_on(&sock, &img);
+    let mut g = graph();
+    let mut opts = unix_opts(&sock, "");
+    opts["reconnect-delay"] = json!(2);
+    let (_n, b) = open(&mut g, opts).unwrap();
+    assert!(read(&b, 0, 4096).is_ok());
+    drop(srv);
+    let _ = std::fs::remove_file(&sock);
+    // Accepts connections (the kernel does, from the backlog) but never sends a byte.
+    let _mute = UnixListener::bind(&sock).unwrap();
+    let ticks = std::rc::Rc::new(std::cell::Cell::new(0u32));
+    let t2 = ticks.clone();
+    let r = block_on(async move {
+        let ticker = blockd_aio::spawn(async move {
+            loop {
+                blockd_aio::sleep(Duration::from_millis(10)).await;
+                t2.set(t2.get() + 1);
+            }
+        });
+        let r = b.read(0, IoBuf::new(4096, 4096)).await.0;
+        drop(ticker);
+        r
+    })
+    .unwrap();
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert!(ticks.get() >= 50, "the loop stalled: {} ticks", ticks.get());
+}
+
+/// open-timeout: the first connection is retried until the server appears.
+#[test]
+fn open_timeout_waits_for_the_server() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let d = scratch("open-timeout");
+    let img = image(&d, "a.raw", 8 << 20, 0x44);
+    let sock = d.join("s.sock");
+    let mut g = graph();
+    let Err(e) = open(&mut g, unix_opts(&sock, "")) else {
+        panic!("opened with no server");
+    };
+    assert!(e.contains("Failed to connect"), "{e}");
+    let (s2, i2) = (sock.clone(), img.clone());
+    let later = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(800));
+        qemu_nbd_on(&s2, &i2)
+    });
+    let mut opts = unix_opts(&sock, "");
+    opts["open-timeout"] = json!(10);
+    let t = Instant::now();
+    let (_n, b) = open(&mut g, opts).unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(500));
+    assert!(read(&b, 0, 4096).unwrap().iter().all(|&x| x == 0x44));
+    let _srv = later.join().unwrap();
+}
+
 /// A server that negotiates properly and then misbehaves as `mode` says.
 fn evil_server(sock: &Path, size: u64, mode: &'static str) -> std::thread::JoinHandle<()> {
     let _ = std::fs::remove_file(sock);

@@ -428,8 +428,9 @@ fn handshake_timeout_and_max_connections() {
     let mut b = Raw::fixed(&s.sock);
     b.go("disk", true, false, &[]);
     let sock = s.sock.clone();
+    // Timed from before the spawn: a thread scheduled late must not shorten the measured wait.
+    let t = Instant::now();
     let third = std::thread::spawn(move || {
-        let t = Instant::now();
         let mut c = Raw::fixed(&sock);
         c.go("disk", true, false, &[]);
         t.elapsed()

@@ -6,11 +6,16 @@
 //! `ContextHandle::spawn` (its buffer travels with it) and the result comes back; one
 //! connection per export keeps the flush/FUA semantics of servers without multi-conn.
 //!
-//! Reconnect: when the connection breaks, requests wait up to `reconnect-delay` seconds while
-//! the owner reconnects (the blocking handshake runs on the blocking pool), then fail with EIO;
-//! in-flight requests are retried on the new connection.
+//! Reconnect (QEMU's behaviour): when the connection breaks, one background task on the owner
+//! context retries connecting (ring operations, never a blocking socket; backoff from 250 ms
+//! to 4 s) until it succeeds or the node is closed. Requests wait for it up to
+//! `reconnect-delay` seconds after the loss, in-flight ones included (they are sent again on
+//! the new connection); after the delay they fail with EIO at once until a reconnect succeeds.
+//! With `reconnect-delay=0` nothing waits, but the background attempts still run, so the node
+//! recovers when the server is back. `open-timeout` bounds the first connection, made by the
+//! synchronous open on blocking sockets.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::rc::Rc;
@@ -24,10 +29,11 @@ use blockd_block::options::Opts;
 use blockd_block::{
     BlockDriver, BlockStatus, BufResult, Graph, IoFuture, Limits, Node, OpenFlags, ReqFlags,
 };
+use event_listener::Event;
 use serde_json::Value;
 
 use crate::client::conn::{Conn, NegInfo, Outcome, is_conn_lost};
-use crate::client::{Address, Negotiated, negotiate, parse_uri};
+use crate::client::{Address, Negotiated, negotiate, negotiate_on_ring, parse_uri};
 use crate::proto::{self, Request};
 
 /// Register the `nbd` driver on a graph.
@@ -42,8 +48,38 @@ pub fn register(graph: &mut Graph) {
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
-    /// Connections owned by this thread, by driver instance.
-    static CONNS: RefCell<HashMap<u64, Rc<Conn>>> = RefCell::new(HashMap::new());
+    /// Connection state of the nodes owned by this thread, by driver instance.
+    static LINKS: RefCell<HashMap<u64, Rc<Link>>> = RefCell::new(HashMap::new());
+}
+
+/// Backoff between reconnect attempts.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(4);
+/// Limit of one reconnect attempt (connect and handshake).
+const ATTEMPT_LIMIT: Duration = Duration::from_secs(10);
+
+/// One node's connection on its owner thread.
+#[derive(Default)]
+struct Link {
+    conn: RefCell<Option<Rc<Conn>>>,
+    /// When the connection was found lost (start of the reconnect-delay window).
+    lost_at: Cell<Option<Instant>>,
+    /// The background reconnect task runs.
+    reconnecting: Cell<bool>,
+    /// The node is gone: the reconnect task stops.
+    closed: Cell<bool>,
+    /// Notified when a reconnect succeeds or the node closes.
+    changed: Event,
+}
+
+impl Link {
+    fn live(&self) -> Option<Rc<Conn>> {
+        self.conn
+            .borrow()
+            .as_ref()
+            .filter(|c| !c.is_dead())
+            .cloned()
+    }
 }
 
 struct Shared {
@@ -55,8 +91,6 @@ struct Shared {
     info: NegInfo,
     /// The connection made by open, adopted by the owner on first use.
     first: Mutex<Option<Negotiated>>,
-    /// When the connection was found broken (start of the reconnect window).
-    lost_at: Mutex<Option<Instant>>,
 }
 
 pub struct NbdDriver {
@@ -164,7 +198,6 @@ fn open(_g: &mut Graph, _d: &str, o: &mut Opts, flags: OpenFlags) -> Result<Open
         reconnect_delay,
         info,
         first: Mutex::new(Some(n)),
-        lost_at: Mutex::new(None),
     });
     Ok(Opened {
         driver: Box::new(NbdDriver { shared }),
@@ -178,38 +211,87 @@ fn eio() -> io::Error {
 }
 
 impl Shared {
-    /// The owner's live connection, reconnecting if needed (owner thread only).
-    async fn conn(&self) -> io::Result<Rc<Conn>> {
-        if let Some(c) = CONNS.with(|m| m.borrow().get(&self.id).cloned())
-            && !c.is_dead()
-        {
-            return Ok(c);
-        }
-        let first = self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let n = match first {
-            Some(n) => n,
-            None => {
-                let (addr, export) = (self.addr.clone(), self.export.clone());
-                let t = Duration::from_secs(5);
-                blockd_aio::blocking::spawn_blocking(move || negotiate(&addr, &export, t))
-                    .await
-                    .map_err(|_| eio())??
-            }
-        };
-        if n.size != self.info.size {
-            return Err(io::Error::other(format!(
-                "export size changed from {} to {} on reconnect",
-                self.info.size, n.size
-            )));
-        }
-        let c = Conn::start(n);
-        CONNS.with(|m| m.borrow_mut().insert(self.id, c.clone()));
-        *self.lost_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        Ok(c)
+    /// This node's link on the owner thread (created on first use).
+    fn link(&self) -> Rc<Link> {
+        LINKS.with(|m| m.borrow_mut().entry(self.id).or_default().clone())
     }
 
-    /// Run one request on the owner's connection, reconnecting and retrying within the
-    /// reconnect window.
+    /// The owner's live connection: the one open made, the current one, or (after a loss) the
+    /// one the background reconnect makes within the reconnect delay. Owner thread only.
+    async fn conn(&self) -> io::Result<Rc<Conn>> {
+        let link = self.link();
+        loop {
+            if let Some(c) = link.live() {
+                return Ok(c);
+            }
+            let first = self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(n) = first {
+                let c = Conn::start(n);
+                *link.conn.borrow_mut() = Some(c.clone());
+                return Ok(c);
+            }
+            if link.closed.get() {
+                return Err(eio());
+            }
+            let lost_at = match link.lost_at.get() {
+                Some(t) => t,
+                None => {
+                    let t = Instant::now();
+                    link.lost_at.set(Some(t));
+                    t
+                }
+            };
+            self.start_reconnect(&link);
+            let waited = lost_at.elapsed();
+            if waited >= self.reconnect_delay {
+                return Err(eio());
+            }
+            let l = link.changed.listen();
+            if link.live().is_some() || link.closed.get() {
+                continue;
+            }
+            let _ = blockd_aio::timeout(self.reconnect_delay - waited, l).await;
+        }
+    }
+
+    /// Start the background reconnect task unless it runs.
+    fn start_reconnect(&self, link: &Rc<Link>) {
+        if link.reconnecting.get() {
+            return;
+        }
+        link.reconnecting.set(true);
+        let link = link.clone();
+        let (addr, export, size) = (self.addr.clone(), self.export.clone(), self.info.size);
+        blockd_aio::spawn(async move {
+            let mut pause = RETRY_FIRST;
+            while !link.closed.get() {
+                match negotiate_on_ring(&addr, &export, ATTEMPT_LIMIT).await {
+                    Ok(n) if n.size == size => {
+                        if link.closed.get() {
+                            break; // dropping `n` closes the socket
+                        }
+                        *link.conn.borrow_mut() = Some(Conn::start(n));
+                        link.lost_at.set(None);
+                        break;
+                    }
+                    // A different disk behind the same name is not this node's disk.
+                    Ok(_) | Err(_) => {}
+                }
+                let l = link.changed.listen();
+                if link.closed.get() {
+                    break;
+                }
+                let _ = blockd_aio::timeout(pause, l).await;
+                pause = (pause * 2).min(RETRY_MAX);
+            }
+            link.reconnecting.set(false);
+            link.changed.notify(usize::MAX);
+        })
+        .detach();
+    }
+
+    /// Run one request on the owner's connection; a request whose connection is lost is sent
+    /// again on the reconnected one while the reconnect delay lasts.
     async fn request(
         &self,
         req: Request,
@@ -217,39 +299,38 @@ impl Shared {
         mut buf: Option<IoBuf>,
     ) -> Outcome {
         loop {
-            let attempt: io::Result<()> = match self.conn().await {
-                Ok(c) => {
-                    // Keep a copy of the payload only when a retry may need it.
-                    let p = if self.reconnect_delay.is_zero() {
-                        payload.take()
-                    } else {
-                        payload.as_ref().map(|p| IoBuf::from_slice(p))
+            let c = match self.conn().await {
+                Ok(c) => c,
+                Err(e) => {
+                    return Outcome {
+                        result: Err(e),
+                        buf,
+                        extent: None,
                     };
-                    let out = c.request(req, p, buf.take()).await;
-                    match &out.result {
-                        Err(e) if is_conn_lost(e) => {
-                            buf = out.buf;
-                            Err(eio())
-                        }
-                        _ => return out,
+                }
+            };
+            // Keep a copy of the payload only when a retry may need it.
+            let p = if self.reconnect_delay.is_zero() {
+                payload.take()
+            } else {
+                payload.as_ref().map(|p| IoBuf::from_slice(p))
+            };
+            let out = c.request(req, p, buf.take()).await;
+            match &out.result {
+                Err(e) if is_conn_lost(e) => {
+                    buf = out.buf;
+                    if self.reconnect_delay.is_zero() {
+                        // Start the background reconnect; this request fails now.
+                        let _ = self.conn().await;
+                        return Outcome {
+                            result: Err(eio()),
+                            buf,
+                            extent: None,
+                        };
                     }
                 }
-                Err(e) => Err(e),
-            };
-            let e = attempt.err().unwrap_or_else(eio);
-            let lost_at = *self
-                .lost_at
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert_with(Instant::now);
-            if lost_at.elapsed() >= self.reconnect_delay {
-                return Outcome {
-                    result: Err(if e.raw_os_error().is_some() { e } else { eio() }),
-                    buf,
-                    extent: None,
-                };
+                _ => return out,
             }
-            blockd_aio::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -533,8 +614,12 @@ impl Drop for NbdDriver {
         // Say goodbye on the owner's thread, where the connection lives.
         let id = self.shared.id;
         let close = move || {
-            if let Some(c) = CONNS.with(|m| m.borrow_mut().remove(&id)) {
-                c.disconnect_now();
+            if let Some(link) = LINKS.with(|m| m.borrow_mut().remove(&id)) {
+                link.closed.set(true);
+                link.changed.notify(usize::MAX);
+                if let Some(c) = link.conn.borrow_mut().take() {
+                    c.disconnect_now();
+                }
             }
         };
         if self.shared.owner.is_current() {

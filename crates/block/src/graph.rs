@@ -329,16 +329,20 @@ impl Graph {
         Ok(())
     }
 
-    /// Remove a filter: its parents use its child again, and the filter is closed.
+    /// Remove a filter: its parents use its child again (its `file` child when it has more,
+    /// as copy-before-write's `target`), and the filter is closed.
     pub async fn remove_filter(&mut self, filter: &Arc<Node>) -> Result<(), String> {
         let children = filter.children();
-        let [only] = children.as_slice() else {
-            return Err(format!(
-                "Node '{}' is not a filter with one child",
-                filter.name()
-            ));
+        let below = match children.as_slice() {
+            [only] => only.node.clone(),
+            more => more
+                .iter()
+                .find(|c| c.name == "file")
+                .map(|c| c.node.clone())
+                .ok_or_else(|| {
+                    format!("Node '{}' is not a filter with one child", filter.name())
+                })?,
         };
-        let below = only.node.clone();
         let _drain = drained_all(&[filter.clone(), below.clone()]).await;
         let parents: Vec<ParentRef> = filter
             .lock_parents()
@@ -349,7 +353,9 @@ impl Graph {
             self.repoint_parent(&p, filter, &below);
         }
         let me = ParentRef::Node(Arc::downgrade(filter));
-        below.remove_parent(&me);
+        for c in children.iter() {
+            c.node.remove_parent(&me);
+        }
         filter.set_children(Vec::new());
         self.nodes.remove(filter.name());
         Ok(())

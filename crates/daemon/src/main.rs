@@ -9,6 +9,7 @@
 //! The main thread runs the main context (`block_on` at the top of the program is the one
 //! place a loop is entered); everything else is a task on it or on an iothread.
 
+mod backup;
 mod block;
 mod chardev;
 mod cli;

@@ -40,7 +40,13 @@ pub struct Daemon {
 impl Daemon {
     pub fn new() -> Rc<Daemon> {
         Rc::new(Daemon {
-            graph: RefCell::new(blockd_drivers::graph()),
+            graph: RefCell::new({
+                let mut g = blockd_drivers::graph();
+                // the fleecing drivers live with the backup job
+                g.register_driver(blockd_jobs::cbw::driver_entry());
+                g.register_driver(blockd_jobs::snapshot_access::driver_entry());
+                g
+            }),
             iothreads: RefCell::new(IoThreads::default()),
             node_ctx: RefCell::new(BTreeMap::new()),
             owned: RefCell::new(BTreeSet::new()),

@@ -26,7 +26,6 @@ use crate::state::Daemon;
 pub struct TxnCtx {
     pub daemon: Rc<Daemon>,
     /// The job transaction of `completion-mode=grouped` (`None`: each job on its own).
-    #[allow(dead_code)] // read by the backup actions (next)
     pub job_txn: Option<Rc<Txn>>,
 }
 
@@ -76,6 +75,7 @@ const KINDS: &[&str] = &[
 fn action_args() -> Vec<(&'static str, ObjectDef)> {
     let mut v = vec![("abort", ObjectDef::default())];
     v.extend(crate::snapshot::action_args());
+    v.extend(crate::backup::action_args());
     v
 }
 
@@ -85,6 +85,9 @@ fn make_action(kind: &str, data: Map<String, Value>) -> Result<Box<dyn Action>, 
         return Ok(Box::new(AbortAction));
     }
     if let Some(a) = crate::snapshot::make_action(kind, &data) {
+        return Ok(a);
+    }
+    if let Some(a) = crate::backup::make_action(kind, &data) {
         return Ok(a);
     }
     Err(QmpError::generic(format!(
@@ -236,4 +239,5 @@ pub fn register(server: &Rc<blockd_qmp::Server>, d: &Rc<Daemon>) {
         move |a| Box::pin(transaction(dd.clone(), a)),
     );
     crate::snapshot::register(server, d);
+    crate::backup::register(server, d);
 }

@@ -5,7 +5,9 @@
 #![forbid(unsafe_code)]
 
 pub mod backing;
+pub mod backup;
 pub mod bitmap;
+pub mod cbw;
 pub mod commit;
 pub mod control;
 mod copy;
@@ -13,6 +15,7 @@ pub mod host;
 pub mod job;
 pub mod mirror;
 pub mod ratelimit;
+pub mod snapshot_access;
 pub mod status;
 pub mod stream;
 

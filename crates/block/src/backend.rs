@@ -300,7 +300,7 @@ impl BlockBackend {
         let node = self.shared.root.load_full();
         self.check_write()?;
         self.check_range(&node, offset, len)?;
-        let r = node.driver().discard(&node, offset, len).await;
+        let r = crate::io::discard(&node, offset, len).await;
         self.report(&node, "write", &r);
         self.account(&r, |s| {
             s.discard_ops.fetch_add(1, Ordering::Relaxed);

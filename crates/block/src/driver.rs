@@ -176,6 +176,13 @@ pub trait BlockDriver: Any + Send + Sync + 'static {
         false
     }
 
+    /// The node's dirty bitmaps, when the driver keeps them (qcow2's persistent bitmaps, loaded
+    /// at open and stored at close); the node then shares this list. `None`: the node makes an
+    /// empty one.
+    fn dirty_bitmap_list(&self) -> Option<std::sync::Arc<crate::dirty_bitmap::DirtyBitmapList>> {
+        None
+    }
+
     /// First phase of a reopen (blockdev-reopen): check the new options and prepare
     /// everything that can fail (a new file descriptor, a flushed cache), without changing
     /// what requests see. `req.opts` holds the driver's own options: take what you handle,

@@ -53,6 +53,7 @@ pub async fn aligned_write(
     if len == 0 {
         return (Ok(()), buf);
     }
+    let _dirty = node.dirty_bitmaps().mark_on_drop(offset, len);
     if aligned(node, offset, len) && mem_ok(node, &buf) {
         return node.driver().write(node, offset, buf, flags).await;
     }
@@ -89,6 +90,7 @@ pub async fn write_zeroes(
     len: u64,
     flags: ReqFlags,
 ) -> io::Result<()> {
+    let _dirty = node.dirty_bitmaps().mark_on_drop(offset, len);
     match node.driver().write_zeroes(node, offset, len, flags).await {
         Err(e)
             if e.raw_os_error() == Some(libc::ENOTSUP)
@@ -108,4 +110,10 @@ pub async fn write_zeroes(
         }
         other => other,
     }
+}
+
+/// Discard through `node` (marks its dirty bitmaps).
+pub async fn discard(node: &Arc<Node>, offset: u64, len: u64) -> io::Result<()> {
+    let _dirty = node.dirty_bitmaps().mark_on_drop(offset, len);
+    node.driver().discard(node, offset, len).await
 }

@@ -8,6 +8,7 @@
 //! (`options.rs`).
 
 pub mod backend;
+pub mod dirty_bitmap;
 pub mod drain;
 pub mod driver;
 pub mod drivers;
@@ -20,6 +21,7 @@ pub mod perm;
 pub mod reopen;
 
 pub use backend::BlockBackend;
+pub use dirty_bitmap::{DirtyBitmap, DirtyBitmapList};
 pub use drain::{DrainGuard, drained, drained_all};
 pub use driver::{
     BlockDriver, BlockStatus, BufResult, IoFuture, Limits, ReopenPrepared, ReopenRequest, ReqFlags,

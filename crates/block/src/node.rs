@@ -53,6 +53,8 @@ pub struct Node {
     limits: ArcSwap<Limits>,
     /// Set by `generated names` so `query-named-block-nodes` can tell.
     auto_named: bool,
+    /// Dirty bitmaps, marked by every write through `io.rs` (`dirty_bitmap.rs`).
+    dirty_bitmaps: Arc<crate::dirty_bitmap::DirtyBitmapList>,
 }
 
 impl std::fmt::Debug for Node {
@@ -75,6 +77,7 @@ impl Node {
         read_only: bool,
     ) -> Arc<Node> {
         let limits = driver.limits();
+        let dirty_bitmaps = driver.dirty_bitmap_list().unwrap_or_default();
         Arc::new(Node {
             name,
             driver,
@@ -86,6 +89,7 @@ impl Node {
             force_share: AtomicBool::new(false),
             limits: ArcSwap::from_pointee(limits),
             auto_named,
+            dirty_bitmaps,
         })
     }
 
@@ -95,6 +99,11 @@ impl Node {
 
     pub fn is_auto_named(&self) -> bool {
         self.auto_named
+    }
+
+    /// The node's dirty bitmaps.
+    pub fn dirty_bitmaps(&self) -> &Arc<crate::dirty_bitmap::DirtyBitmapList> {
+        &self.dirty_bitmaps
     }
 
     pub fn driver(&self) -> &dyn BlockDriver {

@@ -133,7 +133,7 @@ impl BlockDriver for RawDriver {
     fn discard<'a>(&'a self, node: &'a Node, off: u64, len: u64) -> IoFuture<'a, io::Result<()>> {
         Box::pin(async move {
             let f = Self::file(node)?;
-            f.driver().discard(&f, self.offset() + off, len).await
+            crate::io::discard(&f, self.offset() + off, len).await
         })
     }
 

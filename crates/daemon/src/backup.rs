@@ -291,7 +291,7 @@ impl BackupAction {
             // (QEMU names the target's BlockBackend, which a node does not have)
             return Err("Compression is not supported for this drive ".into());
         }
-        m.check_not_blocked(&[source.clone(), target.clone()])?;
+        m.check_not_blocked(&[target.clone(), source.clone()])?;
         if source.length() != target.length() {
             return Err("Source and target image have different sizes".into());
         }

@@ -10,3 +10,8 @@ mod common;
 fn transaction_rules_and_seed_scenario() {
     common::run_script("test_transaction.py");
 }
+
+#[test]
+fn backup_and_fleecing_like_qemu() {
+    common::run_script("test_backup.py");
+}

@@ -265,8 +265,12 @@ impl JobDriver for BackupJob {
         "backup"
     }
 
+    /// As QEMU: the target and the job's own filter; the source stays usable by other jobs
+    /// (a second backup stacks its filter above the first).
     fn nodes(&self) -> Vec<Arc<Node>> {
-        vec![self.source.clone(), self.target.clone()]
+        let mut v = vec![self.target.clone()];
+        v.extend(self.filter.borrow().iter().cloned());
+        v
     }
 
     fn prepare(&self) -> LocalFuture<'_, Result<(), String>> {

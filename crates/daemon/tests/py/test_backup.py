@@ -1,0 +1,357 @@
+"""Backup and fleecing, compared with qemu-storage-daemon where both can run the scenario.
+
+- errors: blockdev-backup/drive-backup argument checks in QEMU's order and words.
+- point in time: a full backup (blockdev-backup, and drive-backup with compress) held back by
+  `speed` while an NBD client overwrites the whole source: the target equals the source as it
+  was when the job started (qemu-img compare), the source has the new data, the filter is gone.
+- sync=top by drive-backup: the target gets the source's backing file and only the top's data.
+- fleecing: a copy-before-write node above the source, a snapshot-access node on it, both
+  exported; a guest overwrites the source through the filter's export while a reader reads the
+  view: the view is the old data, the guest reads its new data, the image has the new data.
+- transactions: a backup then `abort` (the job goes created -> aborting -> concluded -> null
+  and the graph is as before); a grouped transaction of two backups where one is cancelled:
+  both end cancelled.
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+from common import DAEMON, QSD, Daemon, ExecuteError, check, check_eq, finish, run
+import nbd_client
+
+MiB = 1 << 20
+SIZE = 4 * MiB
+
+
+def sh(*args):
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{args}: {r.stdout} {r.stderr}")
+    return r.stdout
+
+
+class S:
+    def __init__(self, binary):
+        self.binary = binary
+        self.log = []
+        # images outside the daemon's directory, which goes when it stops
+        self.dir = tempfile.mkdtemp(prefix="blockd-backup-")
+
+    async def start(self, args=()):
+        self.d = Daemon(self.binary, args=list(args))
+        self.c = await self.d.client()
+        return self
+
+    def p(self, name):
+        return os.path.join(self.dir, name)
+
+    async def cmd(self, name, args=None):
+        try:
+            r = await asyncio.wait_for(self.c.execute(name, args or {}), 30)
+            self.log.append((name, "ok"))
+            return r
+        except ExecuteError as e:
+            self.log.append((name, e.error_class, e.error.error.desc.replace(self.dir, "DIR")))
+            return None
+
+    async def add(self, name, path, fmt="qcow2", **extra):
+        o = {"driver": fmt, "node-name": name, "file": {"driver": "file", "filename": path}}
+        o.update(extra)
+        return await self.cmd("blockdev-add", o)
+
+    async def wait_job(self, job, status="null", timeout=30, record=True):
+        """Job status changes of `job` up to `status` (paused/running pairs from drains left
+        out: QEMU pauses jobs in drained sections, blockd does not)."""
+        seen = []
+        while True:
+            ev = await asyncio.wait_for(self.c.events.get(), timeout)
+            data = ev.get("data", {})
+            if ev["event"] == "JOB_STATUS_CHANGE" and data["id"] == job:
+                if data["status"] not in ("paused",) and not (
+                        data["status"] == "running" and seen and seen[-1] == "running"):
+                    seen.append(data["status"])
+                if data["status"] == status:
+                    break
+            elif ev["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") \
+                    and data.get("device") == job:
+                seen.append(ev["event"] + (f" error={data['error']}" if "error" in data else ""))
+        if record:
+            self.log.append((job, seen))
+        return seen
+
+    async def stop(self):
+        await self.c.disconnect()
+        self.d.stop()
+
+    def cleanup(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def fill(path, fmt, pattern, size=SIZE):
+    sh("qemu-io", "-f", fmt, "-c", f"write -P {pattern} 0 {size}", path)
+
+
+async def nbd_overwrite(sock, name, pattern, size=SIZE, chunk=256 * 1024):
+    cl = await nbd_client.Client().connect(sock, name)
+    for off in range(0, size, chunk):
+        await cl.write(off, bytes([pattern]) * chunk)
+    await cl.flush()
+    await cl.close()
+
+
+async def scenario_errors(binary):
+    s = await S(binary).start()
+    for n, size, fmt in (("a", "1M", "qcow2"), ("t", "1M", "qcow2"), ("t2", "2M", "qcow2"),
+                         ("rt", "1M", "raw")):
+        sh("qemu-img", "create", "-q", "-f", fmt, s.p(n + ".img"), size)
+        await s.add(n, s.p(n + ".img"), fmt)
+    bb = "blockdev-backup"
+    for args in (
+            {"device": "nope", "target": "t", "sync": "full"},
+            {"device": "a", "target": "nope", "sync": "full"},
+            {"device": "a", "target": "a", "sync": "full"},
+            {"device": "a", "target": "t2", "sync": "full"},
+            {"device": "a", "target": "t", "sync": "full", "job-id": "1bad"},
+            {"device": "a", "target": "t", "sync": "incremental"},
+            {"device": "a", "target": "t", "sync": "bitmap"},
+            {"device": "a", "target": "t", "sync": "full", "bitmap": "nob"},
+            {"device": "a", "target": "t", "sync": "full", "bitmap-mode": "always"},
+            {"device": "a", "target": "t", "sync": "full", "speed": -1},
+            {"device": "a", "target": "rt", "sync": "full", "compress": True},
+            {"device": "a", "target": "t", "sync": "full", "filter-node-name": "a"},
+            {"device": "a", "target": "t", "sync": "full", "x-perf": {"max-workers": 0}},
+            {"device": "a", "target": "t", "sync": "full", "x-perf": {"max-chunk": -1}},
+            {"device": "a", "target": "t", "sync": "full", "x-perf": {"max-chunk": 1000}},
+            {"device": "a", "target": "t", "sync": "full", "job-id": "j", "speed": -1},
+            {"device": "a", "target": "t", "sync": "full", "bogus": 1},
+    ):
+        await s.cmd(bb, args)
+    for args in (
+            {"device": "a", "target": s.p("nonexist.qcow2"), "sync": "full", "job-id": "d3",
+             "mode": "existing"},
+            {"device": "a", "target": "/nonexistdir/x", "sync": "full", "job-id": "d4"},
+            {"device": "nope", "target": s.p("x.qcow2"), "sync": "full", "job-id": "d5"},
+    ):
+        await s.cmd("drive-backup", args)
+    # a job in progress blocks another on its nodes; the names then match nothing
+    await s.cmd(bb, {"device": "a", "target": "t", "sync": "none", "job-id": "j1"})
+    await s.cmd(bb, {"device": "a", "target": "t", "sync": "full", "job-id": "j2"})
+    await s.cmd(bb, {"device": "t2", "target": "t", "sync": "full", "job-id": "j1"})
+    await s.cmd("block-job-cancel", {"device": "j1"})
+    await s.wait_job("j1")
+    nodes = await s.cmd("query-named-block-nodes", {"flat": True})
+    s.log.append(("nodes", sorted(n["node-name"] for n in nodes if not
+                                  n["node-name"].startswith("#"))))
+    await s.stop()
+    s.cleanup()
+    return s.log
+
+
+async def point_in_time(binary, drive):
+    """Full backup of 0x11 data while the guest writes 0x22 everywhere."""
+    s = await S(binary).start()
+    src, tgt = s.p("src.qcow2"), s.p("tgt.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", src, str(SIZE))
+    fill(src, "qcow2", "0x11")
+    orig = s.p("orig.raw")
+    sh("qemu-img", "convert", "-O", "raw", src, orig)
+    await s.add("src", src)
+    sock = s.p("nbd.sock")
+    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    await s.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "src",
+                                     "writable": True})
+    if drive:
+        await s.cmd("drive-backup", {"job-id": "b", "device": "src", "target": tgt,
+                                     "sync": "full", "speed": 4 * MiB, "compress": True})
+    else:
+        sh("qemu-img", "create", "-q", "-f", "qcow2", tgt, str(SIZE))
+        await s.add("tgt", tgt)
+        await s.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
+                                        "sync": "full", "speed": 4 * MiB,
+                                        "filter-node-name": "cbw0"})
+        nodes = await s.cmd("query-named-block-nodes", {"flat": True})
+        s.log.append(("filter", [n["drv"] for n in nodes if n["node-name"] == "cbw0"]))
+    await nbd_overwrite(sock, "src", 0x22)
+    await s.wait_job("b")
+    nodes = await s.cmd("query-named-block-nodes", {"flat": True})
+    s.log.append(("filters left", [n["node-name"] for n in nodes
+                                   if n["drv"] == "copy-before-write"]))
+    await s.cmd("block-export-del", {"id": "e"})
+    await asyncio.sleep(0.2)
+    await s.stop()
+    r = subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", tgt, orig])
+    check_eq(r.returncode, 0, f"{binary}: drive={drive}: target is the point-in-time source")
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"read -P 0x22 0 {SIZE}", src],
+                       capture_output=True, text=True)
+    check("failed" not in r.stdout and r.returncode == 0,
+          f"{binary}: drive={drive}: source has the guest's writes: {r.stdout}")
+    check_eq(subprocess.run(["qemu-img", "check", "-q", tgt]).returncode, 0,
+             f"{binary}: drive={drive}: qemu-img check of the target")
+    if drive:
+        m = sh("qemu-img", "map", "--output=json", tgt)
+        check('"compressed": true' in m, f"{binary}: compressed clusters in the target")
+    s.cleanup()
+    return s.log
+
+
+async def scenario_point_in_time(binary):
+    return await point_in_time(binary, False) + await point_in_time(binary, True)
+
+
+async def scenario_top(binary):
+    s = await S(binary).start()
+    base, top, tgt = s.p("base.qcow2"), s.p("top.qcow2"), s.p("tgt.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE))
+    fill(base, "qcow2", "0x33")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x44 1M 1M", top)
+    await s.add("top", top)
+    await s.cmd("drive-backup", {"job-id": "b", "device": "top", "target": tgt,
+                                 "sync": "top"})
+    await s.wait_job("b")
+    await s.stop()
+    info = sh("qemu-img", "info", "--output=json", tgt)
+    check(f'"backing-filename": "{base}"' in info, f"{binary}: sync=top target backing: {info}")
+    r = subprocess.run(["qemu-img", "compare", "-q", tgt, top])
+    check_eq(r.returncode, 0, f"{binary}: sync=top: target chain == source chain")
+    m = sh("qemu-img", "map", "--output=json", tgt)
+    # only the top's megabyte is in the target itself
+    alloc = sum(e["length"] for e in json.loads(m) if e["data"] and e["depth"] == 0)
+    check_eq(alloc, MiB, f"{binary}: sync=top: data in the target")
+    s.cleanup()
+    return s.log
+
+
+async def scenario_fleecing(binary):
+    s = await S(binary).start()
+    src, tmp = s.p("src.qcow2"), s.p("tmp.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", src, str(SIZE))
+    fill(src, "qcow2", "0x55")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", tmp, str(SIZE))
+    await s.add("src", src)
+    await s.add("tmp", tmp)
+    await s.cmd("blockdev-add", {"driver": "copy-before-write", "node-name": "cbw",
+                                 "file": "src", "target": "tmp"})
+    await s.cmd("blockdev-add", {"driver": "snapshot-access", "node-name": "acc",
+                                 "file": "cbw"})
+    sock = s.p("nbd.sock")
+    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    await s.cmd("block-export-add", {"type": "nbd", "id": "guest", "node-name": "cbw",
+                                     "writable": True})
+    await s.cmd("block-export-add", {"type": "nbd", "id": "view", "node-name": "acc"})
+    reader = await nbd_client.Client().connect(sock, "acc")
+    guest = await nbd_client.Client().connect(sock, "cbw")
+    bad_view = bad_guest = 0
+    chunk = 256 * 1024
+
+    async def guest_writes():
+        for i, off in enumerate(range(0, SIZE, chunk)):
+            await guest.write(off, bytes([0x66 + i % 3]) * chunk)
+
+    async def view_reads():
+        nonlocal bad_view
+        for _ in range(3):
+            for off in range(0, SIZE, 64 * 1024):
+                if await reader.read(off, 64 * 1024) != b"\x55" * 65536:
+                    bad_view += 1
+
+    await asyncio.gather(guest_writes(), view_reads())
+    for i, off in enumerate(range(0, SIZE, chunk)):
+        if await guest.read(off, chunk) != bytes([0x66 + i % 3]) * chunk:
+            bad_guest += 1
+    check_eq(bad_view, 0, f"{binary}: fleecing view blocks that are not the old data")
+    check_eq(bad_guest, 0, f"{binary}: guest blocks that are not its new data")
+    # the reader discards what it is done with: later guest writes are not copied
+    await reader.close()
+    await guest.flush()
+    await guest.close()
+    await s.cmd("block-export-del", {"id": "view"})
+    await s.cmd("block-export-del", {"id": "guest"})
+    await asyncio.sleep(0.2)
+    await s.cmd("blockdev-del", {"node-name": "acc"})
+    await s.cmd("blockdev-del", {"node-name": "cbw"})
+    await s.stop()
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x66 0 256k", src],
+                       capture_output=True, text=True)
+    check("failed" not in r.stdout, f"{binary}: the image has the guest's data: {r.stdout}")
+    s.cleanup()
+    return s.log
+
+
+async def scenario_transactions(binary):
+    s = await S(binary).start()
+    for n in ("a", "t", "b", "u"):
+        sh("qemu-img", "create", "-q", "-f", "qcow2", s.p(n + ".qcow2"), str(SIZE))
+        fill(s.p(n + ".qcow2"), "qcow2", "0x77")
+        await s.add(n, s.p(n + ".qcow2"))
+    before = await s.cmd("query-named-block-nodes", {"flat": True})
+    bk = {"type": "blockdev-backup", "data": {"job-id": "j", "device": "a", "target": "t",
+                                              "sync": "full"}}
+    await s.cmd("transaction", {"actions": [bk, {"type": "abort", "data": {}}]})
+    await s.wait_job("j")
+    after = await s.cmd("query-named-block-nodes", {"flat": True})
+    names = lambda ns: sorted(n["node-name"] for n in ns)  # noqa: E731
+    check_eq(names(after), names(before), f"{binary}: nodes after an aborted backup")
+    # grouped: cancelling one cancels the other
+    slow = lambda j, dev, tgt: {"type": "blockdev-backup", "data": {  # noqa: E731
+        "job-id": j, "device": dev, "target": tgt, "sync": "full", "speed": 64 * 1024}}
+    await s.cmd("transaction", {"actions": [slow("g1", "a", "t"), slow("g2", "b", "u")],
+                                "properties": {"completion-mode": "grouped"}})
+    await asyncio.sleep(0.3)
+    await s.cmd("block-job-cancel", {"device": "g1", "force": True})
+    seen = {}
+    while len(seen) < 2:
+        ev = await asyncio.wait_for(s.c.events.get(), 30)
+        d = ev.get("data", {})
+        if ev["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+            seen[d["device"]] = ev["event"]
+    s.log.append(("grouped ends", sorted(seen.items())))
+    # individual: cancelling one leaves the other
+    await s.cmd("transaction", {"actions": [slow("i1", "a", "t"), slow("i2", "b", "u")]})
+    await asyncio.sleep(0.3)
+    await s.cmd("block-job-cancel", {"device": "i1", "force": True})
+    await s.cmd("block-job-set-speed", {"device": "i2", "speed": 0})
+    seen = {}
+    while len(seen) < 2:
+        ev = await asyncio.wait_for(s.c.events.get(), 30)
+        d = ev.get("data", {})
+        if ev["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+            seen[d["device"]] = ev["event"]
+    s.log.append(("individual ends", sorted(seen.items())))
+    await s.stop()
+    s.cleanup()
+    return s.log
+
+
+def compare(name, ours, theirs):
+    if theirs is None:
+        return
+    n = max(len(ours), len(theirs))
+    for i in range(n):
+        a = ours[i] if i < len(ours) else None
+        b = theirs[i] if i < len(theirs) else None
+        if a != b:
+            check(False, f"{name}: step {i}: blockd {a!r} vs qemu {b!r}")
+            return
+
+
+async def main():
+    only = os.environ.get("TXN_ONLY")
+    for sc in (scenario_errors, scenario_point_in_time, scenario_top, scenario_fleecing,
+               scenario_transactions):
+        if only and only not in sc.__name__:
+            continue
+        ours = await sc(DAEMON)
+        theirs = await sc(QSD) if QSD else None
+        if os.environ.get("TXN_VERBOSE"):
+            print(sc.__name__, "\n ours  ", ours, "\n theirs", theirs)
+        compare(sc.__name__, ours, theirs)
+    finish()
+
+
+if __name__ == "__main__":
+    run(main())

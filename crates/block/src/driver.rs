@@ -183,6 +183,33 @@ pub trait BlockDriver: Any + Send + Sync + 'static {
         None
     }
 
+    /// The internal snapshots of the image (qcow2), in table order.
+    fn snapshots(&self) -> Vec<SnapshotInfo> {
+        Vec::new()
+    }
+
+    /// Take an internal snapshot of the open image (`blockdev-snapshot-internal-sync`). An
+    /// empty `sn.id` gets the next free numeric id; an id already in use is `EEXIST`. The
+    /// caller runs this in the main context inside a drained section.
+    fn snapshot_create<'a>(
+        &'a self,
+        _node: &'a Node,
+        _sn: SnapshotInfo,
+    ) -> IoFuture<'a, io::Result<()>> {
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
+    }
+
+    /// Delete the internal snapshot matching `id` and/or `name` (both must match when both
+    /// are given); `ENOENT` when none does. Returns what was deleted. Main context, drained.
+    fn snapshot_delete<'a>(
+        &'a self,
+        _node: &'a Node,
+        _id: Option<&'a str>,
+        _name: Option<&'a str>,
+    ) -> IoFuture<'a, io::Result<SnapshotInfo>> {
+        Box::pin(async { Err(io::Error::from_raw_os_error(libc::ENOTSUP)) })
+    }
+
     /// First phase of a reopen (blockdev-reopen): check the new options and prepare
     /// everything that can fail (a new file descriptor, a flushed cache), without changing
     /// what requests see. `req.opts` holds the driver's own options: take what you handle,
@@ -222,6 +249,18 @@ pub trait BlockDriver: Any + Send + Sync + 'static {
     ) -> Result<(), String> {
         Ok(())
     }
+}
+
+/// One internal snapshot, as QEMU's QEMUSnapshotInfo.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub vm_state_size: u64,
+    pub date_sec: u64,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub icount: Option<u64>,
 }
 
 /// What a reopen asks of one node's driver.

@@ -25,6 +25,7 @@ pub use dirty_bitmap::{DirtyBitmap, DirtyBitmapList};
 pub use drain::{DrainGuard, drained, drained_all};
 pub use driver::{
     BlockDriver, BlockStatus, BufResult, IoFuture, Limits, ReopenPrepared, ReopenRequest, ReqFlags,
+    SnapshotInfo,
 };
 pub use graph::{Graph, OpenFlags};
 pub use node::{Child, Node};

@@ -13,6 +13,7 @@ use blockd_block::drivers::{Opened, child_edge};
 use blockd_block::options::{ChildSpec, Opts};
 use blockd_block::{
     BlockDriver, BlockStatus, BufResult, Graph, IoFuture, Node, OpenFlags, Perm, ReqFlags,
+    SnapshotInfo,
 };
 use serde_json::{Map, Value, json};
 
@@ -474,6 +475,51 @@ impl BlockDriver for Qcow2 {
         self.image.header().incompatible & header::INCOMPAT_DIRTY != 0
     }
 
+    fn snapshots(&self) -> Vec<SnapshotInfo> {
+        self.image.snapshots().iter().map(snapshot_info).collect()
+    }
+
+    fn snapshot_create<'a>(
+        &'a self,
+        node: &'a Node,
+        sn: SnapshotInfo,
+    ) -> IoFuture<'a, io::Result<()>> {
+        Box::pin(async move {
+            let f = node
+                .child("file")
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))?;
+            let entry = crate::image::Snapshot {
+                l1_offset: 0,
+                l1_size: 0,
+                id: sn.id,
+                name: sn.name,
+                // The table keeps 32 bits of seconds, as QEMU's.
+                date_sec: sn.date_sec as u32,
+                date_nsec: sn.date_nsec,
+                vm_clock_nsec: sn.vm_clock_nsec,
+                vm_state_size: sn.vm_state_size,
+                disk_size: None,
+                icount: sn.icount,
+            };
+            self.image.create_snapshot(&f, entry).await
+        })
+    }
+
+    fn snapshot_delete<'a>(
+        &'a self,
+        node: &'a Node,
+        id: Option<&'a str>,
+        name: Option<&'a str>,
+    ) -> IoFuture<'a, io::Result<SnapshotInfo>> {
+        Box::pin(async move {
+            let f = node
+                .child("file")
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))?;
+            let gone = self.image.delete_snapshot(&f, id, name).await?;
+            Ok(snapshot_info(&gone))
+        })
+    }
+
     fn format_specific(&self) -> Option<Value> {
         Some(format_specific(
             &self.image.header(),
@@ -499,6 +545,19 @@ impl BlockDriver for Qcow2 {
             v.push(("refcount bits".into(), h.refcount_bits().to_string()));
         }
         v
+    }
+}
+
+/// A snapshot table entry as the block layer describes snapshots.
+fn snapshot_info(s: &crate::image::Snapshot) -> SnapshotInfo {
+    SnapshotInfo {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        vm_state_size: s.vm_state_size,
+        date_sec: s.date_sec as u64,
+        date_nsec: s.date_nsec,
+        vm_clock_nsec: s.vm_clock_nsec,
+        icount: s.icount,
     }
 }
 

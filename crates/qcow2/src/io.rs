@@ -208,7 +208,7 @@ impl Image {
         })
     }
 
-    fn check_writable(&self) -> io::Result<()> {
+    pub(crate) fn check_writable(&self) -> io::Result<()> {
         if self.corrupt.load(Ordering::SeqCst) {
             return Err(eio());
         }

@@ -63,7 +63,9 @@ async fn read_l1(file: &Arc<Node>, off: u64, n: u32) -> std::io::Result<Vec<u64>
 }
 
 impl Image {
-    /// Add `delta` to the refcount of every L2 table and data cluster `l1` reaches.
+    /// Add `delta` to the refcount of every L2 table and data cluster `l1` reaches. An
+    /// increase that would overflow the refcount width is `EINVAL` with every change undone
+    /// (QEMU refuses such a snapshot the same way).
     async fn tree_refcounts(
         &self,
         file: &Arc<Node>,
@@ -72,6 +74,8 @@ impl Image {
     ) -> std::io::Result<()> {
         let geo = self.geo;
         let cs = geo.cluster_size;
+        // Every (first cluster, count) the tables reach, L2 tables included.
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
         for &e in l1 {
             let l2 = e & L1E_OFFSET_MASK;
             if l2 == 0 {
@@ -84,20 +88,32 @@ impl Image {
                 if e2 & OFLAG_COMPRESSED != 0 {
                     if let Ok(Kind::Compressed { offset, len }) = geo.classify(e2, 0, 0) {
                         let first = offset / cs;
-                        self.update_refcounts(
-                            file,
-                            first,
-                            (offset + len - 1) / cs - first + 1,
-                            delta,
-                        )
-                        .await?;
+                        ranges.push((first, (offset + len - 1) / cs - first + 1));
                     }
                 } else if e2 & L2E_OFFSET_MASK != 0 {
-                    self.update_refcounts(file, (e2 & L2E_OFFSET_MASK) / cs, 1, delta)
-                        .await?;
+                    ranges.push(((e2 & L2E_OFFSET_MASK) / cs, 1));
                 }
             }
-            self.update_refcounts(file, l2 / cs, 1, delta).await?;
+            ranges.push((l2 / cs, 1));
+        }
+        if delta > 0 {
+            // Overflow is checked cluster by cluster before anything changes: a cluster
+            // reached twice (compressed neighbours) counts twice.
+            let mut need: std::collections::HashMap<u64, u64> = Default::default();
+            for &(c, n) in &ranges {
+                for k in c..c + n {
+                    *need.entry(k).or_default() += delta as u64;
+                }
+            }
+            let max = geo.max_refcount();
+            for (&c, &add) in &need {
+                if self.refcount(file, c).await?.saturating_add(add) > max {
+                    return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+                }
+            }
+        }
+        for &(c, n) in &ranges {
+            self.update_refcounts(file, c, n, delta).await?;
         }
         Ok(())
     }
@@ -237,99 +253,140 @@ impl Image {
     }
 }
 
+impl Image {
+    /// Take an internal snapshot of the open image (QEMU's order: the new references and
+    /// the copied L1 table first, the snapshot table last, so a crash in between only
+    /// leaks). An empty `sn.id` gets the next numeric id; a used id is `EEXIST`; a full
+    /// table is `EFBIG`. Cached metadata is written first (the snapshot copies what is on
+    /// disk) and everything is flushed at the end.
+    pub async fn create_snapshot(&self, file: &Arc<Node>, mut sn: Snapshot) -> std::io::Result<()> {
+        self.check_writable()?;
+        let _a = self.alloc.lock().await;
+        self.apply_frees(file).await?;
+        self.writeback(file).await?;
+        let cs = self.geo.cluster_size;
+        let mut snaps = self.snapshots();
+        if snaps.len() >= crate::header::MAX_SNAPSHOTS as usize {
+            return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        if sn.id.is_empty() {
+            let id = snaps
+                .iter()
+                .filter_map(|s| s.id.parse::<u64>().ok())
+                .max()
+                .unwrap_or(0)
+                + 1;
+            sn.id = id.to_string();
+        } else if snaps.iter().any(|s| s.id == sn.id) {
+            return Err(std::io::Error::from_raw_os_error(libc::EEXIST));
+        }
+        let l1 = self.meta().l1.clone();
+        // One more reference to everything the active tables reach, then COPIED cleared.
+        self.tree_refcounts(file, &l1, 1).await?;
+        self.fix_copied(file).await?;
+        let l1 = self.meta().l1.clone();
+        let l1_off = if l1.is_empty() {
+            0
+        } else {
+            let n = (l1.len() as u64 * 8).div_ceil(cs);
+            let at = self.alloc_run(file, n).await?;
+            self.writeback(file).await?;
+            let bytes: Vec<u8> = l1.iter().flat_map(|x| x.to_be_bytes()).collect();
+            pwrite(file, at, &bytes).await?;
+            at
+        };
+        sn.l1_offset = l1_off;
+        sn.l1_size = l1.len() as u32;
+        sn.disk_size = Some(self.size.load(std::sync::atomic::Ordering::Acquire));
+        snaps.push(sn);
+        self.write_snapshot_table(file, &snaps).await?;
+        self.writeback(file).await?;
+        file.driver().flush(file).await
+    }
+
+    /// Delete the snapshot matching `id` and/or `name` (both when both are given; `ENOENT`
+    /// when none does): out of the table first, then its references dropped, so a crash in
+    /// between only leaks. Returns the deleted entry.
+    pub async fn delete_snapshot(
+        &self,
+        file: &Arc<Node>,
+        id: Option<&str>,
+        name: Option<&str>,
+    ) -> std::io::Result<Snapshot> {
+        self.check_writable()?;
+        let _a = self.alloc.lock().await;
+        self.apply_frees(file).await?;
+        self.writeback(file).await?;
+        let cs = self.geo.cluster_size;
+        let mut snaps = self.snapshots();
+        let found = snaps
+            .iter()
+            .position(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n));
+        let Some(i) = found.filter(|_| id.is_some() || name.is_some()) else {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+        };
+        let gone = snaps.remove(i);
+        self.write_snapshot_table(file, &snaps).await?;
+        let l1 = read_l1(file, gone.l1_offset, gone.l1_size).await?;
+        self.tree_refcounts(file, &l1, -1).await?;
+        if gone.l1_size > 0 {
+            self.update_refcounts(
+                file,
+                gone.l1_offset / cs,
+                (gone.l1_size as u64 * 8).div_ceil(cs),
+                -1,
+            )
+            .await?;
+        }
+        self.fix_copied(file).await?;
+        self.writeback(file).await?;
+        file.driver().flush(file).await?;
+        Ok(gone)
+    }
+}
+
 /// `qemu-img snapshot -c NAME`.
 pub async fn create(file: &Arc<Node>, name: &str, date: (u32, u32)) -> Result<(), String> {
     let img = load(file, false).await?;
-    let _a = img.alloc.lock().await;
-    let fail = |e: std::io::Error| {
-        format!(
-            "Could not create snapshot '{name}': {}",
-            blockd_block::strerror(&e)
-        )
-    };
-    let cs = img.geo.cluster_size;
-    let mut snaps = img.snapshots();
-    if snaps.len() >= crate::header::MAX_SNAPSHOTS as usize {
+    if img.snapshots().len() >= crate::header::MAX_SNAPSHOTS as usize {
         return Err(format!(
             "Could not create snapshot '{name}': Too many snapshots"
         ));
     }
-    let id = snaps
-        .iter()
-        .filter_map(|s| s.id.parse::<u64>().ok())
-        .max()
-        .unwrap_or(0)
-        + 1;
-    let l1 = img.meta().l1.clone();
-    // One more reference to everything the active tables reach, then COPIED cleared.
-    img.tree_refcounts(file, &l1, 1).await.map_err(fail)?;
-    img.fix_copied(file).await.map_err(fail)?;
-    let l1 = img.meta().l1.clone();
-    let l1_off = if l1.is_empty() {
-        0
-    } else {
-        let n = (l1.len() as u64 * 8).div_ceil(cs);
-        let at = img.alloc_run(file, n).await.map_err(fail)?;
-        img.writeback(file).await.map_err(fail)?;
-        let bytes: Vec<u8> = l1.iter().flat_map(|x| x.to_be_bytes()).collect();
-        pwrite(file, at, &bytes).await.map_err(fail)?;
-        at
-    };
-    snaps.push(Snapshot {
-        l1_offset: l1_off,
-        l1_size: l1.len() as u32,
-        id: id.to_string(),
+    let sn = Snapshot {
+        l1_offset: 0,
+        l1_size: 0,
+        id: String::new(),
         name: name.to_string(),
         date_sec: date.0,
         date_nsec: date.1,
         vm_clock_nsec: 0,
         vm_state_size: 0,
-        disk_size: Some(img.size.load(std::sync::atomic::Ordering::Acquire)),
+        disk_size: None,
         icount: Some(0),
-    });
-    img.write_snapshot_table(file, &snaps).await.map_err(fail)?;
-    img.writeback(file).await.map_err(fail)?;
-    file.driver().flush(file).await.map_err(fail)
+    };
+    img.create_snapshot(file, sn).await.map_err(|e| {
+        format!(
+            "Could not create snapshot '{name}': {}",
+            blockd_block::strerror(&e)
+        )
+    })
 }
 
 /// `qemu-img snapshot -d NAME`.
 pub async fn delete(file: &Arc<Node>, name: &str) -> Result<(), String> {
     let img = load(file, false).await?;
-    let _a = img.alloc.lock().await;
-    let fail = |e: std::io::Error| {
-        format!(
+    // qemu-img deletes by name only.
+    match img.delete_snapshot(file, None, Some(name)).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(format!(
+            "Could not delete snapshot '{name}': snapshot not found"
+        )),
+        Err(e) => Err(format!(
             "Could not delete snapshot '{name}': {}",
             blockd_block::strerror(&e)
-        )
-    };
-    let cs = img.geo.cluster_size;
-    let mut snaps = img.snapshots();
-    // qemu-img deletes by name only.
-    let Some(i) = snaps.iter().position(|s| s.name == name) else {
-        return Err(format!(
-            "Could not delete snapshot '{name}': snapshot not found"
-        ));
-    };
-    let gone = snaps.remove(i);
-    // Out of the table first: a crash afterwards only leaks its clusters.
-    img.write_snapshot_table(file, &snaps).await.map_err(fail)?;
-    let l1 = read_l1(file, gone.l1_offset, gone.l1_size)
-        .await
-        .map_err(fail)?;
-    img.tree_refcounts(file, &l1, -1).await.map_err(fail)?;
-    if gone.l1_size > 0 {
-        img.update_refcounts(
-            file,
-            gone.l1_offset / cs,
-            (gone.l1_size as u64 * 8).div_ceil(cs),
-            -1,
-        )
-        .await
-        .map_err(fail)?;
+        )),
     }
-    img.fix_copied(file).await.map_err(fail)?;
-    img.writeback(file).await.map_err(fail)?;
-    file.driver().flush(file).await.map_err(fail)
 }
 
 /// `qemu-img snapshot -a NAME`: the active image becomes the snapshot's contents.

@@ -17,7 +17,7 @@ fn str_arg<'a>(a: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
     a.get(k).and_then(Value::as_str)
 }
 
-fn bool_opt(o: Option<&Value>) -> Option<bool> {
+pub(crate) fn bool_opt(o: Option<&Value>) -> Option<bool> {
     match o? {
         Value::Bool(b) => Some(*b),
         Value::String(s) => Some(s == "on" || s == "true"),
@@ -140,7 +140,7 @@ fn backing_depth(node: &Arc<Node>) -> u64 {
 }
 
 /// The options in force for `node`, with what it inherited from the parents it was opened with.
-fn flag(d: &Daemon, node: &Arc<Node>, get: &dyn Fn(&Map<String, Value>) -> Option<bool>) -> bool {
+pub(crate) fn flag(d: &Daemon, node: &Arc<Node>, get: &dyn Fn(&Map<String, Value>) -> Option<bool>) -> bool {
     if let Some(v) = d.node_opts.borrow().get(node.name()).and_then(get) {
         return v;
     }

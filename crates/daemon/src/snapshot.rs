@@ -326,6 +326,17 @@ impl ExternalSnapshot {
         if old.is_read_only() {
             o.insert("read-only".into(), true.into());
         }
+        // QEMU opens the overlay with the old node's flags: its cache mode too
+        let cache = |k: &'static str| {
+            crate::block::flag(d, old, &move |m: &Map<String, Value>| {
+                m.get("cache")
+                    .and_then(|c| crate::block::bool_opt(c.get(k)))
+            })
+        };
+        o.insert(
+            "cache".into(),
+            json!({"direct": cache("direct"), "no-flush": cache("no-flush")}),
+        );
         let new = d.graph.borrow_mut().open(o.clone())?;
         self.opened = true;
         d.record_options(&new, &o);

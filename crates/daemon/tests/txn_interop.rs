@@ -15,3 +15,8 @@ fn transaction_rules_and_seed_scenario() {
 fn backup_and_fleecing_like_qemu() {
     common::run_script("test_backup.py");
 }
+
+#[test]
+fn snapshots_like_qemu() {
+    common::run_script("test_snapshot.py");
+}

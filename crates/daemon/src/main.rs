@@ -15,6 +15,7 @@ mod chardev;
 mod cli;
 mod commands;
 mod hmp;
+mod internal_snapshot;
 mod iothreads;
 mod jobs;
 mod nbd;

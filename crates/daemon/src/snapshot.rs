@@ -10,7 +10,8 @@
 //! overlay opened here. As in QEMU, an overlay opened by `-sync` that ends up with no user
 //! (the node had no parents) is closed again at the end.
 //!
-//! Internal snapshots are `internal_snapshot.rs`.
+//! Internal snapshots are `internal_snapshot.rs`; `blockdev-snapshot-internal-sync` is
+//! registered here with the other snapshot actions.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -58,6 +59,10 @@ pub fn action_args() -> Vec<(&'static str, ObjectDef)> {
     vec![
         ("blockdev-snapshot", snapshot_args()),
         ("blockdev-snapshot-sync", snapshot_sync_args()),
+        (
+            "blockdev-snapshot-internal-sync",
+            obj(vec![member("device", Type::Str), member("name", Type::Str)]),
+        ),
     ]
 }
 
@@ -65,6 +70,9 @@ pub fn make_action(kind: &str, data: &Map<String, Value>) -> Option<Box<dyn Acti
     Some(match kind {
         "blockdev-snapshot-sync" => Box::new(ExternalSnapshot::new(data.clone(), true)),
         "blockdev-snapshot" => Box::new(ExternalSnapshot::new(data.clone(), false)),
+        "blockdev-snapshot-internal-sync" => Box::new(
+            crate::internal_snapshot::InternalSnapshot::new(data.clone()),
+        ),
         _ => return None,
     })
 }
@@ -81,6 +89,17 @@ pub fn register(server: &Rc<blockd_qmp::Server>, d: &Rc<Daemon>) {
             })
         });
     }
+    let dd = d.clone();
+    server.register(
+        "blockdev-snapshot-delete-internal-sync",
+        obj(vec![
+            member("device", Type::Str),
+            optional("id", Type::Str),
+            optional("name", Type::Str),
+        ]),
+        Type::Any,
+        move |a| Box::pin(crate::internal_snapshot::delete_internal(dd.clone(), a)),
+    );
 }
 
 /// QEMU's `bdrv_lookup_bs`: by BlockBackend name (the daemon has none) or node-name.

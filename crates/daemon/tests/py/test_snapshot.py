@@ -192,6 +192,47 @@ async def scenario_data(binary):
     return s.log
 
 
+async def scenario_internal(binary):
+    """blockdev-snapshot-internal-sync and -delete-internal-sync: QEMU's refusals, a
+    transaction that aborts deletes the snapshot, SnapshotInfo of deleted ones, the image
+    afterwards as qemu-img sees it."""
+    s = await S(binary).start()
+    p = s.p
+    sh("qemu-img", "create", "-q", "-f", "qcow2", p("a.qcow2"), "1M")
+    sh("qemu-img", "create", "-q", "-f", "raw", p("r.raw"), "1M")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", p("ro.qcow2"), "1M")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 64k", p("a.qcow2"))
+    await s.add("a", p("a.qcow2"))
+    await s.add("r", p("r.raw"), "raw")
+    await s.add("ro", p("ro.qcow2"), **{"read-only": True})
+    isync, dsync = "blockdev-snapshot-internal-sync", "blockdev-snapshot-delete-internal-sync"
+    for args in ({"device": "nope", "name": "x"}, {"device": "r", "name": "x"},
+                 {"device": "ro", "name": "x"}, {"device": "a", "name": ""},
+                 {"device": "a", "name": "sn1"}, {"device": "a", "name": "sn1"}):
+        await s.cmd(isync, args)
+    await s.cmd("transaction", {"actions": [
+        {"type": isync, "data": {"device": "a", "name": "sn2"}},
+        {"type": "abort", "data": {}}]})
+    await s.cmd("transaction", {"actions": [
+        {"type": isync, "data": {"device": "a", "name": "sn3"}}]})
+    for args in ({"device": "a"}, {"device": "a", "name": "zz"},
+                 {"device": "a", "id": "7", "name": "sn1"}, {"device": "a", "id": "7"},
+                 {"device": "a", "name": "sn2"}, {"device": "r", "name": "x"},
+                 {"device": "a", "id": "1"}):
+        r = await s.cmd(dsync, args)
+        if r is not None:
+            s.log.append(("deleted", {k: v for k, v in r.items()
+                                      if k not in ("date-sec", "date-nsec", "vm-clock-sec",
+                                                   "vm-clock-nsec")}))
+    await s.stop()
+    lst = sh("qemu-img", "snapshot", "-l", p("a.qcow2"))
+    s.log.append(("left", [ln.split()[1] for ln in lst.splitlines()[2:]]))
+    check_eq(subprocess.run(["qemu-img", "check", "-q", p("a.qcow2")]).returncode, 0,
+             f"{binary}: qemu-img check after internal snapshots")
+    s.cleanup()
+    return s.log
+
+
 def compare(name, ours, theirs):
     if theirs is None:
         return
@@ -205,7 +246,7 @@ def compare(name, ours, theirs):
 
 async def main():
     only = os.environ.get("TXN_ONLY")
-    for sc in (scenario_validation, scenario_data):
+    for sc in (scenario_validation, scenario_data, scenario_internal):
         if only and only not in sc.__name__:
             continue
         ours = await sc(DAEMON)

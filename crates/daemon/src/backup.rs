@@ -8,14 +8,16 @@
 //! `x-perf` is QEMU's optional tuning: `max-chunk` limits the job's copy unit (checked as
 //! QEMU checks it), `min-cluster-size` raises the cluster size; `use-copy-range` and
 //! `max-workers` are validated and otherwise have no effect (blockd copies one chunk at a time
-//! per job). `sync=bitmap|incremental` and `bitmap` need dirty bitmaps, which blockd does not
-//! have yet: a bitmap name is never found, as QEMU says of a missing one. `discard-source` is
-//! refused as not supported yet.
+//! per job). With `bitmap` (a dirty bitmap of the source): `sync=bitmap|incremental` copy
+//! only its clusters; the bitmap is frozen while the job runs (new writes go to a successor)
+//! and `bitmap-mode` (on-success, never, always) says what it holds afterwards.
+//! `discard-source` is refused as not supported yet.
 
 use std::rc::Rc;
 use std::sync::Arc;
 
 use blockd_block::Node;
+use blockd_block::dirty_bitmap::{CheckFlags, DirtyBitmap};
 use blockd_jobs::backup::{BackupParams, BackupSync, new_backup};
 use blockd_jobs::{GraphHost, Job, JobDriver, JobSpec, LocalFuture, OnError};
 use blockd_qmp::QmpError;
@@ -128,6 +130,43 @@ struct BackupAction {
     job: Option<Rc<Job>>,
     /// drive-backup's target, opened here (closed again on failure).
     opened_target: Option<Arc<Node>>,
+}
+
+/// QEMU's `backup_cleanup_sync_bitmap`: after a success (or always with `always`, never with
+/// `never`) the bitmap takes its successor's bits (the writes since the job started);
+/// otherwise the successor merges back into it. A failure with `always` keeps the clusters
+/// the job did not copy dirty.
+fn bitmap_end(
+    d: &Rc<Daemon>,
+    source: &Arc<Node>,
+    bm: Arc<DirtyBitmap>,
+    mode: String,
+    cluster: u64,
+) -> blockd_jobs::backup::OnEnd {
+    let d = Rc::downgrade(d);
+    let list = source.dirty_bitmaps().clone();
+    Box::new(move |ok, bcs| {
+        let Some(d) = d.upgrade() else { return };
+        let g = d.graph.borrow();
+        let sync = (ok || mode == "always") && mode != "never";
+        let r = if sync {
+            list.abdicate(&g, &bm)
+        } else {
+            list.reclaim(&g, &bm)
+        };
+        if let Err(e) = r {
+            tracing::error!("backup: bitmap: {e}");
+            return;
+        }
+        if !ok && mode == "always" {
+            let left = bcs.to_copy();
+            let mut c = 0;
+            while let Some(i) = left.next_set(c) {
+                bm.set_range(i * cluster, cluster);
+                c = i + 1;
+            }
+        }
+    })
 }
 
 fn parse_on_error(a: &Map<String, Value>, k: &str) -> Result<OnError, QmpError> {
@@ -271,14 +310,48 @@ impl BackupAction {
             let t = s(&a, "target");
             lookup(d, t, t)?
         };
-        if let Some(b) = s(&a, "bitmap") {
-            // blockd has no dirty bitmaps yet: no name can be found
-            return Err(QmpError::generic(format!(
-                "Bitmap '{b}' could not be found"
-            )));
-        }
-        if a.contains_key("bitmap-mode") {
-            return Err("Cannot specify bitmap sync mode without a bitmap".into());
+        let sync_name = s(&a, "sync").unwrap_or_default().to_string();
+        let bitmap = match s(&a, "bitmap") {
+            Some(b) => {
+                let bm = source
+                    .dirty_bitmaps()
+                    .find(b)
+                    .ok_or_else(|| QmpError::generic(format!("Bitmap '{b}' could not be found")))?;
+                let mode = match s(&a, "bitmap-mode") {
+                    Some(m) => m.to_string(),
+                    None if sync_name == "incremental" => "on-success".to_string(),
+                    None => {
+                        return Err("Bitmap sync mode must be given when providing a bitmap".into());
+                    }
+                };
+                bm.check(CheckFlags::ALLOW_RO)
+                    .map_err(|e| QmpError::generic(e.message))?;
+                if sync_name == "none" {
+                    return Err(
+                        "sync mode 'none' does not produce meaningful bitmap outputs".into(),
+                    );
+                }
+                if mode == "never" && sync_name != "bitmap" {
+                    return Err(QmpError::generic(format!(
+                        "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{sync_name}'"
+                    )));
+                }
+                Some((bm, mode))
+            }
+            None => {
+                if a.contains_key("bitmap-mode") {
+                    return Err("Cannot specify bitmap sync mode without a bitmap".into());
+                }
+                None
+            }
+        };
+        if sync_name == "incremental"
+            && let Some((_, mode)) = &bitmap
+            && mode != "on-success"
+        {
+            return Err(
+                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'".into(),
+            );
         }
         if a.get("discard-source").and_then(Value::as_bool) == Some(true) {
             return Err("backup 'discard-source' is not supported by blockd yet".into());
@@ -333,8 +406,30 @@ impl BackupAction {
         if speed < 0 {
             return Err("Parameter 'speed' expects a non-negative value".into());
         }
+        // The bitmap is frozen for the job; new writes go to its successor, which replaces
+        // or rejoins it at the end by `bitmap-mode`.
+        let mut to_copy = None;
+        if let Some((bm, mode)) = &bitmap {
+            if mode != "never" {
+                bm.check(CheckFlags::DEFAULT)
+                    .map_err(|e| QmpError::generic(e.message))?;
+            }
+            if matches!(sync_name.as_str(), "bitmap" | "incremental") {
+                let nclusters = source.length().div_ceil(cluster);
+                let mut bits = blockd_jobs::cbw::Bits::new(nclusters, false);
+                for (off, len) in bm.dirty_runs(0, source.length()) {
+                    for c in off / cluster..(off + len).div_ceil(cluster) {
+                        bits.set(c, true);
+                    }
+                }
+                to_copy = Some(bits);
+            }
+            source
+                .dirty_bitmaps()
+                .create_successor(&d.graph.borrow(), bm)?;
+        }
         let host: Rc<dyn GraphHost> = d.clone();
-        let (driver, worker) = new_backup(
+        let made = new_backup(
             &host,
             BackupParams {
                 source: source.clone(),
@@ -344,12 +439,24 @@ impl BackupAction {
                 compress,
                 on_source_error: parse_on_error(&a, "on-source-error")?,
                 on_target_error: parse_on_error(&a, "on-target-error")?,
-                to_copy: None,
+                to_copy,
                 min_cluster,
                 max_chunk: max_chunk as u64,
             },
         )
-        .await?;
+        .await;
+        let (driver, worker) = match made {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some((bm, _)) = &bitmap {
+                    let _ = source.dirty_bitmaps().reclaim(&d.graph.borrow(), bm);
+                }
+                return Err(e.into());
+            }
+        };
+        if let Some((bm, mode)) = bitmap {
+            driver.set_on_end(bitmap_end(d, &source, bm, mode, cluster));
+        }
         let context = d.node_context(source.name()).map(|(_, h)| h);
         let job = m.create(
             JobSpec {

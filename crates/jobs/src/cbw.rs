@@ -228,6 +228,11 @@ impl BlockCopy {
             .map(|i| i * self.cluster)
     }
 
+    /// Clusters still to copy (a failed backup with bitmap-mode=always keeps these dirty).
+    pub fn to_copy(&self) -> Bits {
+        self.maps().to_copy.clone()
+    }
+
     /// Clusters copied (sync=bitmap with bitmap-mode=always clears these in the bitmap).
     pub fn copied(&self) -> Bits {
         self.maps().copied.clone()
@@ -576,7 +581,7 @@ impl BlockDriver for CopyBeforeWrite {
     fn discard<'a>(&'a self, node: &'a Node, off: u64, len: u64) -> IoFuture<'a, io::Result<()>> {
         Box::pin(async move {
             let f = self.guard(node, off, len).await?;
-            f.driver().discard(&f, off, len).await
+            blockd_block::io::discard(&f, off, len).await
         })
     }
     fn write_zeroes<'a>(

@@ -56,6 +56,21 @@ pub fn blockdev_options(drivers: &[&str]) -> ObjectDef {
                 optional("latency-ns", Type::Int),
                 optional("read-zeroes", Type::Bool),
             ]),
+            "copy-before-write" => obj(vec![
+                member("file", child.clone()),
+                member("target", child.clone()),
+                optional(
+                    "bitmap",
+                    Type::object(vec![member("node", Type::Str), member("name", Type::Str)]),
+                ),
+                optional(
+                    "on-cbw-error",
+                    Type::enumeration(&["break-guest-write", "break-snapshot"]),
+                ),
+                optional("cbw-timeout", Type::Int),
+                optional("min-cluster-size", Type::Size),
+            ]),
+            "snapshot-access" => obj(vec![member("file", child.clone())]),
             _ => ObjectDef {
                 open: true,
                 ..Default::default()

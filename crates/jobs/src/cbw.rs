@@ -15,9 +15,8 @@
 //!
 //! Options: `file`, `target`, `on-cbw-error` (break-guest-write: the guest write fails;
 //! break-snapshot: the snapshot becomes unreadable, guest writes go on), `cbw-timeout`
-//! (seconds a copy may take before it counts as failed), `min-cluster-size`. `bitmap` (only
-//! clusters dirty in a bitmap are copied) needs the block layer's dirty bitmaps and is refused
-//! as not supported yet.
+//! (seconds a copy may take before it counts as failed), `min-cluster-size`, `bitmap` (only
+//! the clusters dirty in that bitmap when the filter opens are copied).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -631,11 +630,12 @@ pub fn file_edge(node: Arc<Node>) -> blockd_block::Child {
 }
 
 pub fn target_edge(node: Arc<Node>) -> blockd_block::Child {
+    // QEMU lets other users write the target too (two filters may share one)
     child_edge(
         "target",
         node,
         Perm::WRITE | Perm::CONSISTENT_READ,
-        Perm::ALL.minus(Perm::WRITE),
+        Perm::ALL,
     )
 }
 
@@ -647,11 +647,28 @@ fn open(g: &mut Graph, _d: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opene
     let target = g
         .open_child(o, "target", flags)?
         .ok_or_else(|| "Parameter 'target' is missing".to_string())?;
-    if o.take("bitmap").is_some() {
-        return Err(
-            "copy-before-write 'bitmap' is not supported by blockd yet (no dirty bitmaps)".into(),
-        );
-    }
+    // `bitmap`: only its dirty clusters hold data to keep (read once, at open, as QEMU)
+    let bitmap = match o.take("bitmap") {
+        None => None,
+        Some(serde_json::Value::Object(m)) => {
+            let field = |k: &str| {
+                m.get(k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let (node, name) = (field("node"), field("name"));
+            let n = g
+                .node(&node)
+                .ok_or_else(|| format!("Node '{node}' not found"))?;
+            let bm = n
+                .dirty_bitmaps()
+                .find(&name)
+                .ok_or_else(|| format!("Dirty bitmap '{name}' not found"))?;
+            Some(bm)
+        }
+        Some(_) => return Err("Invalid parameter type for 'bitmap', expected: object".into()),
+    };
     let on_error = match o.take_str("on-cbw-error")?.as_deref() {
         None | Some("break-guest-write") => OnCbwError::BreakGuestWrite,
         Some("break-snapshot") => OnCbwError::BreakSnapshot,
@@ -670,10 +687,12 @@ fn open(g: &mut Graph, _d: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opene
     };
     let min = o.take_size("min-cluster-size")?.unwrap_or(0);
     if min != 0 && !min.is_power_of_two() {
-        return Err("min-cluster-size needs to be a power of 2".into());
+        return Err(
+            "Cannot create block-copy-state: min-cluster-size needs to be a power of 2".into(),
+        );
     }
     if min > 1 << 30 {
-        return Err("min-cluster-size too large".into());
+        return Err("Cannot create block-copy-state: min-cluster-size too large".into());
     }
     if file.length() != target.length() {
         return Err("Source and target image have different sizes".into());
@@ -681,6 +700,15 @@ fn open(g: &mut Graph, _d: &str, o: &mut Opts, flags: OpenFlags) -> Result<Opene
     let len = file.length();
     let cluster = cluster_size_for(&target, min);
     let bcs = Arc::new(BlockCopy::new(len, cluster, false, on_error, timeout));
+    if let Some(bm) = bitmap {
+        let mut bits = Bits::new(len.div_ceil(cluster), false);
+        for (off, n) in bm.dirty_runs(0, len) {
+            for c in off / cluster..(off + n).div_ceil(cluster) {
+                bits.set(c, true);
+            }
+        }
+        bcs.set_to_copy(bits);
+    }
     Ok(Opened {
         driver: Box::new(CopyBeforeWrite { bcs }),
         children: vec![file_edge(file), target_edge(target)],

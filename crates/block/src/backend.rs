@@ -323,6 +323,29 @@ impl BlockBackend {
         r
     }
 
+    /// Copy-on-read of `[offset, offset+len)` of the root node without returning the data
+    /// (QEMU's prefetch read through copy-on-read; [`crate::io::copy_on_read`]): the parts the
+    /// root does not hold itself are copied into it from its backing chain, serialised
+    /// against concurrent writes of the range. Needs `write` or `write unchanged`.
+    pub async fn copy_on_read(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.shared.enter().await;
+        let _g = InFlight(&self.shared);
+        if !self.shared.perm.contains(Perm::WRITE)
+            && !self.shared.perm.contains(Perm::WRITE_UNCHANGED)
+        {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        let node = self.shared.root.load_full();
+        self.check_range(&node, offset, len)?;
+        let r = crate::io::copy_on_read(&node, offset, len, None).await;
+        self.report(&node, "read", &r);
+        self.account(&r, |s| {
+            s.rd_ops.fetch_add(1, Ordering::Relaxed);
+            s.rd_bytes.fetch_add(len, Ordering::Relaxed);
+        });
+        r
+    }
+
     pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
         self.shared.enter().await;
         let _g = InFlight(&self.shared);

@@ -1,6 +1,7 @@
 //! The request path below a BlockBackend: alignment (read-modify-write for requests a node
-//! cannot take as they are, e.g. O_DIRECT), splitting at the node's maximum transfer, and the
-//! write-zeroes fallback.
+//! cannot take as they are, e.g. O_DIRECT), splitting at the node's maximum transfer, the
+//! write-zeroes fallback, request tracking (`serialise.rs`: every write is tracked on its node;
+//! a read-modify-write serialises its aligned range) and copy-on-read.
 
 use std::io;
 use std::sync::Arc;
@@ -42,7 +43,9 @@ pub async fn aligned_read(node: &Arc<Node>, offset: u64, buf: IoBuf) -> BufResul
     (r, buf)
 }
 
-/// Write through `node`; unaligned writes read the surrounding blocks first.
+/// Write through `node`; unaligned writes read the surrounding blocks first. The write is
+/// tracked on `node` (it waits for overlapping serialising requests); a read-modify-write is
+/// itself serialising over its aligned range.
 pub async fn aligned_write(
     node: &Arc<Node>,
     offset: u64,
@@ -53,7 +56,22 @@ pub async fn aligned_write(
     if len == 0 {
         return (Ok(()), buf);
     }
+    let a = (node.limits().request_alignment as u64).max(1);
+    let start = offset / a * a;
+    let end = (offset + len).div_ceil(a) * a;
+    let _tracked = if start == offset && end == offset + len {
+        node.requests().write(offset, len).await
+    } else {
+        node.requests().serialise(start, end - start).await
+    };
+    // Dropped first: the bitmaps are marked while the write is still tracked.
     let _dirty = node.dirty_bitmaps().mark_on_drop(offset, len);
+    write_untracked(node, offset, buf, flags).await
+}
+
+/// [`aligned_write`] inside a request the caller already tracks (a serialising section).
+async fn write_untracked(node: &Arc<Node>, offset: u64, buf: IoBuf, flags: ReqFlags) -> BufResult {
+    let len = buf.len() as u64;
     if aligned(node, offset, len) && mem_ok(node, &buf) {
         return node.driver().write(node, offset, buf, flags).await;
     }
@@ -83,14 +101,31 @@ fn mem_align(node: &Node) -> usize {
 }
 
 /// Write zeroes, falling back to writing a zero buffer when the driver cannot (unless the
-/// caller asked for no fallback).
+/// caller asked for no fallback). Tracked on `node` as a write.
 pub async fn write_zeroes(
     node: &Arc<Node>,
     offset: u64,
     len: u64,
     flags: ReqFlags,
 ) -> io::Result<()> {
+    let _tracked = node.requests().write(offset, len).await;
     let _dirty = node.dirty_bitmaps().mark_on_drop(offset, len);
+    write_zeroes_untracked(node, offset, len, flags).await
+}
+
+/// Discard through `node`, tracked as a write.
+pub async fn discard(node: &Arc<Node>, offset: u64, len: u64) -> io::Result<()> {
+    let _tracked = node.requests().write(offset, len).await;
+    let _dirty = node.dirty_bitmaps().mark_on_drop(offset, len);
+    node.driver().discard(node, offset, len).await
+}
+
+async fn write_zeroes_untracked(
+    node: &Arc<Node>,
+    offset: u64,
+    len: u64,
+    flags: ReqFlags,
+) -> io::Result<()> {
     match node.driver().write_zeroes(node, offset, len, flags).await {
         Err(e)
             if e.raw_os_error() == Some(libc::ENOTSUP)
@@ -102,7 +137,7 @@ pub async fn write_zeroes(
                 let n = CHUNK.min(offset + len - off);
                 let buf = IoBuf::zeroed(n as usize, mem_align(node));
                 let (r, _) =
-                    aligned_write(node, off, buf, flags.without(ReqFlags::MAY_UNMAP)).await;
+                    write_untracked(node, off, buf, flags.without(ReqFlags::MAY_UNMAP)).await;
                 r?;
                 off += n;
             }
@@ -112,8 +147,71 @@ pub async fn write_zeroes(
     }
 }
 
-/// Discard through `node` (marks its dirty bitmaps).
-pub async fn discard(node: &Arc<Node>, offset: u64, len: u64) -> io::Result<()> {
-    let _dirty = node.dirty_bitmaps().mark_on_drop(offset, len);
-    node.driver().discard(node, offset, len).await
+/// Largest piece a copy-on-read copies at once (QEMU bounces at most 1 MiB).
+const COR_PIECE: u64 = 1 << 20;
+
+/// Copy-on-read of `[offset, offset+len)` of `node` (QEMU's `BDRV_REQ_COPY_ON_READ`): inside
+/// one serialising request over the node's clusters covering the range, the parts `node`
+/// itself does not hold are read through its backing chain and written into it unchanged
+/// (zeroes as write-zeroes). The serialisation makes concurrent writers safe: a write of the
+/// range that started earlier lands first (and the range is then held, so not copied); one
+/// that starts later waits until the copy is in. With `out`, the range's data is returned
+/// there (`out.len() == len`); without, it is a prefetch.
+pub async fn copy_on_read(
+    node: &Arc<Node>,
+    offset: u64,
+    len: u64,
+    mut out: Option<&mut [u8]>,
+) -> io::Result<()> {
+    let node_len = node.length();
+    let end = match offset.checked_add(len) {
+        Some(e) if e <= node_len => e,
+        _ => return Err(io::Error::from_raw_os_error(libc::EIO)),
+    };
+    if len == 0 {
+        return Ok(());
+    }
+    let cluster = node
+        .driver()
+        .cluster_size()
+        .unwrap_or(0)
+        .max(node.limits().request_alignment as u64)
+        .max(1);
+    let start = offset / cluster * cluster;
+    let stop = end.div_ceil(cluster).saturating_mul(cluster).min(node_len);
+    let _serialised = node.requests().serialise(start, stop - start).await;
+    let mut pos = start;
+    while pos < stop {
+        let st = node
+            .driver()
+            .block_status(node, pos, (stop - pos).min(COR_PIECE))
+            .await?;
+        let n = st.len.clamp(1, (stop - pos).min(COR_PIECE));
+        // The part of this piece the caller wants back.
+        let (ws, we) = (pos.max(offset), (pos + n).min(end));
+        if st.allocated {
+            if let Some(out) = out.as_deref_mut().filter(|_| ws < we) {
+                let (r, b) = aligned_read(node, ws, IoBuf::new((we - ws) as usize, 4096)).await;
+                r?;
+                out[(ws - offset) as usize..(we - offset) as usize].copy_from_slice(&b);
+            }
+        } else {
+            let (r, data) = aligned_read(node, pos, IoBuf::new(n as usize, mem_align(node))).await;
+            r?;
+            let data = if data.iter().all(|&b| b == 0) {
+                write_zeroes_untracked(node, pos, n, ReqFlags::NONE).await?;
+                data
+            } else {
+                let (r, data) = write_untracked(node, pos, data, ReqFlags::NONE).await;
+                r?;
+                data
+            };
+            if let Some(out) = out.as_deref_mut().filter(|_| ws < we) {
+                out[(ws - offset) as usize..(we - offset) as usize]
+                    .copy_from_slice(&data[(ws - pos) as usize..(we - pos) as usize]);
+            }
+        }
+        pos += n;
+    }
+    Ok(())
 }

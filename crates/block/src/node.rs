@@ -55,6 +55,8 @@ pub struct Node {
     auto_named: bool,
     /// Dirty bitmaps, marked by every write through `io.rs` (`dirty_bitmap.rs`).
     dirty_bitmaps: Arc<crate::dirty_bitmap::DirtyBitmapList>,
+    /// Writes in flight and serialising requests (`serialise.rs`).
+    requests: Arc<crate::serialise::RequestTracker>,
 }
 
 impl std::fmt::Debug for Node {
@@ -90,6 +92,7 @@ impl Node {
             limits: ArcSwap::from_pointee(limits),
             auto_named,
             dirty_bitmaps,
+            requests: crate::serialise::RequestTracker::new(),
         })
     }
 
@@ -99,6 +102,11 @@ impl Node {
 
     pub fn is_auto_named(&self) -> bool {
         self.auto_named
+    }
+
+    /// The node's request tracker (request serialisation, `serialise.rs`).
+    pub fn requests(&self) -> &Arc<crate::serialise::RequestTracker> {
+        &self.requests
     }
 
     /// The node's dirty bitmaps.

@@ -277,8 +277,8 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
         ]),
         empty(),
         move |a| {
-            let r = block_stream(&dd, &mm, &a).map(|_| json!({}));
-            Box::pin(async move { r })
+            let (d, m) = (dd.clone(), mm.clone());
+            Box::pin(async move { block_stream(&d, &m, &a).await.map(|_| json!({})) })
         },
     );
 
@@ -434,7 +434,7 @@ fn node_filename(n: &Arc<Node>) -> Option<String> {
         .or_else(|| n.child("file").and_then(|f| f.driver().filename()))
 }
 
-fn block_stream(
+async fn block_stream(
     d: &Rc<Daemon>,
     m: &Rc<JobManager>,
     a: &Map<String, Value>,
@@ -495,9 +495,6 @@ fn block_stream(
     if a.contains_key("backing-file") && base_bs.is_none() && bottom.is_none() {
         return Err("backing file specified, but streaming the entire chain".into());
     }
-    if a.contains_key("filter-node-name") {
-        return Err("block-stream 'filter-node-name' is not supported by blockd yet (no copy-on-read filter)".into());
-    }
     let on_error = match s(a, "on-error") {
         None | Some("auto") => OnError::Report,
         Some(v) => OnError::parse(v)?,
@@ -520,8 +517,10 @@ fn block_stream(
             base: base_bs,
             backing: backing_name(a),
             on_error,
+            filter_name: s(a, "filter-node-name").map(str::to_string),
         },
-    )?;
+    )
+    .await?;
     let job = m.create(
         JobSpec {
             id,

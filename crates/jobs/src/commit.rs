@@ -87,7 +87,15 @@ pub fn new_commit(
         Box::pin(async move {
             // `top` reads through the chain: its view is what base must hold afterwards.
             let src = layer_bes[0].clone();
-            crate::copy::copy_above(&ctx, &src, &base_be, false, &layer_bes, on_error).await?;
+            crate::copy::copy_above(
+                &ctx,
+                &src,
+                &base_be,
+                crate::copy::Mode::ReadWrite,
+                &layer_bes,
+                on_error,
+            )
+            .await?;
             base_be
                 .flush()
                 .await

@@ -25,18 +25,29 @@ pub(crate) async fn allocated_in_layers(
     Ok((false, n))
 }
 
+/// How a chunk gets from the chain into the destination.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Stream: `src` and `dst` are the top; each chunk is a copy-on-read of the top (a
+    /// serialising request, so the top's users may write meanwhile), and ranges the top
+    /// already holds are left alone (its own data wins).
+    CopyOnRead,
+    /// Commit: read through `src`, write into `dst` (which nobody else writes).
+    ReadWrite,
+}
+
 /// Copy what `layers` hold (QEMU's `is_allocated_above` of the chain segment) from `src` (which
 /// reads through the whole chain) to `dst`, chunk by chunk, with pause points, rate limiting,
-/// progress and the error policy. With `skip_dst_allocated`, ranges `dst` already holds are
-/// left alone (stream: the top's own data wins).
+/// progress and the error policy.
 pub(crate) async fn copy_above(
     ctx: &JobCtx,
     src: &BlockBackend,
     dst: &BlockBackend,
-    skip_dst_allocated: bool,
+    mode: Mode,
     layers: &[BlockBackend],
     on_error: OnError,
 ) -> Result<(), String> {
+    let skip_dst_allocated = mode == Mode::CopyOnRead;
     let len = src.length();
     ctx.set_total(len);
     let mut first_error: Option<String> = None;
@@ -67,7 +78,17 @@ pub(crate) async fn copy_above(
                 ErrorAction::Report => break,
             },
         };
-        if copy {
+        if copy && mode == Mode::CopyOnRead {
+            // A read error and a write error are not told apart here; QEMU's stream reports
+            // copy-on-read failures as read errors too.
+            if let Err(e) = dst.copy_on_read(off, n).await {
+                match handle_error(ctx, on_error, true, &e, &mut first_error).await {
+                    ErrorAction::Stop => continue,
+                    ErrorAction::Ignore => {}
+                    ErrorAction::Report => break,
+                }
+            }
+        } else if copy {
             let (r, buf) = src.read(off, IoBuf::new(n as usize, 4096)).await;
             let r = match r {
                 Ok(()) => dst

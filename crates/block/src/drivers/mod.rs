@@ -1,5 +1,6 @@
 //! The drivers, one module each, and opening one by name.
 
+pub mod copy_on_read;
 pub mod file;
 pub mod null;
 pub mod raw;
@@ -20,7 +21,14 @@ pub struct Opened {
 
 /// Names of the drivers built into this crate (others register with
 /// [`Graph::register_driver`]).
-pub const DRIVERS: &[&str] = &["file", "host_device", "raw", "null-co", "null-aio"];
+pub const DRIVERS: &[&str] = &[
+    "file",
+    "host_device",
+    "raw",
+    "null-co",
+    "null-aio",
+    "copy-on-read",
+];
 
 /// A driver's open: the graph (to open or look up children), the driver name it was opened
 /// under, its options (take what you use; the rest is an error) and the inherited flags.
@@ -50,6 +58,10 @@ fn open_raw(g: &mut Graph, _d: &str, o: &mut Opts, f: OpenFlags) -> Result<Opene
     raw::open(g, o, f)
 }
 
+fn open_cor(g: &mut Graph, _d: &str, o: &mut Opts, f: OpenFlags) -> Result<Opened, String> {
+    copy_on_read::open(g, o, f)
+}
+
 /// The drivers every graph starts with.
 pub(crate) fn builtin() -> Vec<DriverEntry> {
     let e = |name, open| DriverEntry {
@@ -63,6 +75,7 @@ pub(crate) fn builtin() -> Vec<DriverEntry> {
         e("raw", open_raw),
         e("null-co", open_null),
         e("null-aio", open_null),
+        e("copy-on-read", open_cor),
     ]
 }
 

@@ -108,6 +108,7 @@ pub fn make_action(kind: &str, data: &Map<String, Value>) -> Option<Box<dyn Acti
         drive,
         job: None,
         opened_target: None,
+        filter: None,
     }))
 }
 
@@ -130,6 +131,8 @@ struct BackupAction {
     job: Option<Rc<Job>>,
     /// drive-backup's target, opened here (closed again on failure).
     opened_target: Option<Arc<Node>>,
+    /// The job's copy-before-write filter (gone again after an abort).
+    filter: Option<String>,
 }
 
 /// QEMU's `backup_cleanup_sync_bitmap`: after a success (or always with `always`, never with
@@ -457,6 +460,7 @@ impl BackupAction {
         if let Some((bm, mode)) = bitmap {
             driver.set_on_end(bitmap_end(d, &source, bm, mode, cluster));
         }
+        self.filter = driver.filter_name();
         let context = d.node_context(source.name()).map(|(_, h)| h);
         let job = m.create(
             JobSpec {
@@ -516,12 +520,15 @@ impl Action for BackupAction {
                     }
                     blockd_aio::sleep(std::time::Duration::from_millis(1)).await;
                 }
-                // the filter is removed by the job's abort, on its own task
+                // the filter (and a target opened here) go in the job's abort, on its own
+                // task: the transaction returns once the graph is as before
                 for _ in 0..2000 {
+                    let d = &cx.daemon;
                     let gone = self
                         .opened_target
                         .as_ref()
-                        .is_none_or(|t| cx.daemon.node(t.name()).is_none());
+                        .is_none_or(|t| d.node(t.name()).is_none())
+                        && self.filter.as_ref().is_none_or(|f| d.node(f).is_none());
                     if gone {
                         break;
                     }

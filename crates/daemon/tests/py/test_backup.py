@@ -151,9 +151,10 @@ async def scenario_errors(binary):
     return s.log
 
 
-async def point_in_time(binary, drive):
-    """Full backup of 0x11 data while the guest writes 0x22 everywhere."""
-    s = await S(binary).start()
+async def point_in_time(binary, drive, iothread=False):
+    """Full backup of 0x11 data while the guest writes 0x22 everywhere (with `iothread`, the
+    source's export and so the job and the filter's copies run in an iothread)."""
+    s = await S(binary).start(["--object", "iothread,id=io0"] if iothread else [])
     src, tgt = s.p("src.qcow2"), s.p("tgt.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", src, str(SIZE))
     fill(src, "qcow2", "0x11")
@@ -162,8 +163,10 @@ async def point_in_time(binary, drive):
     await s.add("src", src)
     sock = s.p("nbd.sock")
     await s.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
-    await s.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "src",
-                                     "writable": True})
+    exp = {"type": "nbd", "id": "e", "node-name": "src", "writable": True}
+    if iothread:
+        exp["iothread"] = "io0"
+    await s.cmd("block-export-add", exp)
     if drive:
         await s.cmd("drive-backup", {"job-id": "b", "device": "src", "target": tgt,
                                      "sync": "full", "speed": 4 * MiB, "compress": True})
@@ -199,7 +202,13 @@ async def point_in_time(binary, drive):
 
 
 async def scenario_point_in_time(binary):
-    return await point_in_time(binary, False) + await point_in_time(binary, True)
+    log = await point_in_time(binary, False) + await point_in_time(binary, True)
+    if binary == DAEMON:
+        # blockd only: qemu-storage-daemon 10.0.2 aborts inserting the backup filter above a
+        # node in an iothread when the target is in the main context
+        # (bdrv_insert_node: Assertion `bdrv_get_aio_context(bs) == ctx' failed)
+        await point_in_time(binary, False, iothread=True)
+    return log
 
 
 async def scenario_top(binary):

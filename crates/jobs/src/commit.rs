@@ -1,13 +1,14 @@
 //! `block-commit` of an intermediate layer: the data of `top` and of the layers between it and
 //! `base` goes into `base`, then the overlay of `top` (the node whose backing file it is) gets
 //! `base` as its backing file (QEMU's block/commit.c, by its documented behaviour). The commit
-//! of the active layer (which goes READY and pivots like a mirror) is not done yet.
+//! of the active layer is a mirror (`mirror.rs`, job type "commit").
 //!
 //! The worker runs in the chain's context through the job's BlockBackends: on `top` (reading
 //! through the chain), on `base` (writing; others may not write it meanwhile), and read-only on
 //! each committed layer (which ranges they hold). The graph change (prepare) happens in the
 //! main context inside a drained section, where the overlay's qcow2 header is rewritten to name
-//! the base (or the user's `backing-file`), as QEMU does.
+//! the base (or the user's `backing-file`), as QEMU does. A base smaller than the top is grown
+//! to the top's size before the copy, as QEMU does.
 
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
@@ -45,20 +46,15 @@ pub fn new_commit(
 ) -> Result<(Rc<CommitJob>, Worker), String> {
     let mut layers = vec![p.top.clone()];
     layers.extend(crate::stream::intermediates(&p.top, Some(&p.base))?);
-    if p.base.length() < p.top.length() {
-        return Err(format!(
-            "Committing into a smaller base ('{}') is not supported by blockd yet",
-            p.base.name()
-        ));
-    }
     let mut made: Vec<BlockBackend> = Vec::new();
     let r = (|| {
         let g = host.graph().borrow();
+        // A base smaller than the top grows first (as QEMU's commit), hence `resize`.
         made.push(g.new_backend(
             "",
             &p.base,
-            Perm::CONSISTENT_READ | Perm::WRITE,
-            Perm::ALL.minus(Perm::WRITE),
+            Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
+            Perm::ALL.minus(Perm::WRITE).minus(Perm::RESIZE),
         )?);
         for n in &layers {
             made.push(g.new_backend("", n, Perm::CONSISTENT_READ, Perm::ALL)?);
@@ -87,6 +83,12 @@ pub fn new_commit(
         Box::pin(async move {
             // `top` reads through the chain: its view is what base must hold afterwards.
             let src = layer_bes[0].clone();
+            if base_be.length() < src.length() {
+                base_be
+                    .truncate(src.length())
+                    .await
+                    .map_err(|e| blockd_block::strerror(&e))?;
+            }
             crate::copy::copy_above(
                 &ctx,
                 &src,

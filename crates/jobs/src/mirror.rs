@@ -258,7 +258,9 @@ pub async fn new_mirror(
     if Arc::ptr_eq(&p.source, &p.target) {
         return Err("Can't mirror node into itself".into());
     }
-    if p.source.length() != p.target.length() {
+    // An active commit grows a smaller base first (as QEMU's); a mirror needs equal sizes.
+    let grow_target = p.job_type == "commit" && p.target.length() < p.source.length();
+    if p.source.length() != p.target.length() && !grow_target {
         return Err("Source and target image have different sizes".into());
     }
     let len = p.source.length();
@@ -299,11 +301,16 @@ pub async fn new_mirror(
         let g = host.graph().borrow();
         g.new_backend("", &p.source, Perm::CONSISTENT_READ, Perm::ALL)
             .and_then(|s| {
+                let resize = if grow_target {
+                    Perm::RESIZE
+                } else {
+                    Perm::NONE
+                };
                 match g.new_backend(
                     "",
                     &p.target,
-                    Perm::CONSISTENT_READ | Perm::WRITE,
-                    Perm::ALL.minus(Perm::WRITE),
+                    Perm::CONSISTENT_READ | Perm::WRITE | resize,
+                    Perm::ALL.minus(Perm::WRITE).minus(resize),
                 ) {
                     Ok(t) => Ok((s, t)),
                     Err(e) => {
@@ -438,6 +445,9 @@ async fn copy_run(
 impl WorkerState {
     async fn run(self, ctx: JobCtx) -> Result<(), String> {
         let len = self.source.length();
+        if self.target.length() < len {
+            self.target.truncate(len).await.map_err(|e| strerror(&e))?;
+        }
         self.active.running.store(true, Ordering::SeqCst);
         let _running = RunningFlag(self.active.clone());
         match self.sync {

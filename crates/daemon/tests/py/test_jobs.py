@@ -691,6 +691,50 @@ async def scenario_active_commit_under_fire(binary):
     return None
 
 
+async def scenario_commit_smaller_base(binary):
+    """Commit into a base smaller than the top (intermediate and active): the base grows to the
+    top's size first and then holds the whole chain."""
+    log = []
+    for active in (False, True):
+        s = Session.__new__(Session)
+        s.binary, s.log = binary, log
+        s.dir = tempfile.mkdtemp(prefix="blockd-jobs-small-")
+        s.base, s.mid, s.top = (os.path.join(s.dir, n)
+                                for n in ("base.qcow2", "mid.qcow2", "top.qcow2"))
+        sh("qemu-img", "create", "-q", "-f", "qcow2", s.base, str(SIZE // 2))
+        sh("qemu-io", "-c", "write -P 0x11 0 2M", s.base)
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", s.base, "-F", "qcow2", s.mid,
+           str(SIZE))
+        sh("qemu-io", "-c", "write -P 0x22 1M 1M", "-c", "write -P 0x23 3M 64k", s.mid)
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", s.mid, "-F", "qcow2", s.top)
+        sh("qemu-io", "-c", "write -P 0x33 3584k 256k", s.top)
+        s.expected = raw_of(s.top, os.path.join(s.dir, "expected.raw"))
+        await s.start()
+        if active:
+            await s.cmd("block-commit", {"job-id": "c", "device": "top"})
+            await s.events_until("c", "ready")
+            await s.cmd("job-complete", {"id": "c"})
+        else:
+            await s.cmd("block-commit", {"job-id": "c", "device": "top", "top-node": "mid",
+                                         "base-node": "base"})
+        await s.events_until("c", "null")
+        await s.cmd("query-named-block-nodes", {"flat": True})
+        s.log[-1] = s.log[-1][:2]
+        await s.stop()
+        size = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", s.base],
+                                         check=True, capture_output=True,
+                                         text=True).stdout)["virtual-size"]
+        check_eq(size, SIZE, f"{binary}: commit into a smaller base (active {active}): size")
+        if active:
+            got = raw_of(s.base, os.path.join(s.dir, "base.raw"))
+        else:
+            got = raw_of(top_on(s.top, s.base), os.path.join(s.dir, "new.raw"))
+        check(got == s.expected, f"{binary}: commit into a smaller base (active {active}): data")
+        sh("qemu-img", "check", "-q", s.base)
+        s.cleanup()
+    return log
+
+
 def backing_of(s, path):
     """qemu-img info's backing name and format, the session directory shown as $D."""
     out = subprocess.run(["qemu-img", "info", "-U", "--output=json", path], check=True,
@@ -1157,6 +1201,7 @@ async def main():
                scenario_commit_under_fire, scenario_backing_names,
                scenario_shutdown, scenario_write_blocking, scenario_drive_mirror,
                scenario_blockdev_create, scenario_replaces,
+               scenario_commit_smaller_base,
                scenario_stream_under_fire, scenario_active_commit_under_fire,
                scenario_commit_under_fire_rounds):
         only = os.environ.get("JOBS_ONLY")

@@ -216,6 +216,52 @@ async def scenario_point_in_time(binary):
     return log
 
 
+async def scenario_snapshot_during_backup(binary):
+    """A transaction taking an external snapshot of a node while a backup of it runs and an
+    NBD client overwrites it: the overlay goes between the backup's filter and the node, the
+    backup still ends with the point-in-time data, the node keeps the data of before the
+    snapshot and the overlay has the writes."""
+    s = await S(binary).start()
+    src, tgt = s.p("src.qcow2"), s.p("tgt.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", src, str(SIZE))
+    fill(src, "qcow2", "0x11")
+    orig = s.p("orig.raw")
+    sh("qemu-img", "convert", "-O", "raw", src, orig)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", tgt, str(SIZE))
+    await s.add("src", src)
+    await s.add("tgt", tgt)
+    sock = s.p("nbd.sock")
+    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    await s.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "src",
+                                     "writable": True})
+    await s.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
+                                    "sync": "full", "speed": 2 * MiB,
+                                    "filter-node-name": "cbw0"})
+    cl = await nbd_client.Client().connect(sock, "src")
+    await cl.write(0, b"\x22" * MiB)
+    await s.cmd("transaction", {"actions": [{"type": "blockdev-snapshot-sync", "data": {
+        "node-name": "src", "snapshot-file": s.p("ov.qcow2"), "snapshot-node-name": "ov"}}]})
+    for off in range(MiB, SIZE, 256 * 1024):
+        await cl.write(off, b"\x33" * (256 * 1024))
+    await cl.flush()
+    await s.wait_job("b")
+    await cl.close()
+    await asyncio.sleep(0.2)  # the server sees the disconnect
+    await s.cmd("block-export-del", {"id": "e"})
+    await asyncio.sleep(0.2)
+    await s.stop()
+    r = subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", tgt, orig])
+    check_eq(r.returncode, 0, f"{binary}: backup across a snapshot is the point in time")
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"read -P 0x11 {MiB} {SIZE - MiB}",
+                        src], capture_output=True, text=True)
+    check("failed" not in r.stdout, f"{binary}: the old node has no later writes: {r.stdout}")
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"read -P 0x33 {MiB} {SIZE - MiB}",
+                        s.p("ov.qcow2")], capture_output=True, text=True)
+    check("failed" not in r.stdout, f"{binary}: the overlay has the writes: {r.stdout}")
+    s.cleanup()
+    return s.log
+
+
 async def scenario_top(binary):
     s = await S(binary).start()
     base, top, tgt = s.p("base.qcow2"), s.p("top.qcow2"), s.p("tgt.qcow2")
@@ -556,7 +602,8 @@ def compare(name, ours, theirs):
 
 async def main():
     only = os.environ.get("TXN_ONLY")
-    for sc in (scenario_errors, scenario_point_in_time, scenario_top, scenario_fleecing,
+    for sc in (scenario_errors, scenario_point_in_time, scenario_snapshot_during_backup,
+               scenario_top, scenario_fleecing,
                scenario_cbw_options, scenario_error_policy, scenario_transactions,
                scenario_incremental):
         if only and only not in sc.__name__:

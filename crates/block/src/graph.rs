@@ -321,7 +321,7 @@ impl Graph {
             .lock_parents()
             .iter()
             .map(|p| p.parent.clone())
-            .filter(|p| !crate::node::same_parent(p, &filter_ref))
+            .filter(|p| !crate::node::same_parent(p, &filter_ref) && !below(filter, p))
             .collect();
         for p in others {
             self.repoint_parent(&p, node, filter);
@@ -391,7 +391,7 @@ impl Graph {
             .lock_parents()
             .iter()
             .map(|p| p.parent.clone())
-            .filter(|p| !crate::node::same_parent(p, &to_ref))
+            .filter(|p| !crate::node::same_parent(p, &to_ref) && !below(to, p))
             .collect();
         for p in parents {
             self.repoint_parent(&p, from, to);
@@ -446,6 +446,19 @@ impl Graph {
             }
         }
         from.remove_parent(p);
+    }
+}
+
+/// Is the parent `p` a node at or below `top`? Moving its edge onto `top` would make a cycle
+/// (a backup target whose backing file is the source stays on the source; QEMU's
+/// `should_update_child`).
+fn below(top: &Arc<Node>, p: &ParentRef) -> bool {
+    fn reaches(n: &Arc<Node>, target: &Arc<Node>) -> bool {
+        Arc::ptr_eq(n, target) || n.children().iter().any(|c| reaches(&c.node, target))
+    }
+    match p {
+        ParentRef::Node(w) => w.upgrade().is_some_and(|pn| reaches(top, &pn)),
+        ParentRef::Backend(_) => false,
     }
 }
 

@@ -342,6 +342,49 @@ async def scenario_fleecing(binary):
     return s.log
 
 
+async def scenario_fleecing_sync_none(binary):
+    """The older fleecing: a backup with sync=none into a temporary qcow2 whose backing file
+    is the source, the temporary node exported read-only: a reader sees the point-in-time
+    data while the guest overwrites the source; the job runs until cancelled."""
+    s = await S(binary).start()
+    src, tmp = s.p("src.qcow2"), s.p("tmp.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", src, str(SIZE))
+    fill(src, "qcow2", "0x55")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", src, "-F", "qcow2", tmp)
+    await s.add("src", src)
+    await s.add("tmp", tmp, backing="src")
+    sock = s.p("nbd.sock")
+    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    await s.cmd("block-export-add", {"type": "nbd", "id": "guest", "node-name": "src",
+                                     "writable": True})
+    await s.cmd("blockdev-backup", {"job-id": "f", "device": "src", "target": "tmp",
+                                    "sync": "none"})
+    await s.cmd("block-export-add", {"type": "nbd", "id": "view", "node-name": "tmp"})
+    guest = await nbd_client.Client().connect(sock, "src")
+    reader = await nbd_client.Client().connect(sock, "tmp")
+    chunk = 256 * 1024
+    for off in range(0, SIZE, chunk):
+        await guest.write(off, b"\x77" * chunk)
+    bad = 0
+    for off in range(0, SIZE, 64 * 1024):
+        if await reader.read(off, 64 * 1024) != b"\x55" * 65536:
+            bad += 1
+    check_eq(bad, 0, f"{binary}: sync=none fleecing: blocks of the view that changed")
+    jobs = await s.cmd("query-block-jobs")
+    s.log.append(("running", [(j["device"], j["status"]) for j in jobs]))
+    await reader.close()
+    await guest.close()
+    await asyncio.sleep(0.2)
+    await s.cmd("block-export-del", {"id": "view"})
+    await s.cmd("block-job-cancel", {"device": "f"})
+    await s.wait_job("f")
+    await s.cmd("block-export-del", {"id": "guest"})
+    await asyncio.sleep(0.2)
+    await s.stop()
+    s.cleanup()
+    return s.log
+
+
 async def scenario_cbw_options(binary):
     """copy-before-write and snapshot-access options at blockdev-add: QEMU's refusals; two
     filters may share a target; snapshot-access opens on any node (reads need a filter)."""
@@ -603,7 +646,7 @@ def compare(name, ours, theirs):
 async def main():
     only = os.environ.get("TXN_ONLY")
     for sc in (scenario_errors, scenario_point_in_time, scenario_snapshot_during_backup,
-               scenario_top, scenario_fleecing,
+               scenario_top, scenario_fleecing, scenario_fleecing_sync_none,
                scenario_cbw_options, scenario_error_policy, scenario_transactions,
                scenario_incremental):
         if only and only not in sc.__name__:

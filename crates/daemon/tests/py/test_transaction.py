@@ -259,6 +259,68 @@ async def scenario_seed(binary, rounds):
     return [e for e in log if e[0] not in ("query-named-block-nodes", "query-block-exports")]
 
 
+async def scenario_bitmaps(binary):
+    """The six bitmap actions in transactions, vs qemu-storage-daemon: an `abort` undoes an
+    add, a clear, a remove, an enable, a merge; a good transaction of several; refusals.
+    Skipped (loudly) while the daemon has no block-dirty-bitmap-add."""
+    d = Daemon(binary)
+    c = await d.client()
+    cmds = await c.execute("query-commands")
+    if not any(x["name"] == "block-dirty-bitmap-add" for x in cmds):
+        print(f"SKIPPED scenario_bitmaps on {binary}: no block-dirty-bitmap-add yet")
+        await c.disconnect()
+        d.stop()
+        return None
+    log = []
+    img = d.path("a.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "4M")
+    await cmd(c, log, "blockdev-add", {"driver": "qcow2", "node-name": "a",
+                                       "file": {"driver": "file", "filename": img}})
+    sock = d.path("nbd.sock")
+    await cmd(c, log, "nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    await cmd(c, log, "block-export-add", {"type": "nbd", "id": "e", "node-name": "a",
+                                           "writable": True})
+    cl = await nbd_client.Client().connect(sock, "a")
+
+    async def bitmaps():
+        q = await c.execute("query-named-block-nodes", {"flat": True})
+        log.append(("bitmaps", sorted((b["name"], b["count"], b["recording"])
+                                      for n in q if n["node-name"] == "a"
+                                      for b in n.get("dirty-bitmaps", []))))
+
+    def act(kind, **data):
+        return {"type": f"block-dirty-bitmap-{kind}", "data": dict(node="a", **data)}
+
+    abort = {"type": "abort", "data": {}}
+    await cmd(c, log, "block-dirty-bitmap-add", {"node": "a", "name": "b0"})
+    await cl.write(0, b"\x11" * 65536)
+    await bitmaps()
+    for acts in ([act("add", name="b1"), abort],
+                 [act("clear", name="b0"), abort],
+                 [act("remove", name="b0"), abort],
+                 [act("add", name="b2", disabled=True), act("merge", target="b2",
+                                                             bitmaps=["b0"]), abort],
+                 [act("disable", name="b0"), abort]):
+        await cmd(c, log, "transaction", {"actions": acts})
+        await bitmaps()
+    await cmd(c, log, "transaction", {"actions": [
+        act("add", name="b2", disabled=True), act("merge", target="b2", bitmaps=["b0"]),
+        act("clear", name="b0"), act("enable", name="b2")]})
+    await cl.write(1 << 20, b"\x22" * 65536)
+    await bitmaps()
+    for acts in ([act("add", name="b0")], [act("clear", name="nope")],
+                 [act("remove", name="b2"), act("clear", name="b2")],
+                 [act("add", name="b3", granularity=1000)]):
+        await cmd(c, log, "transaction", {"actions": acts})
+    await cmd(c, log, "transaction", {"actions": [act("remove", name="b2")]})
+    await bitmaps()
+    await cl.close()
+    await asyncio.sleep(0.2)
+    await c.disconnect()
+    d.stop()
+    return log
+
+
 def compare(name, ours, theirs):
     if theirs is None:
         return
@@ -277,6 +339,11 @@ async def main():
         ours = await scenario_rules(DAEMON)
         theirs = await scenario_rules(QSD) if QSD else None
         compare("rules", ours, theirs)
+    if not only or only in "bitmaps":
+        ours = await scenario_bitmaps(DAEMON)
+        if ours is not None:
+            theirs = await scenario_bitmaps(QSD) if QSD else None
+            compare("bitmaps", ours, theirs)
     if not only or only in "seed":
         ours = await scenario_seed(DAEMON, ROUNDS)
         theirs = await scenario_seed(QSD, 3) if QSD else None

@@ -147,6 +147,17 @@ def sha(path):
 
 
 async def scenario_seed(binary, rounds):
+    if binary == DAEMON:
+        data_check, data_eq = check, check_eq
+    else:
+        # qemu-storage-daemon 10.0.2 runs the scenario for the replies' sake; its data is
+        # reported, not required (it once lost an acknowledged NBD write here)
+        def data_check(cond, what):
+            if not cond:
+                print("NOTE (qemu-storage-daemon, not a blockd failure):", what)
+
+        def data_eq(got, want, what):
+            data_check(got == want, f"{what}: got {got!r}, want {want!r}")
     d = Daemon(binary, args=["--object", "iothread,id=io0"])
     c = await d.client()
     log = []
@@ -220,26 +231,29 @@ async def scenario_seed(binary, rounds):
     await asyncio.sleep(0.05)
     stop.set()
     await asyncio.gather(*tasks)
-    check_eq(errors, [], f"{binary}: NBD writes during the transactions")
+    data_eq(errors, [], f"{binary}: NBD writes during the transactions")
     # every acknowledged write reads back
     for n, cl in (("a", clients[0]), ("b", clients[2])):
         bad = 0
         for off, data in models[n].items():
-            if await cl.read(off, BLOCK) != data:
+            got = await cl.read(off, BLOCK)
+            if got != data:
                 bad += 1
-        check_eq(bad, 0, f"{binary}: {n}: blocks that do not read back as written")
+                if os.environ.get("TXN_VERBOSE"):
+                    print(f"{binary}: {n} at {off}: want 0x{data[0]:02x}, got "
+                          f"{sorted(set(got))[:4]} (first 0x{got[0]:02x})")
+        data_eq(bad, 0, f"{binary}: {n}: blocks that do not read back as written")
         await cl.flush()
     for cl in clients:
         await cl.close()
     for f, h in frozen:
         if sha(f) != h:
-            check(False, f"{binary}: {os.path.basename(f)} changed after it became read-only")
+            data_check(False, f"{binary}: {os.path.basename(f)} changed after it became read-only")
     # the chain as qemu-img reads it equals what the NBD clients wrote
     await cmd(c, log, "block-export-del", {"id": "ea"})
     await cmd(c, log, "block-export-del", {"id": "eb"})
     await asyncio.sleep(0.2)
     await c.disconnect()
-    d.stop_keep = True
     code = d.proc.poll()
     d.proc.terminate()
     d.proc.wait(20)
@@ -251,9 +265,9 @@ async def scenario_seed(binary, rounds):
         with open(raw, "rb") as f:
             content = f.read()
         bad = sum(1 for off, data in models[n].items() if content[off:off + BLOCK] != data)
-        check_eq(bad, 0, f"{binary}: {n}: chain read by qemu-img vs acknowledged writes")
+        data_eq(bad, 0, f"{binary}: {n}: chain read by qemu-img vs acknowledged writes")
         rc = subprocess.run(["qemu-img", "check", "-q", topfile]).returncode
-        check_eq(rc, 0, f"{binary}: {n}: qemu-img check of the top")
+        data_eq(rc, 0, f"{binary}: {n}: qemu-img check of the top")
     shutil.rmtree(d.dir, ignore_errors=True)
     # the replies (without the changing query results) are what gets compared
     return [e for e in log if e[0] not in ("query-named-block-nodes", "query-block-exports")]

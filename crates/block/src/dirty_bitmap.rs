@@ -56,7 +56,7 @@ pub fn default_granularity(cluster_size: Option<u64>) -> u64 {
 /// QEMU's check of a requested granularity.
 pub fn check_granularity(g: u64) -> Result<(), String> {
     if !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&g) || !g.is_power_of_two() {
-        return Err("Granularity must be power of 2 between 512 and 2147483648".to_string());
+        return Err("Granularity must be power of 2 and at least 512".to_string());
     }
     Ok(())
 }
@@ -76,6 +76,13 @@ impl CheckFlags {
 
     fn has(self, o: CheckFlags) -> bool {
         self.0 & o.0 != 0
+    }
+}
+
+impl std::ops::BitOr for CheckFlags {
+    type Output = CheckFlags;
+    fn bitor(self, o: CheckFlags) -> CheckFlags {
+        CheckFlags(self.0 | o.0)
     }
 }
 
@@ -130,7 +137,7 @@ impl DirtyBitmap {
         if let Some(n) = name
             && n.len() > MAX_NAME_SIZE
         {
-            return Err("Bitmap name is too long".to_string());
+            return Err(format!("Bitmap name too long: {n}"));
         }
         let shift = granularity.trailing_zeros();
         let nbits = length.div_ceil(granularity);
@@ -443,7 +450,10 @@ impl DirtyBitmap {
     /// Can `src` be merged into this bitmap (QEMU: the lengths must be equal)?
     pub fn can_merge(&self, src: &DirtyBitmap) -> Result<(), String> {
         if self.length != src.length {
-            return Err("Bitmaps are incompatible and can't be merged".to_string());
+            return Err(format!(
+                "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
+                self.length, src.length
+            ));
         }
         Ok(())
     }
@@ -556,8 +566,13 @@ impl DirtyBitmap {
         }
     }
 
-    /// What QEMU's `x-debug-block-dirty-bitmap-sha256` hashes: the bits as little-endian
-    /// 64-bit words, `ceil(nbits / 64) * 8` bytes.
+    /// QEMU's `x-debug-block-dirty-bitmap-sha256`: the SHA-256 of the bits as little-endian
+    /// 64-bit words, `ceil(nbits / 64) * 8` bytes (checked against qemu-storage-daemon).
+    pub fn sha256_hex(&self) -> String {
+        crate::sha256::sha256_hex(&self.hash_input())
+    }
+
+    /// The bytes [`DirtyBitmap::sha256_hex`] hashes.
     pub fn hash_input(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(self.words.len() * 8);
         for w in self.words.iter() {
@@ -877,7 +892,7 @@ mod tests {
         let e = bm(4096, 2 << 20);
         assert_eq!(
             a.merge_from(&e).unwrap_err(),
-            "Bitmaps are incompatible and can't be merged"
+            "Bitmaps are of different sizes (destination size is 1048576, source size is 2097152) and can't be merged"
         );
         let f = a.duplicate(Some("f"));
         assert_eq!(f.count(), a.count());

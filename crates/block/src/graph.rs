@@ -156,6 +156,7 @@ impl Graph {
             flags.read_only,
         );
         node.set_force_share(flags.force_share);
+        node.set_discard_unmap(flags.discard_unmap);
         if let Err(e) = link_children(&node, &opened.children) {
             // Children opened for this node alone go with it.
             for c in &opened.children {

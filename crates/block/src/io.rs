@@ -116,7 +116,10 @@ pub async fn write_zeroes(
 /// Discard through `node`, tracked as a write.
 pub async fn discard(node: &Arc<Node>, offset: u64, len: u64) -> io::Result<()> {
     let _tracked = node.requests().write(offset, len).await;
-    let _dirty = node.dirty_bitmaps().mark_on_drop(offset, len);
+    // QEMU ignores discards of nodes without discard=unmap before marking bitmaps.
+    let _dirty = node
+        .discard_unmap()
+        .then(|| node.dirty_bitmaps().mark_on_drop(offset, len));
     node.driver().discard(node, offset, len).await
 }
 

@@ -55,6 +55,9 @@ pub struct Node {
     auto_named: bool,
     /// Dirty bitmaps, marked by every write through `io.rs` (`dirty_bitmap.rs`).
     dirty_bitmaps: Arc<crate::dirty_bitmap::DirtyBitmapList>,
+    /// Opened with `discard=unmap`: discards reach the driver and mark dirty bitmaps (QEMU
+    /// drops other discards before either).
+    discard_unmap: AtomicBool,
     /// Writes in flight and serialising requests (`serialise.rs`).
     requests: Arc<crate::serialise::RequestTracker>,
 }
@@ -92,6 +95,7 @@ impl Node {
             limits: ArcSwap::from_pointee(limits),
             auto_named,
             dirty_bitmaps,
+            discard_unmap: AtomicBool::new(false),
             requests: crate::serialise::RequestTracker::new(),
         })
     }
@@ -112,6 +116,15 @@ impl Node {
     /// The node's dirty bitmaps.
     pub fn dirty_bitmaps(&self) -> &Arc<crate::dirty_bitmap::DirtyBitmapList> {
         &self.dirty_bitmaps
+    }
+
+    /// Whether the node was opened with `discard=unmap`.
+    pub fn discard_unmap(&self) -> bool {
+        self.discard_unmap.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_discard_unmap(&self, v: bool) {
+        self.discard_unmap.store(v, Ordering::Release);
     }
 
     pub fn driver(&self) -> &dyn BlockDriver {

@@ -208,6 +208,9 @@ fn device_info(d: &Daemon, node: &Arc<Node>, flat: bool) -> Value {
     if let Some(b) = node.child("backing") {
         v["backing_file"] = json!(filename(d, &b));
     }
+    if let Some(b) = crate::bitmaps::query(node) {
+        v["dirty-bitmaps"] = b;
+    }
     v
 }
 

@@ -280,6 +280,7 @@ pub fn register(server: &Rc<Server>, d: &Rc<Daemon>) {
 
     crate::jobs::register(server, d);
     crate::transaction::register(server, d);
+    crate::bitmaps::register(server, d);
 
     // qemu-storage-daemon does not send SHUTDOWN; QEMU's system emulator does, and it tells
     // every other monitor why the daemon is going away.

@@ -10,6 +10,7 @@
 //! place a loop is entered); everything else is a task on it or on an iothread.
 
 mod backup;
+mod bitmaps;
 mod block;
 mod chardev;
 mod cli;

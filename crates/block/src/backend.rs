@@ -125,6 +125,12 @@ impl BackendShared {
 /// dropped).
 struct InFlight<'a>(&'a BackendShared);
 
+/// See [`BlockBackend::admit`].
+#[must_use = "the admission ends when the guard is dropped"]
+pub struct Admission<'a> {
+    _in_flight: InFlight<'a>,
+}
+
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.leave();
@@ -240,6 +246,16 @@ impl BlockBackend {
             Ok(())
         } else {
             Err(io::Error::from_raw_os_error(libc::EPERM))
+        }
+    }
+
+    /// Count as a request in flight until the guard drops, admitted past drains like one: for
+    /// a user that does node-level I/O of its own (a backup's copies), so that drains wait
+    /// for that I/O and new I/O waits out a drain.
+    pub async fn admit(&self) -> Admission<'_> {
+        self.shared.enter().await;
+        Admission {
+            _in_flight: InFlight(&self.shared),
         }
     }
 

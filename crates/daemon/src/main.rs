@@ -11,6 +11,7 @@
 
 mod backup;
 mod bitmaps;
+mod bitmaps_txn;
 mod block;
 mod chardev;
 mod cli;

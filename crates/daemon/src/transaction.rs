@@ -76,6 +76,7 @@ fn action_args() -> Vec<(&'static str, ObjectDef)> {
     let mut v = vec![("abort", ObjectDef::default())];
     v.extend(crate::snapshot::action_args());
     v.extend(crate::backup::action_args());
+    v.extend(crate::bitmaps_txn::action_args());
     v
 }
 
@@ -88,6 +89,9 @@ fn make_action(kind: &str, data: Map<String, Value>) -> Result<Box<dyn Action>, 
         return Ok(a);
     }
     if let Some(a) = crate::backup::make_action(kind, &data) {
+        return Ok(a);
+    }
+    if let Some(a) = crate::bitmaps_txn::make_action(kind, &data) {
         return Ok(a);
     }
     Err(QmpError::generic(format!(

@@ -18,7 +18,7 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockd_block::{Node, drained_all, strerror};
+use blockd_block::{BlockBackend, Node, Perm, drained_all, strerror};
 
 use crate::cbw::{BlockCopy, CopyBeforeWrite, file_edge, target_edge};
 use crate::control::{ErrorAction, JobCtx, OnError};
@@ -61,6 +61,8 @@ pub struct BackupJob {
     bcs: Arc<BlockCopy>,
     /// Called at the end with `true` on success (bitmap handling of the daemon).
     on_end: RefCell<Option<OnEnd>>,
+    /// Counts the worker's copies as in flight on the source (see `new_backup`).
+    admit: BlockBackend,
 }
 
 /// Insert the filter and build the job (async: the filter goes in inside a drained section).
@@ -108,6 +110,24 @@ pub async fn new_backup(
         let _ = g.remove(filter.name());
         return Err(e);
     }
+    // The worker's copies are node-level I/O (as QEMU's block-copy on the filter's children):
+    // this backend on the source only counts them in flight, so drains of the source wait for
+    // a copy and a copy waits out a drain (it is taken before the copy's range lock).
+    let admit = {
+        let g = host.graph().borrow();
+        g.new_backend("", &p.source, Perm::NONE, Perm::ALL)
+    };
+    let admit = match admit {
+        Ok(b) => b,
+        Err(e) => {
+            let guard = drained_all(&[p.source.clone(), filter.clone()]).await;
+            let mut g = host.graph().borrow_mut();
+            let _ = run_drained(g.remove_filter(&filter));
+            drop(g);
+            drop(guard);
+            return Err(e);
+        }
+    };
     let job = Rc::new_cyclic(|me| BackupJob {
         me: me.clone(),
         host: Rc::downgrade(host),
@@ -116,12 +136,14 @@ pub async fn new_backup(
         filter: RefCell::new(Some(filter.clone())),
         bcs: bcs.clone(),
         on_end: RefCell::new(None),
+        admit: admit.clone(),
     });
     let chunk = match p.max_chunk {
         0 => CHUNK.max(cluster),
         m => m.min(CHUNK.max(cluster)) / cluster * cluster,
     };
     let w = WorkerState {
+        admit,
         chunk,
         bcs,
         filter,
@@ -134,6 +156,7 @@ pub async fn new_backup(
 }
 
 struct WorkerState {
+    admit: BlockBackend,
     chunk: u64,
     bcs: Arc<BlockCopy>,
     filter: Arc<Node>,
@@ -171,7 +194,10 @@ impl WorkerState {
             else {
                 return Err("the backup filter lost its children".into());
             };
-            match self.bcs.copy(&source, &target, next, n).await {
+            let admitted = self.admit.admit().await;
+            let copied = self.bcs.copy(&source, &target, next, n).await;
+            drop(admitted);
+            match copied {
                 Ok(done) => {
                     ctx.add_progress(n);
                     ctx.rate_limit(done).await;
@@ -222,6 +248,7 @@ impl BackupJob {
         };
         self.bcs.stop();
         let host = self.host.upgrade().ok_or("the block graph is gone")?;
+        self.admit.clone().detach(&host.graph().borrow());
         let below = filter.child("file").unwrap_or_else(|| self.source.clone());
         let guard = drained_all(&[filter.clone(), below]).await;
         let r = {

@@ -620,6 +620,7 @@ async def scenario_incremental(binary):
     s.log.append(("grouped bitmaps", after))
     await cl.close()
     await cl2.close()
+    await asyncio.sleep(0.2)  # the server sees the disconnects
     await s.cmd("block-export-del", {"id": "e"})
     await s.cmd("block-export-del", {"id": "e2"})
     await asyncio.sleep(0.2)
@@ -662,4 +663,6 @@ async def main():
 
 
 if __name__ == "__main__":
+    # both daemons run every scenario: more than the default overall limit
+    os.environ.setdefault("BLOCKD_TEST_TIMEOUT", "600")
     run(main())

@@ -258,4 +258,6 @@ async def main():
 
 
 if __name__ == "__main__":
+    # both daemons run every scenario: more than the default overall limit
+    os.environ.setdefault("BLOCKD_TEST_TIMEOUT", "600")
     run(main())

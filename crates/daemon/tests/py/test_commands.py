@@ -107,7 +107,15 @@ async def main():
             "job-complete", "job-finalize", "job-dismiss", "block-job-pause",
             "block-job-resume", "block-job-cancel", "block-job-complete", "block-job-finalize",
             "block-job-dismiss", "block-job-set-speed", "block-stream", "block-commit",
-            "blockdev-mirror", "block-job-change", "drive-mirror", "blockdev-create"])
+            "blockdev-mirror", "block-job-change", "drive-mirror", "blockdev-create",
+            # transactions, snapshots, backup (transaction.rs, snapshot.rs, backup.rs)
+            "transaction", "blockdev-snapshot-sync", "blockdev-snapshot",
+            "blockdev-snapshot-internal-sync", "blockdev-snapshot-delete-internal-sync",
+            "blockdev-backup", "drive-backup",
+            # dirty bitmaps (bitmaps.rs)
+            "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
+            "block-dirty-bitmap-enable", "block-dirty-bitmap-disable",
+            "block-dirty-bitmap-merge", "x-debug-block-dirty-bitmap-sha256"])
         check_eq(names, want, "query-commands lists exactly what works")
 
         schema = await c.execute("query-qmp-schema")

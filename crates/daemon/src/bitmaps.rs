@@ -191,13 +191,21 @@ fn add(d: &Daemon, args: &Map<String, Value>) -> Result<BitmapUndo, QmpError> {
 
 /// Can `node` store a new persistent bitmap? Only drivers that keep the node's bitmap list
 /// (qcow2) store them; QEMU's refusal otherwise.
-fn persistent_allowed(node: &Arc<Node>, _name: &str, _granularity: u64) -> Result<(), QmpError> {
+fn persistent_allowed(node: &Arc<Node>, name: &str, granularity: u64) -> Result<(), QmpError> {
     if node.driver().dirty_bitmap_list().is_none() {
         return Err(format!(
             "Can't store persistent bitmaps to {}: Operation not supported",
             node.name()
         )
         .into());
+    }
+    if let Some(q) = blockd_qcow2::backing_name::qcow2_of(node) {
+        q.can_store_new_bitmap(name, granularity).map_err(|e| {
+            format!(
+                "Can't make bitmap '{name}' persistent in '{}': {e}",
+                node.name()
+            )
+        })?;
     }
     Ok(())
 }

@@ -23,6 +23,31 @@ use crate::image::{Image, pread, pwrite};
 
 pub struct Qcow2 {
     pub image: Image,
+    /// Persistent dirty bitmaps (`bitmaps.rs`): the node's bitmap list, stored at close.
+    pub bitmaps: crate::bitmaps::Persist,
+}
+
+impl Drop for Qcow2 {
+    /// Closing: persistent bitmaps go to the image before the image's own close flush.
+    fn drop(&mut self) {
+        let (Some(file), false) = (self.image.file.clone(), self.image.is_read_only()) else {
+            return;
+        };
+        let me: &Qcow2 = self;
+        if let Err(e) = run_sync(|| me.bitmaps.store(&me.image, &file)) {
+            eprintln!(
+                "qcow2: could not store persistent dirty bitmaps at close: {}",
+                blockd_block::strerror(&e)
+            );
+        }
+    }
+}
+
+impl Qcow2 {
+    /// QEMU's checks before `block-dirty-bitmap-add persistent=true` on this image.
+    pub fn can_store_new_bitmap(&self, name: &str, granularity: u64) -> Result<(), String> {
+        self.bitmaps.can_store_new(&self.image, name, granularity)
+    }
 }
 
 /// QEMU's probe: the magic and a version it knows.
@@ -220,11 +245,13 @@ pub fn open(
     let hdr2 = hdr.clone();
     let image = run_sync(move || async move {
         let img = Image::load(&file2, hdr2, cache, read_only, overlap, pass_discard).await?;
+        let bitmaps = crate::bitmaps::Persist::load(&img, &file2, read_only).await?;
         if !read_only {
             img.prepare_writable(&file2).await?;
         }
-        Ok::<Image, String>(img)
+        Ok::<_, String>((img, bitmaps))
     })?;
+    let (image, bitmaps) = image;
 
     let (perm, shared) = file_perms(flags.read_only, flags.force_share);
     let mut children = vec![child_edge("file", file, perm, shared)];
@@ -233,7 +260,7 @@ pub fn open(
     }
     let length = hdr.size;
     Ok(Opened {
-        driver: Box::new(Qcow2 { image }),
+        driver: Box::new(Qcow2 { image, bitmaps }),
         children,
         length,
     })
@@ -348,8 +375,8 @@ fn open_backing(
 }
 
 impl Image {
-    /// A writable open: clear autoclear bits we do not maintain (bitmaps are not updated by
-    /// our writes, so they must not claim to be consistent), and repair a dirty image.
+    /// A writable open: clear autoclear bits we do not maintain (all but the bitmaps bit,
+    /// which `bitmaps.rs` maintains), and repair a dirty image.
     async fn prepare_writable(&self, file: &Arc<Node>) -> Result<(), String> {
         let (dirty, autoclear, version) = {
             let h = self.header.lock().unwrap_or_else(|e| e.into_inner());
@@ -359,8 +386,20 @@ impl Image {
                 h.version,
             )
         };
-        if version >= 3 && autoclear != 0 {
-            pwrite(file, 88, &0u64.to_be_bytes()).await.map_err(|e| {
+        // Bit 0 stays when the bitmaps were loaded (`bitmaps.rs` keeps them consistent).
+        let keep = if self
+            .header
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bitmaps
+            .is_some()
+        {
+            autoclear & header::AUTOCLEAR_BITMAPS
+        } else {
+            0
+        };
+        if version >= 3 && autoclear != keep {
+            pwrite(file, 88, &keep.to_be_bytes()).await.map_err(|e| {
                 format!(
                     "Could not update qcow2 header: {}",
                     blockd_block::strerror(&e)
@@ -369,7 +408,7 @@ impl Image {
             self.header
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .autoclear = 0;
+                .autoclear = keep;
         }
         if dirty {
             crate::check::repair_dirty(self, file).await?;
@@ -381,6 +420,10 @@ impl Image {
 impl BlockDriver for Qcow2 {
     fn format_name(&self) -> &'static str {
         "qcow2"
+    }
+
+    fn dirty_bitmap_list(&self) -> Option<Arc<blockd_block::DirtyBitmapList>> {
+        Some(self.bitmaps.list.clone())
     }
 
     fn is_format(&self) -> bool {

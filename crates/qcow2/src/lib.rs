@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backing_name;
+pub mod bitmaps;
 pub mod cache;
 pub mod check;
 pub mod create;

@@ -9,10 +9,20 @@ sources, sizes that differ, a missing source), -remove, x-debug-block-dirty-bitm
 each step, and the `dirty-bitmaps` of query-named-block-nodes. Every reply (or error class and
 message) must be equal. QEMU 10.0.2 crashes on a merge with an empty source list; blockd
 answers it with success (nothing to merge), so that step is not compared.
+
+Persistent bitmaps in qcow2: an image whose bitmaps qemu-img/qemu-io wrote is opened by both
+daemons (same bitmaps, counts and hashes); each daemon then adds persistent bitmaps, removes
+and clears some, takes NBD writes and quits; the images pass `qemu-img check`, `qemu-img info`
+shows the same bitmaps for both, and qemu-storage-daemon loads both with the same hashes that
+were recorded before the quit. A daemon killed with SIGKILL leaves the bitmaps in use on disk:
+both daemons then load them as inconsistent and refuse to use them with the same errors.
+Persistent bitmaps on a qcow2 v2 image are refused with QEMU's message.
 """
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 
@@ -145,6 +155,198 @@ async def play(binary, images):
     return log
 
 
+async def quit(c, d):
+    await c.execute("quit")
+    try:
+        await c.disconnect()
+    except Exception:  # the daemon closed the connection first
+        pass
+    d.proc.wait(20)
+
+
+def open_args(img):
+    return ["--blockdev", f"file,node-name=f0,filename={img}",
+            "--blockdev", "qcow2,node-name=q0,file=f0"]
+
+
+async def state(c):
+    """The bitmaps of q0 with their hashes."""
+    out = {}
+    for n in await c.execute("query-named-block-nodes"):
+        for b in n.get("dirty-bitmaps") or []:
+            h = await c.execute("x-debug-block-dirty-bitmap-sha256",
+                                {"node": n["node-name"], "name": b["name"]})
+            out[(n["node-name"], b["name"])] = (b, h["sha256"])
+    return out
+
+
+async def attempt(c, name, args):
+    try:
+        return await c.execute(name, args)
+    except ExecuteError as e:
+        return (e.error_class, e.error.error.desc)
+
+
+PERSIST_STEPS = [
+    ("block-dirty-bitmap-add", {"node": "q0", "name": "p0", "persistent": True,
+                                "granularity": 4096}),
+    ("block-dirty-bitmap-add", {"node": "q0", "name": "p1", "persistent": True,
+                                "disabled": True}),
+    ("block-dirty-bitmap-add", {"node": "q0", "name": "b1", "persistent": True}),
+    ("block-dirty-bitmap-add", {"node": "q0", "name": "mem"}),
+    ("block-dirty-bitmap-remove", {"node": "q0", "name": "b2"}),
+    ("block-dirty-bitmap-clear", {"node": "q0", "name": "b1"}),
+    ("write", "q0", ["write -P 7 8M 200k", "write -z 1M 64k"]),
+    ("block-dirty-bitmap-disable", {"node": "q0", "name": "b0"}),
+    ("write", "q0", ["write -P 8 3M 4k"]),
+    ("block-dirty-bitmap-merge", {"node": "q0", "target": "p1", "bitmaps": ["p0"]}),
+]
+
+INCONSISTENT_STEPS = [
+    ("block-dirty-bitmap-clear", {"node": "q0", "name": "b0"}),
+    ("block-dirty-bitmap-enable", {"node": "q0", "name": "b0"}),
+    ("block-dirty-bitmap-merge", {"node": "q0", "target": "b1", "bitmaps": ["b0"]}),
+    ("block-dirty-bitmap-merge", {"node": "q0", "target": "b0", "bitmaps": ["b1"]}),
+    ("block-dirty-bitmap-remove", {"node": "q0", "name": "b0"}),
+]
+
+
+async def persistence(tmp):
+    """Section 2: bitmaps stored in and loaded from qcow2."""
+    base = os.path.join(tmp, "base.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", base, "10M")
+    sh("qemu-img", "bitmap", "--add", base, "b0")
+    sh("qemu-img", "bitmap", "--add", "-g", "512", base, "b1")
+    sh("qemu-img", "bitmap", "--add", "--disable", base, "b2")
+    sh("qemu-io", "-c", "write -P 1 100k 300k", "-c", "write -z 5M 4k", base)
+    loaded, recorded, images = {}, {}, {}
+    for who, binary in (("blockd", DAEMON), ("qsd", QSD)):
+        if binary is None:
+            continue
+        img = os.path.join(tmp, f"p-{who}.qcow2")
+        shutil.copy(base, img)
+        images[who] = img
+        d = Daemon(binary, args=open_args(img))
+        try:
+            c = await d.client()
+            loaded[who] = await state(c)
+            sock = d.path("nbd.sock")
+            await c.execute("nbd-server-start",
+                            {"addr": {"type": "unix", "data": {"path": sock}}})
+            await c.execute("block-export-add", {"type": "nbd", "id": "e", "node-name": "q0",
+                                                 "writable": True})
+            log = []
+            for step in PERSIST_STEPS:
+                if step[0] == "write":
+                    qemu_io(sock, step[1], *step[2])
+                else:
+                    log.append(await attempt(c, *step))
+            recorded[who] = (log, await state(c))
+            await quit(c, d)
+        finally:
+            d.stop()
+    mine = loaded["blockd"]
+    check_eq(sorted(k[1] for k in mine), ["b0", "b1", "b2"], "bitmaps loaded by blockd")
+    check(mine[("q0", "b0")][0]["count"] > 0, "b0 holds qemu-io's writes")
+    check(all(b["persistent"] for b, _ in mine.values()), "loaded bitmaps are persistent")
+    for who, img in images.items():
+        r = subprocess.run(["qemu-img", "check", img], capture_output=True, text=True)
+        check(r.returncode == 0, f"qemu-img check of {who}'s image: {r.stdout} {r.stderr}")
+    infos = {}
+    for who, img in images.items():
+        r = subprocess.run(["qemu-img", "info", "--output=json", img],
+                           capture_output=True, text=True, check=True)
+        infos[who] = json.loads(r.stdout)["format-specific"]["data"].get("bitmaps")
+    check_eq([b["name"] for b in infos["blockd"]], ["b0", "b1", "p1", "p0"],
+             "bitmaps blockd stored (qemu-img info; new ones newest first, as QEMU)")
+    # Each image, reopened by qemu-storage-daemon (or blockd without it), holds what its
+    # writer had at the quit.
+    reloaded = {}
+    for who, img in images.items():
+        d = Daemon(QSD or DAEMON, args=open_args(img))
+        try:
+            c = await d.client()
+            reloaded[who] = await state(c)
+            await quit(c, d)
+        finally:
+            d.stop()
+        want = {k: v for k, v in recorded[who][1].items() if v[0]["persistent"]}
+        check_eq({k: v[1] for k, v in reloaded[who].items()},
+                 {k: v[1] for k, v in want.items()}, f"hashes of {who}'s stored bitmaps")
+    if "qsd" in loaded:
+        check_eq(loaded["blockd"], loaded["qsd"], "bitmaps loaded from qemu-img's image")
+        check_eq(recorded["blockd"], recorded["qsd"], "persistent steps and their state")
+        check_eq(infos["blockd"], infos["qsd"], "qemu-img info bitmaps")
+        check_eq(reloaded["blockd"], reloaded["qsd"], "stored bitmaps reloaded")
+
+    # A killed writer leaves its bitmaps in use: inconsistent when loaded again.
+    crashed = {}
+    for who, binary in (("blockd", DAEMON), ("qsd", QSD)):
+        if binary is None:
+            continue
+        img = os.path.join(tmp, f"c-{who}.qcow2")
+        shutil.copy(base, img)
+        d = Daemon(binary, args=open_args(img))
+        try:
+            c = await d.client()
+            await state(c)
+        finally:
+            d.stop(sig=signal.SIGKILL)
+        r = subprocess.run(["qemu-img", "info", "--output=json", "-U", img],
+                           capture_output=True, text=True, check=True)
+        flags = [b["flags"] for b in
+                 json.loads(r.stdout)["format-specific"]["data"]["bitmaps"]]
+        check(all("in-use" in f for f in flags), f"{who} killed: bitmaps in use ({flags})")
+        d = Daemon(DAEMON, args=open_args(img))
+        try:
+            c = await d.client()
+            st = await state(c)
+            log = [await attempt(c, *step) for step in INCONSISTENT_STEPS]
+            crashed[who] = (st, log)
+            await quit(c, d)
+        finally:
+            d.stop()
+        check(all(b.get("inconsistent") for b, _ in st.values()),
+              f"bitmaps of the image {who} left are inconsistent in blockd")
+        if QSD:
+            img2 = os.path.join(tmp, f"c2-{who}.qcow2")
+            shutil.copy(base, img2)
+            d = Daemon(QSD, args=open_args(img2))
+            try:
+                c = await d.client()
+                await state(c)
+            finally:
+                d.stop(sig=signal.SIGKILL)
+            d = Daemon(QSD, args=open_args(img2))
+            try:
+                c = await d.client()
+                st2 = await state(c)
+                log2 = [await attempt(c, *step) for step in INCONSISTENT_STEPS]
+                await quit(c, d)
+            finally:
+                d.stop()
+            check_eq((st, log), (st2, log2), f"inconsistent bitmaps ({who}'s crash) vs QEMU")
+
+    # qcow2 v2 cannot store bitmaps.
+    v2 = {}
+    for who, binary in (("blockd", DAEMON), ("qsd", QSD)):
+        if binary is None:
+            continue
+        img = os.path.join(tmp, f"v2-{who}.qcow2")
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", img, "1M")
+        d = Daemon(binary, args=open_args(img))
+        try:
+            c = await d.client()
+            v2[who] = await attempt(c, "block-dirty-bitmap-add",
+                                    {"node": "q0", "name": "p", "persistent": True})
+            await c.disconnect()
+        finally:
+            d.stop()
+    check(isinstance(v2["blockd"], tuple), "v2 image refuses persistent bitmaps")
+    if "qsd" in v2:
+        check_eq(v2["blockd"], v2["qsd"], "v2 refusal")
+
+
 def short(a):
     return {k: (v[:20] + "..." if isinstance(v, str) and len(v) > 40 else v)
             for k, v in a.items()}
@@ -174,6 +376,8 @@ async def main():
             check_eq(len(mine), len(theirs), "number of replies")
             for m, t in zip(mine, theirs):
                 check_eq(m, t, f"{m[0]} {short(m[1])}")
+        if os.environ.get("BITMAPS_ONLY") in (None, "", "persist"):
+            await persistence(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     finish()

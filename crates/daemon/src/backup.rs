@@ -11,7 +11,8 @@
 //! per job). With `bitmap` (a dirty bitmap of the source): `sync=bitmap|incremental` copy
 //! only its clusters; the bitmap is frozen while the job runs (new writes go to a successor)
 //! and `bitmap-mode` (on-success, never, always) says what it holds afterwards.
-//! `discard-source` is refused as not supported yet.
+//! `discard-source` discards on the source what is on the target (nodes opened with
+//! `discard=unmap` only, as QEMU).
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -356,9 +357,6 @@ impl BackupAction {
                 "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'".into(),
             );
         }
-        if a.get("discard-source").and_then(Value::as_bool) == Some(true) {
-            return Err("backup 'discard-source' is not supported by blockd yet".into());
-        }
         if Arc::ptr_eq(&source, &target) {
             return Err("Source and target cannot be the same".into());
         }
@@ -445,6 +443,7 @@ impl BackupAction {
                 to_copy,
                 min_cluster,
                 max_chunk: max_chunk as u64,
+                discard_source: a.get("discard-source").and_then(Value::as_bool) == Some(true),
             },
         )
         .await;

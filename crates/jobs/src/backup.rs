@@ -47,6 +47,8 @@ pub struct BackupParams {
     pub min_cluster: u64,
     /// `x-perf.max-chunk`: the most the worker copies at once (0: its default).
     pub max_chunk: u64,
+    /// `discard-source`: what is on the target is discarded on the source.
+    pub discard_source: bool,
 }
 
 /// What runs when a backup ends: `true` on success, with the copy state (bitmap handling).
@@ -89,6 +91,7 @@ pub async fn new_backup(
         bcs.set_to_copy(bits);
     }
     bcs.set_skip_unallocated(p.sync == BackupSync::Top);
+    bcs.set_discard_source(p.discard_source);
     let filter = {
         let mut g = host.graph().borrow_mut();
         g.add_node(

@@ -153,6 +153,8 @@ pub struct BlockCopy {
     broken: AtomicBool,
     /// Copies stop (the job ended; the filter is about to go).
     stopped: AtomicBool,
+    /// Discard what was copied from the source (backup's `discard-source`).
+    discard_source: AtomicBool,
 }
 
 /// Where a failed copy failed.
@@ -185,6 +187,7 @@ impl BlockCopy {
             timeout,
             broken: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
+            discard_source: AtomicBool::new(false),
         }
     }
 
@@ -208,6 +211,12 @@ impl BlockCopy {
     /// but only on guest writes). Before the job starts.
     pub fn set_to_copy(&self, bits: Bits) {
         self.maps().to_copy = bits;
+    }
+
+    /// Discard each run on the source once it is on the target (a node without
+    /// `discard=unmap` ignores it, as QEMU's generic layer does).
+    pub fn set_discard_source(&self, v: bool) {
+        self.discard_source.store(v, Ordering::SeqCst);
     }
 
     pub fn set_skip_unallocated(&self, v: bool) {
@@ -291,6 +300,10 @@ impl BlockCopy {
             let o = run_start * self.cluster;
             let n = (run_end * self.cluster).min(self.len) - o;
             let (copied, data) = self.copy_run(source, target, o, n).await?;
+            if copied && self.discard_source.load(Ordering::SeqCst) && source.discard_unmap() {
+                // (a failed discard loses nothing: the data is on the target)
+                let _ = blockd_block::io::discard(source, o, n).await;
+            }
             {
                 let mut m = self.maps();
                 for i in run_start..run_end {

@@ -262,6 +262,44 @@ async def scenario_snapshot_during_backup(binary):
     return s.log
 
 
+async def scenario_discard_source(binary):
+    """discard-source: after the backup the source's clusters are discarded (the source opened
+    with discard=unmap), the target has the data; without discard=unmap nothing is
+    discarded. `qemu-img map` of the source compared."""
+    s = await S(binary).start()
+    out = []
+    for unmap in (True, False):
+        src, tgt = s.p(f"src{unmap}.qcow2"), s.p(f"tgt{unmap}.qcow2")
+        sh("qemu-img", "create", "-q", "-f", "qcow2", src, str(SIZE))
+        fill(src, "qcow2", "0x11", 2 * MiB)
+        sh("qemu-img", "create", "-q", "-f", "qcow2", tgt, str(SIZE))
+        extra = {"discard": "unmap"} if unmap else {}
+        await s.add("src", src, **extra)
+        await s.add("tgt", tgt)
+        await s.cmd("blockdev-backup", {"job-id": "b", "device": "src", "target": "tgt",
+                                        "sync": "full", "discard-source": True})
+        await s.wait_job("b")
+        await s.cmd("blockdev-del", {"node-name": "src"})
+        await s.cmd("blockdev-del", {"node-name": "tgt"})
+        out.append((src, tgt))
+    await s.stop()
+    for src, tgt in out:
+        m = json.loads(sh("qemu-img", "map", "--output=json", src))
+        runs = []
+        for e in m:  # data or not, adjacent extents merged (discarded clusters may be zero
+            # clusters or unallocated: both read as zeroes and hold no data)
+            if runs and runs[-1][2] == e["data"]:
+                runs[-1] = (runs[-1][0], runs[-1][1] + e["length"], e["data"])
+            else:
+                runs.append((e["start"], e["length"], e["data"]))
+        s.log.append(("source map", runs))
+        r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x11 0 2M", tgt],
+                           capture_output=True, text=True)
+        check("failed" not in r.stdout, f"{binary}: discard-source: the target has the data")
+    s.cleanup()
+    return s.log
+
+
 async def scenario_top(binary):
     s = await S(binary).start()
     base, top, tgt = s.p("base.qcow2"), s.p("top.qcow2"), s.p("tgt.qcow2")
@@ -714,6 +752,7 @@ def compare(name, ours, theirs):
 async def main():
     only = os.environ.get("TXN_ONLY")
     for sc in (scenario_errors, scenario_point_in_time, scenario_snapshot_during_backup,
+               scenario_discard_source,
                scenario_top, scenario_fleecing, scenario_fleecing_sync_none,
                scenario_cbw_options, scenario_error_policy, scenario_cbw_errors,
                scenario_transactions,

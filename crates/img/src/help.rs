@@ -549,3 +549,29 @@ Supported options:
   refcount_bits=<num>    - Width of a reference count entry in bits
   size=<size>            - Virtual disk size
 ";
+
+pub const AMEND: &str = "\
+Usage:
+Update format-specific options of the image.  Usage:
+
+  qemu-img amend [-f FMT | --image-opts] [t CACHE] [--force] [-p] [-q]
+        [--object OBJDEF -o OPTIONS FILENAME
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -q, --quiet
+     quiet operation
+  -p, --progres
+     show progress
+  -f, --format FMT
+     specify FILENAME format explicitly
+  --image-opts
+     indicates that FILENAME is a complete image specification
+   instead of a file name (incompatible with --format)
+  -t, --cache CACHE
+     cache mode for FILENAME (writeback)
+  --force
+     allow certain unsafe operations
+
+";

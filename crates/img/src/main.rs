@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod amend;
 mod bench;
 mod check;
 mod commit;
@@ -122,7 +123,8 @@ fn main() -> ExitCode {
         "measure" => measure::run(rest),
         "rebase" => rebase::run(rest),
         "commit" => commit::run(rest),
-        "amend" | "bitmap" => Err(Failure::new(format!(
+        "amend" => amend::run(rest),
+        "bitmap" => Err(Failure::new(format!(
             "Command not implemented by blockd-img yet: {cmd}"
         ))),
         other => Err(Failure::usage(format!("Command not found: {other}"), "")),

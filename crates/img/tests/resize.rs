@@ -14,6 +14,21 @@ fn prepare(d: &Path) {
     image(d, "odd.img", 1000, &[(0, 3, 1000)]);
     qemu(QEMU_IMG, "create -q -f qcow2 q.qcow2 10M", d);
     qemu_io(d, "q.qcow2", &["write -P 4 0 64k"]);
+    // Data across the image, a snapshot sharing it (v3 resizes, v2 refuses).
+    qemu(
+        QEMU_IMG,
+        "create -q -f qcow2 -o cluster_size=4k s.qcow2 10M",
+        d,
+    );
+    qemu_io(d, "s.qcow2", &["write -P 5 0 9M"]);
+    qemu(QEMU_IMG, "snapshot -c s1 s.qcow2", d);
+    qemu_io(d, "s.qcow2", &["write -P 6 8M 1M"]);
+    qemu(
+        QEMU_IMG,
+        "create -q -f qcow2 -o compat=0.10 s2.qcow2 10M",
+        d,
+    );
+    qemu(QEMU_IMG, "snapshot -c s1 s2.qcow2", d);
 }
 
 #[test]
@@ -42,6 +57,15 @@ fn resize_matches_qemu_img() {
         "resize --image-opts driver=file,filename=r.img 11M",
         "resize q.qcow2 20M",
         "resize -f qcow2 q.qcow2 +1G",
+        "resize q.qcow2 1M",
+        "resize --shrink q.qcow2 1M",
+        "resize --shrink q.qcow2 32k",
+        "resize --shrink q.qcow2 1000",
+        "resize --shrink s.qcow2 1M",
+        "resize --shrink s.qcow2 8200k",
+        "resize s.qcow2 20M",
+        "resize s2.qcow2 20M",
+        "resize --shrink s2.qcow2 1M",
         // errors
         "resize",
         "resize r.img",
@@ -67,15 +91,43 @@ fn resize_matches_qemu_img() {
     ];
     for (i, cmd) in cases.iter().enumerate() {
         let (q, b) = both(&format!("resize{i}"), cmd, prepare);
-        if cmd.contains("qcow2") {
+        if let Some(img) = ["q.qcow2", "s.qcow2", "s2.qcow2"]
+            .into_iter()
+            .find(|i| cmd.contains(i))
+        {
             // The qcow2 driver grows the L1 table its own way: same contents, image consistent.
-            let (qq, bq) = (q.join("q.qcow2"), b.join("q.qcow2"));
+            let (qq, bq) = (q.join(img), b.join(img));
             for args in [
                 vec!["compare", "-s", qq.to_str().unwrap(), bq.to_str().unwrap()],
                 vec!["check", bq.to_str().unwrap()],
             ] {
                 let o = run(QEMU_IMG, &args, &b);
                 assert_eq!(o.rc, 0, "`{cmd}`: qemu-img {args:?}: {o:?}");
+            }
+            if img == "s.qcow2" {
+                // The snapshot keeps its size and contents.
+                let raws: Vec<Vec<u8>> = [(&q, &qq), (&b, &bq)]
+                    .iter()
+                    .map(|(d, p)| {
+                        let out = d.join("snap.raw");
+                        let o = run(
+                            QEMU_IMG,
+                            &[
+                                "convert",
+                                "-l",
+                                "snapshot.name=s1",
+                                "-O",
+                                "raw",
+                                p.to_str().unwrap(),
+                                out.to_str().unwrap(),
+                            ],
+                            d,
+                        );
+                        assert_eq!(o.rc, 0, "`{cmd}`: snapshot: {o:?}");
+                        std::fs::read(out).unwrap()
+                    })
+                    .collect();
+                assert!(raws[0] == raws[1], "`{cmd}`: snapshot contents differ");
             }
         } else {
             same_files(&q, &b, cmd);

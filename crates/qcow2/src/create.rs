@@ -80,7 +80,7 @@ fn size_error(key: &str) -> String {
     )
 }
 
-fn parse_number(key: &str, v: &str) -> Result<u64, String> {
+pub(crate) fn parse_number(key: &str, v: &str) -> Result<u64, String> {
     let r = if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
         u64::from_str_radix(h, 16)
     } else if v.len() > 1 && v.starts_with('0') {

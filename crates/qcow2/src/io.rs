@@ -849,28 +849,106 @@ impl Image {
         self.check_writable()?;
         let file = file_of(node)?;
         let cur = self.size.load(Ordering::Acquire);
-        if len < cur {
+        let msg = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
+        if !len.is_multiple_of(512) {
+            return Err(msg("The new size must be a multiple of 512"));
+        }
+        if !self.meta().snapshots.is_empty() && self.geo.version < 3 {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "qcow2 doesn't support shrinking images yet",
+                "Can't resize a v2 image which has snapshots",
             ));
         }
         if len == cur {
             return Ok(len);
         }
-        if !self.meta().snapshots.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "Can't resize an image which has snapshots",
-            ));
+        if len < cur {
+            self.shrink(node, &file, cur, len).await?;
+            return Ok(len);
         }
         let _a = self.alloc.lock().await;
         let need = len.div_ceil(self.geo.l2_coverage());
         self.grow_l1(&file, need).await?;
-        pwrite(&file, 24, &len.to_be_bytes()).await?;
-        file.driver().flush(&file).await?;
+        self.set_size(&file, len).await?;
+        Ok(len)
+    }
+
+    /// The guest size in the header, durable, then in memory.
+    async fn set_size(&self, file: &Arc<Node>, len: u64) -> io::Result<()> {
+        pwrite(file, 24, &len.to_be_bytes()).await?;
+        file.driver().flush(file).await?;
         self.header.lock().unwrap_or_else(|e| e.into_inner()).size = len;
         self.size.store(len, Ordering::Release);
-        Ok(len)
+        Ok(())
+    }
+
+    /// Shrink as QEMU: the clusters past the new end are dropped (unallocated, their host
+    /// clusters freed), then the L2 tables no longer needed (their L1 entries zeroed first),
+    /// then the header's size, and the file loses its unused tail.
+    async fn shrink(&self, node: &Node, file: &Arc<Node>, cur: u64, len: u64) -> io::Result<()> {
+        let cs = self.geo.cluster_size;
+        let start = len.div_ceil(cs) * cs;
+        let end = cur.div_ceil(cs) * cs;
+        let ctx = |what: &'static str| {
+            move |e: io::Error| {
+                io::Error::new(e.kind(), format!("{what}: {}", blockd_block::strerror(&e)))
+            }
+        };
+        if start < end {
+            self.replace_clusters(node, start, end, |_, _| Some((0, 0)))
+                .await
+                .map_err(ctx("Failed to discard cropped clusters"))?;
+        }
+        let _a = self.alloc.lock().await;
+        let keep = len.div_ceil(self.geo.l2_coverage()) as usize;
+        let (l1, l1_off) = {
+            let m = self.meta();
+            (m.l1.clone(), m.l1_offset)
+        };
+        if keep < l1.len() && l1[keep..].iter().any(|&e| e != 0) {
+            let fail = ctx("Failed to reduce the number of L2 tables");
+            self.writeback(file).await.map_err(&fail)?;
+            let zeroes = vec![0u8; (l1.len() - keep) * 8];
+            pwrite(file, l1_off + keep as u64 * 8, &zeroes)
+                .await
+                .map_err(&fail)?;
+            file.driver().flush(file).await.map_err(&fail)?;
+            {
+                let mut m = self.meta();
+                for e in &mut m.l1[keep..] {
+                    *e = 0;
+                }
+                for &e in &l1[keep..] {
+                    m.l2_tables.remove(&(e & L1E_OFFSET_MASK));
+                }
+                m.epoch += 1;
+                m.l2.clear_clean();
+            }
+            for &e in &l1[keep..] {
+                let t = e & L1E_OFFSET_MASK;
+                if t != 0 {
+                    self.update_refcounts(file, t / cs, 1, -1)
+                        .await
+                        .map_err(&fail)?;
+                }
+            }
+            self.writeback(file).await.map_err(&fail)?;
+        }
+        self.set_size(file, len).await?;
+        // The file's tail past the last cluster in use goes (a failure only warns in QEMU).
+        let flen = file.length();
+        let mut last = flen.div_ceil(cs);
+        while last > 0 && self.refcount(file, last - 1).await? == 0 {
+            last -= 1;
+        }
+        if last * cs < flen
+            && let Err(e) = file.driver().truncate(file, last * cs).await
+        {
+            eprintln!(
+                "qemu-img: warning: Failed to truncate the tail of the image: {}",
+                blockd_block::strerror(&e)
+            );
+        }
+        Ok(())
     }
 }

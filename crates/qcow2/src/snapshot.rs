@@ -17,8 +17,8 @@ fn ioerr(what: &str) -> impl Fn(std::io::Error) -> String + '_ {
     move |e| format!("{what}: {}", blockd_block::strerror(&e))
 }
 
-/// Open the image on `file` for a snapshot operation.
-async fn load(file: &Arc<Node>, read_only: bool) -> Result<Image, String> {
+/// Open the image on `file` for a snapshot operation (or another offline update).
+pub(crate) async fn load_for_update(file: &Arc<Node>, read_only: bool) -> Result<Image, String> {
     let flen = file.length();
     let first = pread(file, 0, flen.min(512) as usize)
         .await
@@ -42,7 +42,7 @@ async fn load(file: &Arc<Node>, read_only: bool) -> Result<Image, String> {
 
 /// The snapshots of the image on `file`.
 pub async fn list(file: &Arc<Node>) -> Result<Vec<Snapshot>, String> {
-    Ok(load(file, true).await?.snapshots())
+    Ok(load_for_update(file, true).await?.snapshots())
 }
 
 fn find(snaps: &[Snapshot], name: &str) -> Option<usize> {
@@ -192,7 +192,7 @@ impl Image {
     }
 
     /// Write a new snapshot table and point the header at it; the old one is freed.
-    async fn write_snapshot_table(
+    pub(crate) async fn write_snapshot_table(
         &self,
         file: &Arc<Node>,
         snaps: &[Snapshot],
@@ -347,7 +347,7 @@ impl Image {
 
 /// `qemu-img snapshot -c NAME`.
 pub async fn create(file: &Arc<Node>, name: &str, date: (u32, u32)) -> Result<(), String> {
-    let img = load(file, false).await?;
+    let img = load_for_update(file, false).await?;
     if img.snapshots().len() >= crate::header::MAX_SNAPSHOTS as usize {
         return Err(format!(
             "Could not create snapshot '{name}': Too many snapshots"
@@ -375,7 +375,7 @@ pub async fn create(file: &Arc<Node>, name: &str, date: (u32, u32)) -> Result<()
 
 /// `qemu-img snapshot -d NAME`.
 pub async fn delete(file: &Arc<Node>, name: &str) -> Result<(), String> {
-    let img = load(file, false).await?;
+    let img = load_for_update(file, false).await?;
     // qemu-img deletes by name only.
     match img.delete_snapshot(file, None, Some(name)).await {
         Ok(_) => Ok(()),
@@ -391,7 +391,7 @@ pub async fn delete(file: &Arc<Node>, name: &str) -> Result<(), String> {
 
 /// `qemu-img snapshot -a NAME`: the active image becomes the snapshot's contents.
 pub async fn apply(file: &Arc<Node>, name: &str) -> Result<(), String> {
-    let img = load(file, false).await?;
+    let img = load_for_update(file, false).await?;
     let _a = img.alloc.lock().await;
     let fail = |e: std::io::Error| {
         format!(

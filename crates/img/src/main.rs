@@ -6,6 +6,7 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod check;
 mod commit;
 mod compare;
@@ -124,9 +125,7 @@ fn main() -> ExitCode {
         "rebase" => rebase::run(rest),
         "commit" => commit::run(rest),
         "amend" => amend::run(rest),
-        "bitmap" => Err(Failure::new(format!(
-            "Command not implemented by blockd-img yet: {cmd}"
-        ))),
+        "bitmap" => bitmap::run(rest),
         other => Err(Failure::usage(format!("Command not found: {other}"), "")),
     };
     match r {

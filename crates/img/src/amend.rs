@@ -166,6 +166,8 @@ fn apply(
     }
     // Cached metadata on disk: the rest works on the file below the image.
     run_loop(be.flush())?.map_err(|e| blockd_block::strerror(&e))?;
+    // Lazy refcounts: everything written and the dirty bit cleared before the file is changed.
+    run_loop(q.image.mark_clean())?.map_err(|e| blockd_block::strerror(&e))?;
     let file = node.child("file").ok_or("The image has no file child")?;
     let r = run_loop(blockd_qcow2::amend::amend(
         &file,

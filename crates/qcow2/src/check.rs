@@ -127,6 +127,9 @@ pub(crate) async fn repair_dirty(img: &Image, file: &Arc<Node>) -> Result<(), St
             blockd_block::strerror(&e)
         )
     })?;
+    // Clean on disk: the next unordered write must set the bit again.
+    img.dirty_marked
+        .store(false, std::sync::atomic::Ordering::Release);
     Ok(())
 }
 

@@ -245,6 +245,11 @@ pub fn open(
     let hdr2 = hdr.clone();
     let image = run_sync(move || async move {
         let img = Image::load(&file2, hdr2, cache, read_only, overlap, pass_discard).await?;
+        if let Some(l) = lazy
+            && !read_only
+        {
+            img.lazy_refcounts.store(l, Ordering::Relaxed);
+        }
         let bitmaps = crate::bitmaps::Persist::load(&img, &file2, read_only).await?;
         if !read_only {
             img.prepare_writable(&file2).await?;

@@ -116,6 +116,12 @@ pub struct Image {
     pub overlap_check: AtomicBool,
     pub cache: CacheConfig,
     pub pass_discard: AtomicBool,
+    /// Lazy refcounts in effect (compat bit or the `lazy-refcounts` option, version 3):
+    /// refcount blocks are not flushed before the L2 tables that depend on them; the dirty
+    /// bit covers the difference until a clean close.
+    pub lazy_refcounts: AtomicBool,
+    /// This open set the dirty bit (lazy refcounts); a clean close clears it.
+    pub(crate) dirty_marked: AtomicBool,
     /// The file child, for writing cached metadata back when the image is dropped.
     pub(crate) file: Option<Arc<Node>>,
     /// The format node's name, for BLOCK_IMAGE_CORRUPTED (known from the first request).
@@ -175,11 +181,12 @@ impl Image {
 impl Drop for Image {
     /// Closing the image: cached metadata goes to disk (QEMU's close flushes too).
     fn drop(&mut self) {
-        if self.is_read_only() || !self.has_dirty() {
+        if self.is_read_only() || (!self.has_dirty() && !self.dirty_marked.load(Ordering::Acquire))
+        {
             return;
         }
         let me: &Image = self;
-        let r = crate::driver::run_sync(|| me.flush_metadata());
+        let r = crate::driver::run_sync(|| me.mark_clean());
         if let Err(e) = r {
             eprintln!(
                 "qcow2: could not write cached metadata back at close: {}",
@@ -260,6 +267,7 @@ impl Image {
             }
         }
         let (snapshots, snap_len) = read_snapshots(file, &h).await?;
+        let h_lazy = h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0;
         let meta = Meta {
             l1,
             l1_offset: h.l1_table_offset,
@@ -290,6 +298,8 @@ impl Image {
             overlap_check: AtomicBool::new(overlap_check),
             cache,
             pass_discard: AtomicBool::new(pass_discard),
+            lazy_refcounts: AtomicBool::new(h_lazy && geo.version >= 3 && !read_only),
+            dirty_marked: AtomicBool::new(false),
             file: Some(file.clone()),
             node_name: std::sync::OnceLock::new(),
         })
@@ -1020,7 +1030,10 @@ impl Image {
         if l2s.is_empty() {
             return Ok(());
         }
-        if !rbs.is_empty() {
+        if self.lazy_refcounts.load(Ordering::Relaxed) {
+            // No ordering between refcounts and L2 tables: the dirty bit says so on disk.
+            self.mark_dirty(file).await?;
+        } else if !rbs.is_empty() {
             file.driver().flush(file).await?;
         }
         for off in &l2s {
@@ -1033,6 +1046,47 @@ impl Image {
                 pwrite(file, *off, &d).await?;
                 self.meta().l2.mark_clean(*off);
             }
+        }
+        Ok(())
+    }
+
+    /// Set the dirty bit (durably, after what is on disk already) before the first metadata
+    /// write that lazy refcounts leave unordered. Call with `alloc` held.
+    async fn mark_dirty(&self, file: &Arc<Node>) -> io::Result<()> {
+        if self.dirty_marked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        file.driver().flush(file).await?;
+        let bits = self.header().incompatible | header::INCOMPAT_DIRTY;
+        pwrite(file, 72, &bits.to_be_bytes()).await?;
+        file.driver().flush(file).await?;
+        self.header
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .incompatible = bits;
+        self.dirty_marked.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Everything cached written and durable, then the dirty bit this open set cleared (a
+    /// clean close, a reopen read-only, before amend).
+    pub async fn mark_clean(&self) -> io::Result<()> {
+        let Some(file) = self.file.clone() else {
+            return Ok(());
+        };
+        let _a = self.alloc.lock().await;
+        self.apply_frees(&file).await?;
+        self.writeback(&file).await?;
+        file.driver().flush(&file).await?;
+        if self.dirty_marked.load(Ordering::Acquire) {
+            let bits = self.header().incompatible & !header::INCOMPAT_DIRTY;
+            pwrite(&file, 72, &bits.to_be_bytes()).await?;
+            file.driver().flush(&file).await?;
+            self.header
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .incompatible = bits;
+            self.dirty_marked.store(false, Ordering::Release);
         }
         Ok(())
     }

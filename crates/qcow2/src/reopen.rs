@@ -19,6 +19,7 @@ pub struct Prepared {
     read_only: bool,
     overlap: bool,
     pass_discard: bool,
+    lazy: Option<bool>,
 }
 
 impl Prepared {
@@ -26,6 +27,9 @@ impl Prepared {
         img.overlap_check.store(self.overlap, Ordering::Relaxed);
         img.pass_discard.store(self.pass_discard, Ordering::Relaxed);
         img.read_only.store(self.read_only, Ordering::Release);
+        if let Some(l) = self.lazy {
+            img.lazy_refcounts.store(l, Ordering::Relaxed);
+        }
     }
 }
 
@@ -76,6 +80,16 @@ pub(crate) fn prepare(
     if req.read_only {
         // The layer flushed every node of the reopen first: nothing may stay cached dirty
         // once writes are refused (it could never be written back).
+        // What lazy refcounts left unordered is written and the dirty bit cleared first.
+        if !img.is_read_only() && img.dirty_marked.load(Ordering::Acquire) {
+            crate::driver::run_sync(|| img.mark_clean()).map_err(|e| {
+                format!(
+                    "qcow2: could not mark node '{}' clean: {}",
+                    node.name(),
+                    blockd_block::strerror(&e)
+                )
+            })?;
+        }
         if !img.is_read_only() && img.has_dirty() {
             return Err(format!(
                 "qcow2: node '{}' still has unwritten metadata after the flush",
@@ -111,6 +125,11 @@ pub(crate) fn prepare(
             read_only: req.read_only,
             overlap,
             pass_discard,
+            lazy: if h.version >= 3 {
+                Some(lazy.unwrap_or(h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0))
+            } else {
+                None
+            },
         }),
         child_perms: vec![("file".into(), perm, shared)],
         length: None,

@@ -395,6 +395,20 @@ impl BackupAction {
             .get("min-cluster-size")
             .and_then(Value::as_u64)
             .unwrap_or(0);
+        // (the filter's open checks these in QEMU, hence the prefix; above 1 GiB is refused
+        // here, qemu-storage-daemon 10.0.2 crashes on such sizes)
+        if min_cluster != 0 && !min_cluster.is_power_of_two() {
+            return Err(
+                "Could not create node: Cannot create block-copy-state: min-cluster-size needs to be a power of 2"
+                    .into(),
+            );
+        }
+        if min_cluster > 1 << 30 {
+            return Err(
+                "Could not create node: Cannot create block-copy-state: min-cluster-size too large"
+                    .into(),
+            );
+        }
         let cluster = blockd_jobs::cbw::cluster_size_for(&target, min_cluster);
         if max_chunk != 0 && (max_chunk as u64) < cluster {
             return Err(QmpError::generic(format!(

@@ -35,6 +35,15 @@ impl InternalSnapshot {
     }
 }
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// QEMU's `bdrv_can_snapshot`: the format keeps internal snapshots (qcow2 in blockd).
 fn can_snapshot(node: &Node) -> bool {
     node.driver().format_name() == "qcow2"
@@ -82,9 +91,11 @@ impl Action for InternalSnapshot {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default();
+            // QEMU keeps snapshot names in a 256-byte buffer: longer ones are cut
+            let stored = truncate(&name, 255).to_string();
             let info = blockd_block::driver::SnapshotInfo {
                 id: String::new(),
-                name: name.clone(),
+                name: stored.clone(),
                 date_sec: now.as_secs(),
                 // microseconds, as QEMU's clocks give them
                 date_nsec: now.subsec_micros() * 1000,
@@ -104,10 +115,10 @@ impl Action for InternalSnapshot {
                 .snapshots()
                 .iter()
                 .rev()
-                .find(|sn| sn.name == name)
+                .find(|sn| sn.name == stored)
                 .map(|sn| sn.id.clone())
                 .unwrap_or_default();
-            self.created = Some((id, name));
+            self.created = Some((id, stored));
             Ok(())
         })
     }

@@ -568,6 +568,51 @@ async def scenario_cbw_errors(binary):
     return s.log
 
 
+async def scenario_cbw_timeout(binary):
+    """cbw-timeout: the fleecing target is a null-co node that takes 3 s per request; with
+    cbw-timeout=1 and on-cbw-error=break-snapshot a guest write returns after about a second
+    (the copy is given up) and the view becomes unreadable."""
+    s = await S(binary).start()
+    src = s.p("src.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", src, str(SIZE))
+    fill(src, "qcow2", "0x55")
+    await s.add("src", src)
+    await s.cmd("blockdev-add", {"driver": "null-co", "node-name": "slow", "size": SIZE,
+                                 "latency-ns": 3_000_000_000})
+    await s.cmd("blockdev-add", {"driver": "copy-before-write", "node-name": "cbw",
+                                 "file": "src", "target": "slow",
+                                 "on-cbw-error": "break-snapshot", "cbw-timeout": 1})
+    await s.cmd("blockdev-add", {"driver": "snapshot-access", "node-name": "acc",
+                                 "file": "cbw"})
+    sock = s.p("nbd.sock")
+    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    await s.cmd("block-export-add", {"type": "nbd", "id": "guest", "node-name": "cbw",
+                                     "writable": True})
+    await s.cmd("block-export-add", {"type": "nbd", "id": "view", "node-name": "acc"})
+    guest = await nbd_client.Client().connect(sock, "cbw")
+    reader = await nbd_client.Client().connect(sock, "acc")
+    t0 = asyncio.get_running_loop().time()
+    await guest.write(0, b"\x66" * 65536)
+    took = asyncio.get_running_loop().time() - t0
+    check(0.8 < took < 2.5, f"{binary}: the guest write waited for the timeout only: {took:.2f} s")
+    try:
+        await reader.read(MiB, 65536)
+        s.log.append(("view", "ok"))
+    except nbd_client.NbdError:
+        s.log.append(("view", "failed"))
+    # later writes do not copy at all
+    t0 = asyncio.get_running_loop().time()
+    await guest.write(MiB, b"\x66" * 65536)
+    took = asyncio.get_running_loop().time() - t0
+    check(took < 0.5, f"{binary}: after the break, writes do not copy: {took:.2f} s")
+    await guest.close()
+    await reader.close()
+    await asyncio.sleep(0.2)
+    await s.stop()
+    s.cleanup()
+    return s.log
+
+
 async def scenario_transactions(binary):
     s = await S(binary).start()
     for n in ("a", "t", "b", "u"):
@@ -755,6 +800,7 @@ async def main():
                scenario_discard_source,
                scenario_top, scenario_fleecing, scenario_fleecing_sync_none,
                scenario_cbw_options, scenario_error_policy, scenario_cbw_errors,
+               scenario_cbw_timeout,
                scenario_transactions,
                scenario_incremental):
         if only and only not in sc.__name__:

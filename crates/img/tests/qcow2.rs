@@ -334,29 +334,56 @@ fn snapshot_matches_qemu_img() {
         ("snapshot -l r.raw", None),
         ("snapshot -c x r.raw", None),
     ];
-    for (cmd, then) in steps {
-        let args: Vec<&str> = cmd.split(' ').collect();
-        let q = masked(run(QEMU_IMG, &args, &d.q()));
-        let b = masked(run(BLOCKD_IMG, &args, &d.b()));
-        assert_eq!(b, q, "qemu-img {cmd}");
-        let (_, _, rc) = run(QEMU_IMG, &["check", "s.qcow2"], &d.b());
-        assert_eq!(rc, 0, "check after {cmd}");
-        let (o, _, _) = run(
-            QEMU_IMG,
-            &[
-                "compare",
-                "-f",
-                "qcow2",
-                "-F",
-                "qcow2",
-                "../q/s.qcow2",
-                "s.qcow2",
-            ],
-            &d.b(),
-        );
-        assert_eq!(o, "Images are identical.\n", "after {cmd}");
-        if let Some(w) = then {
-            d.both(QEMU_IO, &["-f", "qcow2", "-c", w, "s.qcow2"]);
+    let check_steps = |steps: &[(&str, Option<&str>)]| {
+        for (cmd, then) in steps {
+            let args: Vec<&str> = cmd.split(' ').collect();
+            let q = masked(run(QEMU_IMG, &args, &d.q()));
+            let b = masked(run(BLOCKD_IMG, &args, &d.b()));
+            assert_eq!(b, q, "qemu-img {cmd}");
+            let (_, _, rc) = run(QEMU_IMG, &["check", "s.qcow2"], &d.b());
+            assert_eq!(rc, 0, "check after {cmd}");
+            let (o, _, _) = run(
+                QEMU_IMG,
+                &[
+                    "compare",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "qcow2",
+                    "../q/s.qcow2",
+                    "s.qcow2",
+                ],
+                &d.b(),
+            );
+            assert_eq!(o, "Images are identical.\n", "after {cmd}");
+            if let Some(w) = then {
+                d.both(QEMU_IO, &["-f", "qcow2", "-c", w, "s.qcow2"]);
+            }
         }
-    }
+    };
+    check_steps(steps);
+    // Snapshots of other sizes: applying one gives the image its size (and L1 table).
+    d.both(QEMU_IMG, &["snapshot", "-c", "small", "s.qcow2"]);
+    d.both(QEMU_IMG, &["resize", "-q", "s.qcow2", "600M"]);
+    d.both(
+        QEMU_IO,
+        &["-f", "qcow2", "-c", "write -P 5 590M 64k", "s.qcow2"],
+    );
+    d.both(QEMU_IMG, &["snapshot", "-c", "big", "s.qcow2"]);
+    let vsize = |dir: &std::path::Path| {
+        let (o, _, _) = run(QEMU_IMG, &["info", "--output=json", "s.qcow2"], dir);
+        o.lines()
+            .rfind(|l| l.starts_with("    \"virtual-size\""))
+            .unwrap_or_default()
+            .to_string()
+    };
+    check_steps(&[("snapshot -a small s.qcow2", Some("write -P 6 15M 64k"))]);
+    assert_eq!(vsize(&d.b()), vsize(&d.q()));
+    assert!(vsize(&d.b()).contains("16777216"));
+    check_steps(&[
+        ("snapshot -a big s.qcow2", None),
+        ("snapshot -l s.qcow2", None),
+    ]);
+    assert_eq!(vsize(&d.b()), vsize(&d.q()));
+    assert!(vsize(&d.b()).contains("629145600"));
 }

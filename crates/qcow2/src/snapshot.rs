@@ -406,18 +406,28 @@ pub async fn apply(file: &Arc<Node>, name: &str) -> Result<(), String> {
         ));
     };
     let sn = &snaps[i];
+    // A snapshot of another size: the active L1 table grows to hold it when needed (entries
+    // past the snapshot's table become unallocated) and the image takes its size.
+    if sn.l1_size as usize > img.meta().l1.len() {
+        img.grow_l1(file, sn.l1_size as u64).await.map_err(fail)?;
+    }
     let (old, l1_off) = {
         let m = img.meta();
         (m.l1.clone(), m.l1_offset)
     };
-    if sn.l1_size as usize != old.len() {
-        return Err(format!(
-            "Could not apply snapshot '{name}': Failed to load snapshot: snapshots of another size are not supported yet"
-        ));
-    }
-    let new = read_l1(file, sn.l1_offset, sn.l1_size)
+    let mut new = read_l1(file, sn.l1_offset, sn.l1_size)
         .await
         .map_err(fail)?;
+    new.resize(old.len(), 0);
+    let size = img.size.load(std::sync::atomic::Ordering::Acquire);
+    if let Some(ds) = sn.disk_size
+        && ds != size
+    {
+        pwrite(file, 24, &ds.to_be_bytes()).await.map_err(fail)?;
+        file.driver().flush(file).await.map_err(fail)?;
+        img.header.lock().unwrap_or_else(|e| e.into_inner()).size = ds;
+        img.size.store(ds, std::sync::atomic::Ordering::Release);
+    }
     // New references first, then the switch, then the old references go.
     img.tree_refcounts(file, &new, 1).await.map_err(fail)?;
     img.writeback(file).await.map_err(fail)?;

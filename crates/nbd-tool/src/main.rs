@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use blockd_block::{OpenFlags, Perm};
-use blockd_nbd::server::ListenAddr;
+use blockd_nbd::server::{BitmapSpec, ListenAddr, export_bitmaps};
 use blockd_nbd::{ExportConfig, NbdServer, ServerConfig};
 use serde_json::{Map, Value};
 
@@ -105,7 +105,7 @@ fn usage() {
       --handshake-limit=N   limit client's handshake to N seconds (default 10)\n\
   -o, --offset=OFFSET       offset into the image\n\
   -A, --allocation-depth    expose the allocation depth\n\
-  -B, --bitmap=NAME         expose a persistent dirty bitmap (not supported yet)\n\
+  -B, --bitmap=NAME         expose a persistent dirty bitmap\n\
   -L, --list                list exports available from another NBD server\n\
       --fork                fork off the server process and exit the parent\n\
                             once the server is running\n\
@@ -316,9 +316,6 @@ fn main() -> ExitCode {
         1 => {}
         _ => return fail("Too many arguments"),
     }
-    if !a.bitmaps.is_empty() {
-        return fail("--bitmap: dirty bitmaps are not supported yet");
-    }
     if let Some(d) = &a.detect_zeroes
         && d != "off"
     {
@@ -458,6 +455,15 @@ async fn serve(a: Args, activation: Option<OwnedFd>, ready: Option<OwnedFd>) -> 
     } else {
         Perm::CONSISTENT_READ
     };
+    // qemu-nbd offers them last given first.
+    let specs: Vec<BitmapSpec> = a
+        .bitmaps
+        .iter()
+        .rev()
+        .cloned()
+        .map(BitmapSpec::Name)
+        .collect();
+    let bitmaps = export_bitmaps(&node, &specs, writable, |n| graph.node(n))?;
     let backend = graph.new_backend("", &node, perm, Perm::ALL)?;
     let shared = a.shared.unwrap_or(1);
     let server = NbdServer::new(ServerConfig {
@@ -473,6 +479,7 @@ async fn serve(a: Args, activation: Option<OwnedFd>, ready: Option<OwnedFd>) -> 
         writable,
         writethrough: cache_mode(a.cache.as_deref().unwrap_or("writeback"))?.2,
         allocation_depth: a.allocation_depth,
+        bitmaps,
         // As qemu-nbd: one client at a time (-e 1) cannot serve several connections.
         multi_conn: shared != 1,
         iothread: None,

@@ -16,7 +16,7 @@ use blockd_block::{Graph, Perm};
 use serde_json::{Map, Value, json};
 
 use crate::server::{
-    DeletedCallback, ExportConfig, ListenAddr, NbdServer, RemoveMode, ServerConfig,
+    BitmapSpec, DeletedCallback, ExportConfig, ListenAddr, NbdServer, RemoveMode, ServerConfig,
 };
 
 /// A QMP error: (class, description).
@@ -289,11 +289,7 @@ pub fn block_export_add(
             )));
         }
     };
-    if let Some(b) = args.get("bitmaps")
-        && b.as_array().is_none_or(|v| !v.is_empty())
-    {
-        return Err(generic("Dirty bitmap exports are not supported yet"));
-    }
+    let bitmaps = bitmap_specs(args.get("bitmaps"))?;
     add_export(
         st,
         graph,
@@ -307,6 +303,7 @@ pub fn block_export_add(
             allocation_depth,
             multi_conn,
             iothread: a.str("iothread")?,
+            bitmaps,
         },
         iothreads,
     )?;
@@ -323,6 +320,37 @@ struct ExportSpec {
     allocation_depth: bool,
     multi_conn: bool,
     iothread: Option<String>,
+    bitmaps: Vec<BitmapSpec>,
+}
+
+/// The `bitmaps` list of block-export-add: names, or `{node, name}`.
+fn bitmap_specs(v: Option<&Value>) -> Result<Vec<BitmapSpec>, QmpError> {
+    let Some(v) = v else {
+        return Ok(Vec::new());
+    };
+    let list = v
+        .as_array()
+        .ok_or_else(|| generic("Invalid parameter type for 'bitmaps', expected: array"))?;
+    let mut out = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let bad = || {
+            generic(format!(
+                "Invalid parameter type for 'bitmaps[{i}]', expected: string or object"
+            ))
+        };
+        out.push(match item {
+            Value::String(s) => BitmapSpec::Name(s.clone()),
+            Value::Object(m) => {
+                let get = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
+                BitmapSpec::Node {
+                    node: get("node").ok_or_else(bad)?,
+                    name: get("name").ok_or_else(bad)?,
+                }
+            }
+            _ => return Err(bad()),
+        });
+    }
+    Ok(out)
 }
 
 fn add_export(
@@ -367,6 +395,8 @@ fn add_export(
             s.node_name
         ))
     })?;
+    let bitmaps = crate::server::export_bitmaps(&node, &s.bitmaps, s.writable, |n| graph.node(n))
+        .map_err(generic)?;
     let iothread = match &s.iothread {
         None => None,
         Some(t) => Some(iothreads(t).ok_or_else(|| generic(format!("Cannot find iothread {t}")))?),
@@ -387,6 +417,7 @@ fn add_export(
         writable: s.writable,
         writethrough: s.writethrough,
         allocation_depth: s.allocation_depth,
+        bitmaps,
         multi_conn: s.multi_conn,
         iothread,
     };
@@ -449,9 +480,6 @@ pub fn nbd_server_add(
     )?;
     let device = a.req_str("device")?;
     let name = a.str("name")?.unwrap_or_else(|| device.clone());
-    if a.str("bitmap")?.is_some() {
-        return Err(generic("Dirty bitmap exports are not supported yet"));
-    }
     let spec = ExportSpec {
         id: name.clone(),
         node_name: device,
@@ -462,6 +490,7 @@ pub fn nbd_server_add(
         allocation_depth: false,
         multi_conn: true,
         iothread: None,
+        bitmaps: a.str("bitmap")?.map(BitmapSpec::Name).into_iter().collect(),
     };
     add_export(st, graph, spec, &|_| None)?;
     st.legacy.insert(name);

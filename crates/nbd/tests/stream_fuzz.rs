@@ -180,6 +180,7 @@ fn random_streams() {
             writable: true,
             writethrough: false,
             allocation_depth: true,
+            bitmaps: Vec::new(),
             multi_conn: true,
             iothread: None,
         })

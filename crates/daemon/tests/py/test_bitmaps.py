@@ -17,12 +17,18 @@ shows the same bitmaps for both, and qemu-storage-daemon loads both with the sam
 were recorded before the quit. A daemon killed with SIGKILL leaves the bitmaps in use on disk:
 both daemons then load them as inconsistent and refuse to use them with the same errors.
 Persistent bitmaps on a qcow2 v2 image are refused with QEMU's message.
+
+NBD exports of bitmaps (`bitmaps` of block-export-add, `bitmap` of nbd-server-add): the
+refusals (unknown names, bitmaps of nodes the export does not read from, {node, name} errors,
+a recording bitmap on a read-only export), the bitmaps busy while exported and free again after
+block-export-del, and `nbdinfo --map=qemu:dirty-bitmap:NAME` through each daemon's export equal.
 """
 
 import json
 import os
 import shutil
 import signal
+import sys
 import subprocess
 import tempfile
 
@@ -347,6 +353,87 @@ async def persistence(tmp):
         check_eq(v2["blockd"], v2["qsd"], "v2 refusal")
 
 
+EXPORT_STEPS = [
+    ("block-dirty-bitmap-add", {"node": "q0", "name": "b0"}),
+    ("block-dirty-bitmap-add", {"node": "q0", "name": "d", "disabled": True}),
+    ("block-dirty-bitmap-add", {"node": "f0", "name": "fb", "disabled": True}),
+    ("block-export-add", {"type": "nbd", "id": "w", "node-name": "q0", "name": "w",
+                          "writable": True}),
+    ("write", "w", ["write -P 1 100k 300k", "write -z 5M 4k", "write 9M 1000"]),
+    ("block-dirty-bitmap-merge", {"node": "q0", "target": "d", "bitmaps": ["b0"]}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "q0", "bitmaps": ["nope"]}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "q0", "bitmaps": ["b0"]}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "q0", "bitmaps": ["fb"]}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "q0",
+                          "bitmaps": [{"node": "f9", "name": "fb"}]}),
+    ("block-export-add", {"type": "nbd", "id": "e1", "node-name": "q0",
+                          "bitmaps": [{"node": "q0", "name": "zz"}]}),
+    ("nbd-server-add", {"device": "q0", "name": "x7", "bitmap": "b0"}),
+    ("nbd-server-add", {"device": "q0", "name": "x8", "bitmap": "zz"}),
+    ("block-export-add", {"type": "nbd", "id": "e2", "node-name": "q0", "name": "e2",
+                          "bitmaps": ["d", {"node": "f0", "name": "fb"}]}),
+    ("block-export-add", {"type": "nbd", "id": "e3", "node-name": "q0", "name": "e3",
+                          "writable": True, "bitmaps": ["b0"]}),
+    ("query-named-block-nodes", {}),
+    ("block-dirty-bitmap-remove", {"node": "q0", "name": "d"}),
+    ("block-dirty-bitmap-clear", {"node": "q0", "name": "b0"}),
+    ("block-dirty-bitmap-enable", {"node": "f0", "name": "fb"}),
+    ("map", "e2", "qemu:dirty-bitmap:d"),
+    ("map", "e2", "qemu:dirty-bitmap:fb"),
+    ("map", "e3", "qemu:dirty-bitmap:b0"),
+    ("list", "e2"),
+    ("block-export-del", {"id": "e2"}),
+    ("block-export-del", {"id": "e3"}),
+    ("query-named-block-nodes", {}),
+    ("block-dirty-bitmap-remove", {"node": "q0", "name": "d"}),
+]
+
+
+async def exports(tmp):
+    """Section 3: bitmaps exported over NBD."""
+    logs = {}
+    for who, binary in (("blockd", DAEMON), ("qsd", QSD)):
+        if binary is None:
+            continue
+        img = os.path.join(tmp, f"x-{who}.qcow2")
+        sh("qemu-img", "create", "-q", "-f", "qcow2", img, "10M")
+        d = Daemon(binary, args=open_args(img))
+        log = []
+        try:
+            c = await d.client()
+            sock = d.path("nbd.sock")
+            await c.execute("nbd-server-start",
+                            {"addr": {"type": "unix", "data": {"path": sock}}})
+            for step in EXPORT_STEPS:
+                if step[0] == "write":
+                    qemu_io(sock, step[1], *step[2])
+                elif step[0] in ("map", "list"):
+                    # (without --list: nbdinfo then shows this export alone, contexts too)
+                    arg = [f"--map={step[2]}"] if step[0] == "map" else []
+                    r = subprocess.run(["nbdinfo", *arg, f"nbd+unix:///{step[1]}?socket={sock}"],
+                                       capture_output=True, text=True)
+                    out = [ln for ln in r.stdout.splitlines()
+                           if "export=" not in ln and "uri:" not in ln]
+                    log.append((step, r.returncode, out))
+                else:
+                    r = await attempt(c, *step)
+                    if step[0] == "query-named-block-nodes":
+                        r = bitmaps_of(r)
+                    log.append((step[0], r))
+            await quit(c, d)
+        finally:
+            d.stop()
+        logs[who] = log
+    mine = logs["blockd"]
+    busy = [b["busy"] for b in mine[[i for i, x in enumerate(mine)
+                                     if x[0] == "query-named-block-nodes"][0]][1]["q0"]]
+    check(any(busy), "exported bitmaps are busy")
+    if "qsd" in logs:
+        for m, t in zip(mine, logs["qsd"]):
+            check_eq(m, t, f"export step {str(m[0])[:60]}")
+        check_eq(len(mine), len(logs["qsd"]), "export steps")
+
+
 def short(a):
     return {k: (v[:20] + "..." if isinstance(v, str) and len(v) > 40 else v)
             for k, v in a.items()}
@@ -378,6 +465,10 @@ async def main():
                 check_eq(m, t, f"{m[0]} {short(m[1])}")
         if os.environ.get("BITMAPS_ONLY") in (None, "", "persist"):
             await persistence(tmp)
+        if os.environ.get("BITMAPS_ONLY") in (None, "", "export") and shutil.which("nbdinfo"):
+            await exports(tmp)
+        elif not shutil.which("nbdinfo"):
+            print("NOTE: nbdinfo missing, bitmap exports not checked", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     finish()

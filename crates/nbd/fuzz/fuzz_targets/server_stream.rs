@@ -35,6 +35,7 @@ thread_local! {
                 writable: true,
                 writethrough: false,
                 allocation_depth: true,
+                bitmaps: Vec::new(),
                 multi_conn: true,
                 iothread: None,
             })

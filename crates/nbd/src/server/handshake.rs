@@ -18,10 +18,14 @@ pub(crate) struct Session {
     pub base_ctx: Option<u32>,
     /// Context id of `qemu:allocation-depth`, if selected.
     pub depth_ctx: Option<u32>,
+    /// Context ids and bitmaps of the selected `qemu:dirty-bitmap:NAME` contexts.
+    pub bitmap_ctx: Vec<(u32, Arc<blockd_block::DirtyBitmap>)>,
 }
 
 pub(crate) const BASE_ID: u32 = 0;
 pub(crate) const DEPTH_ID: u32 = 1;
+/// Context id of the export's bitmap `i` is `BITMAP_ID0 + i`.
+pub(crate) const BITMAP_ID0: u32 = 2;
 
 fn drop_conn(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
@@ -37,6 +41,8 @@ struct State {
     meta_export: Option<String>,
     base: bool,
     depth: bool,
+    /// Indices of the export's bitmaps selected.
+    bitmaps: Vec<usize>,
 }
 
 /// Run the handshake. `Ok(None)`: the client left cleanly (ABORT or close).
@@ -206,6 +212,7 @@ pub(crate) async fn negotiate(
                     st.meta_export = None;
                     st.base = false;
                     st.depth = false;
+                    st.bitmaps.clear();
                 }
                 if set && !st.structured {
                     invalid(
@@ -236,12 +243,22 @@ pub(crate) async fn negotiate(
                 };
                 let depth_ok = export.cfg.allocation_depth;
                 let (mut base, mut depth) = (false, false);
+                let exported = &export.cfg.bitmaps;
+                let mut bitmaps: Vec<usize> = Vec::new();
                 if req.queries.is_empty() {
                     if !set {
                         base = true;
                         depth = depth_ok;
+                        bitmaps = (0..exported.len()).collect();
                     }
                 } else {
+                    for q in &req.queries {
+                        for i in super::dirty::matching(exported, q, !set) {
+                            if !bitmaps.contains(&i) {
+                                bitmaps.push(i);
+                            }
+                        }
+                    }
                     for q in &req.queries {
                         match q.as_str() {
                             proto::CTX_BASE_ALLOCATION => base = true,
@@ -259,11 +276,16 @@ pub(crate) async fn negotiate(
                 if depth {
                     meta_reply(fd, h.option, id(DEPTH_ID), proto::CTX_ALLOCATION_DEPTH).await?;
                 }
+                for &i in &bitmaps {
+                    let ctx = &exported[i].context;
+                    meta_reply(fd, h.option, id(BITMAP_ID0 + i as u32), ctx).await?;
+                }
                 reply(fd, h.option, proto::REP_ACK, &[]).await?;
                 if set {
                     st.meta_export = Some(req.export.clone());
                     st.base = base;
                     st.depth = depth;
+                    st.bitmaps = bitmaps;
                 }
             }
             other => {
@@ -278,11 +300,22 @@ fn session(st: &State, export: Arc<Export>, name: &str) -> Session {
     // Contexts selected for another export do not apply.
     let same = st.meta_export.as_deref() == Some(name);
     Session {
-        export,
         structured: st.structured,
         extended: st.extended,
         base_ctx: (same && st.base).then_some(BASE_ID),
         depth_ctx: (same && st.depth).then_some(DEPTH_ID),
+        bitmap_ctx: if same {
+            st.bitmaps
+                .iter()
+                .filter_map(|&i| {
+                    let b = export.cfg.bitmaps.get(i)?;
+                    Some((BITMAP_ID0 + i as u32, b.bitmap.clone()))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+        export,
     }
 }
 

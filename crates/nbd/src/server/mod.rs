@@ -8,8 +8,11 @@
 //! `shutdown(2)` of a socket to make its owner's reader see end-of-file, done under the
 //! registry lock so the descriptor cannot be closed and reused meanwhile.
 
+mod dirty;
 mod handshake;
 mod transmission;
+
+pub use dirty::{BitmapSpec, ExportedBitmap, export_bitmaps};
 
 use std::collections::BTreeMap;
 use std::io;
@@ -59,6 +62,8 @@ pub struct ExportConfig {
     pub writethrough: bool,
     /// Offer the `qemu:allocation-depth` meta context.
     pub allocation_depth: bool,
+    /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` contexts (busy while exported).
+    pub bitmaps: Vec<Arc<ExportedBitmap>>,
     /// Advertise NBD_FLAG_CAN_MULTI_CONN.
     pub multi_conn: bool,
     /// The context that serves this export's clients (`None`: the server's context).

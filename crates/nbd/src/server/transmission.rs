@@ -269,7 +269,9 @@ fn validate(conn: &Conn, r: &Request) -> Result<(), u32> {
         _ => {}
     }
     if r.typ == proto::CMD_BLOCK_STATUS {
-        if !s.structured || (s.base_ctx.is_none() && s.depth_ctx.is_none()) {
+        if !s.structured
+            || (s.base_ctx.is_none() && s.depth_ctx.is_none() && s.bitmap_ctx.is_empty())
+        {
             return Err(proto::EINVAL);
         }
         if r.len == 0 {
@@ -517,7 +519,12 @@ async fn block_status(conn: &Conn, r: &Request) -> io::Result<Vec<IoBuf>> {
     let end = r.offset + r.len;
     let mut base: Vec<(u64, u64)> = Vec::new();
     let mut depth: Vec<(u64, u64)> = Vec::new();
-    let mut off = r.offset;
+    // Only the bitmap contexts: no need to ask the node.
+    let mut off = if s.base_ctx.is_none() && s.depth_ctx.is_none() {
+        end
+    } else {
+        r.offset
+    };
     // Merge runs of equal flags; stop when both lists are full or the range is covered.
     let push = |v: &mut Vec<(u64, u64)>, len: u64, flags: u64| -> bool {
         if let Some(last) = v.last_mut()
@@ -549,7 +556,11 @@ async fn block_status(conn: &Conn, r: &Request) -> io::Result<Vec<IoBuf>> {
         off += len;
     }
     let mut parts = Vec::new();
-    for (id, list) in [(s.base_ctx, base), (s.depth_ctx, depth)] {
+    let mut lists = vec![(s.base_ctx, base), (s.depth_ctx, depth)];
+    for (id, b) in &s.bitmap_ctx {
+        lists.push((Some(*id), super::dirty::extents(b, r.offset, end, cap)));
+    }
+    for (id, list) in lists {
         let Some(id) = id else { continue };
         let mut p = Vec::with_capacity(8 + list.len() * 16);
         p.put_u32(id);

@@ -105,6 +105,7 @@ impl TestServer {
                         writable: e.writable,
                         writethrough: false,
                         allocation_depth: e.depth,
+                        bitmaps: Vec::new(),
                         multi_conn: true,
                         iothread: None,
                     })

@@ -3,7 +3,8 @@
 # (half random data in 1 MiB stripes, half holes) to raw, to qcow2 and back, with the page
 # cache (default) and with O_DIRECT (-t none -T none). Each row is the best of RUNS runs;
 # ratio = qemu time / blockd time (> 1: blockd is faster). Outputs are checked to be identical
-# (qemu-img compare). Benchmarks are not tests.
+# (qemu-img compare). A last row times `check` of the qcow2 image made from it (outputs
+# compared). Benchmarks are not tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p blockd-img
@@ -59,3 +60,12 @@ row "raw -> raw (-t none -T none)"   -t none -T none -f raw -O raw "$SRC"
 row "raw -> qcow2 (-t none -T none)" -t none -T none -f raw -O qcow2 "$SRC"
 row "qcow2 -> raw (-t none -T none)" -t none -T none -f qcow2 -O raw "$DIR/src.qcow2"
 row "raw -> raw -W -m 16"        -W -m 16 -f raw -O raw "$SRC"
+
+# check of the qcow2 image (half data, half holes): same report from both.
+qc=$(best "$Q" check "$DIR/src.qcow2")
+bc=$(best "$B" check "$DIR/src.qcow2")
+diff <("$Q" check "$DIR/src.qcow2") <("$B" check "$DIR/src.qcow2") >/dev/null \
+    || { echo "check: reports differ" >&2; exit 1; }
+awk -v q="$qc" -v b="$bc" 'BEGIN {
+    r = (b > 0) ? q / b : 0
+    printf "%-36s qemu-img %7.3f s   blockd-img %7.3f s   ratio %5.2f\n", "check (qcow2 of it)", q, b, r }'

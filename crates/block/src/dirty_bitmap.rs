@@ -32,6 +32,8 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use arc_swap::ArcSwap;
+
 /// Smallest granularity QEMU accepts.
 pub const MIN_GRANULARITY: u64 = 512;
 /// Largest granularity QEMU accepts (2 GiB).
@@ -103,9 +105,8 @@ pub struct DirtyBitmap {
     name: Option<String>,
     granularity: u64,
     shift: u32,
-    length: u64,
-    nbits: u64,
-    words: Box<[AtomicU64]>,
+    /// The bits; replaced as a whole when the node is resized (under the node's list lock).
+    bits: ArcSwap<Bits>,
     /// Set bits (kept exact: every change adds or removes the popcount of what it changed).
     set_bits: AtomicU64,
     flags: AtomicU32,
@@ -113,12 +114,36 @@ pub struct DirtyBitmap {
     successor: Mutex<Option<Arc<DirtyBitmap>>>,
 }
 
+/// The bits of a bitmap over `length` bytes.
+struct Bits {
+    length: u64,
+    nbits: u64,
+    words: Box<[AtomicU64]>,
+}
+
+impl Bits {
+    fn new(length: u64, granularity: u64) -> Result<Bits, String> {
+        let nbits = length.div_ceil(granularity);
+        let nwords =
+            usize::try_from(nbits.div_ceil(64)).map_err(|_| "Bitmap is too large".to_string())?;
+        Ok(Bits {
+            length,
+            nbits,
+            words: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
+        })
+    }
+
+    fn bit(&self, n: u64) -> bool {
+        self.words[(n / 64) as usize].load(Ordering::Acquire) & (1 << (n % 64)) != 0
+    }
+}
+
 impl std::fmt::Debug for DirtyBitmap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DirtyBitmap")
             .field("name", &self.name)
             .field("granularity", &self.granularity)
-            .field("length", &self.length)
+            .field("length", &self.length())
             .field("count", &self.count())
             .field("flags", &self.flags.load(Ordering::Relaxed))
             .finish()
@@ -140,16 +165,11 @@ impl DirtyBitmap {
             return Err(format!("Bitmap name too long: {n}"));
         }
         let shift = granularity.trailing_zeros();
-        let nbits = length.div_ceil(granularity);
-        let nwords =
-            usize::try_from(nbits.div_ceil(64)).map_err(|_| "Bitmap is too large".to_string())?;
         Ok(Arc::new(DirtyBitmap {
             name: name.map(str::to_string),
             granularity,
             shift,
-            length,
-            nbits,
-            words: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
+            bits: ArcSwap::from_pointee(Bits::new(length, granularity)?),
             set_bits: AtomicU64::new(0),
             flags: AtomicU32::new(ENABLED),
             successor: Mutex::new(None),
@@ -158,7 +178,7 @@ impl DirtyBitmap {
 
     /// A new bitmap with the same granularity, length and bits (QEMU's copy for merges).
     pub fn duplicate(&self, name: Option<&str>) -> Arc<DirtyBitmap> {
-        let b = DirtyBitmap::new(name, self.granularity, self.length)
+        let b = DirtyBitmap::new(name, self.granularity, self.length())
             .expect("granularity already checked");
         b.copy_from(self);
         b
@@ -174,12 +194,38 @@ impl DirtyBitmap {
 
     /// Bytes of the node covered.
     pub fn length(&self) -> u64 {
-        self.length
+        self.bits.load().length
     }
 
     /// Number of bits (granules).
     pub fn nbits(&self) -> u64 {
-        self.nbits
+        self.bits.load().nbits
+    }
+
+    /// The node now has `length` bytes: bits past a shrunk end go, a grown area is clean (as
+    /// QEMU's truncate of a bitmap). Call it with marking excluded ([`DirtyBitmapList::resize`]).
+    pub fn resize(&self, length: u64) -> Result<(), String> {
+        let old = self.bits.load_full();
+        if old.length == length {
+            return Ok(());
+        }
+        let new = Bits::new(length, self.granularity)?;
+        let mut count = 0u64;
+        for (w, n) in new.words.iter().enumerate() {
+            if let Some(o) = old.words.get(w) {
+                let mut v = o.load(Ordering::Acquire);
+                if (w as u64 + 1) * 64 > new.nbits {
+                    v &= u64::MAX
+                        .checked_shr(((w as u64 + 1) * 64 - new.nbits) as u32)
+                        .unwrap_or(0);
+                }
+                n.store(v, Ordering::Release);
+                count += v.count_ones() as u64;
+            }
+        }
+        self.bits.store(Arc::new(new));
+        self.set_bits.store(count, Ordering::Release);
+        Ok(())
     }
 
     fn flag(&self, f: u32) -> bool {
@@ -285,28 +331,29 @@ impl DirtyBitmap {
     }
 
     // ---- bits -------------------------------------------------------------------------
+    // Each operation works on one snapshot of the bits (a concurrent resize swaps them).
 
     /// Bit range `[first, last]` (inclusive) covering bytes `[offset, offset+len)`, clamped to
     /// the bitmap.
-    fn bit_span(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
-        if len == 0 || offset >= self.length {
+    fn bit_span(&self, b: &Bits, offset: u64, len: u64) -> Option<(u64, u64)> {
+        if len == 0 || offset >= b.length {
             return None;
         }
-        let end = offset.saturating_add(len).min(self.length);
+        let end = offset.saturating_add(len).min(b.length);
         Some((offset >> self.shift, (end - 1) >> self.shift))
     }
 
-    /// OR `mask` into word `w`; returns how many bits were newly set.
-    fn or_word(&self, w: usize, mask: u64) {
-        let old = self.words[w].fetch_or(mask, Ordering::AcqRel);
+    /// OR `mask` into word `w`, counting the newly set bits.
+    fn or_word(&self, b: &Bits, w: usize, mask: u64) {
+        let old = b.words[w].fetch_or(mask, Ordering::AcqRel);
         let new_bits = (mask & !old).count_ones() as u64;
         if new_bits > 0 {
             self.set_bits.fetch_add(new_bits, Ordering::AcqRel);
         }
     }
 
-    fn and_not_word(&self, w: usize, mask: u64) {
-        let old = self.words[w].fetch_and(!mask, Ordering::AcqRel);
+    fn and_not_word(&self, b: &Bits, w: usize, mask: u64) {
+        let old = b.words[w].fetch_and(!mask, Ordering::AcqRel);
         let gone = (mask & old).count_ones() as u64;
         if gone > 0 {
             self.set_bits.fetch_sub(gone, Ordering::AcqRel);
@@ -315,7 +362,7 @@ impl DirtyBitmap {
 
     /// Apply `op` to every word of the bit range `[first, last]` with the mask of the range's
     /// bits in that word.
-    fn for_bits(&self, first: u64, last: u64, mut op: impl FnMut(usize, u64)) {
+    fn for_bits(first: u64, last: u64, mut op: impl FnMut(usize, u64)) {
         let (fw, lw) = (first / 64, last / 64);
         for w in fw..=lw {
             let lo = if w == fw { first % 64 } else { 0 };
@@ -327,91 +374,91 @@ impl DirtyBitmap {
 
     /// Mark bytes `[offset, offset+len)` dirty (every granule they touch).
     pub fn set_range(&self, offset: u64, len: u64) {
-        if let Some((f, l)) = self.bit_span(offset, len) {
-            self.set_bits_range(f, l);
+        let b = self.bits.load();
+        if let Some((f, l)) = self.bit_span(&b, offset, len) {
+            self.set_bits_range(&b, f, l);
         }
     }
 
-    fn set_bits_range(&self, first: u64, last: u64) {
-        self.for_bits(first, last, |w, m| self.or_word(w, m));
+    fn set_bits_range(&self, b: &Bits, first: u64, last: u64) {
+        Self::for_bits(first, last, |w, m| self.or_word(b, w, m));
     }
 
-    fn reset_bits_range(&self, first: u64, last: u64) {
-        self.for_bits(first, last, |w, m| self.and_not_word(w, m));
+    fn reset_bits_range(&self, b: &Bits, first: u64, last: u64) {
+        Self::for_bits(first, last, |w, m| self.and_not_word(b, w, m));
     }
 
     /// Mark bytes `[offset, offset+len)` clean. Only granules the range covers entirely are
     /// cleared (and the partial last granule when the range reaches the end).
     pub fn reset_range(&self, offset: u64, len: u64) {
-        if len == 0 || offset >= self.length {
+        let b = self.bits.load();
+        if len == 0 || offset >= b.length {
             return;
         }
-        let end = offset.saturating_add(len).min(self.length);
+        let end = offset.saturating_add(len).min(b.length);
         let first = offset.div_ceil(self.granularity);
-        let stop = if end == self.length {
-            self.nbits
+        let stop = if end == b.length {
+            b.nbits
         } else {
             end >> self.shift
         };
         if first < stop {
-            self.reset_bits_range(first, stop - 1);
+            self.reset_bits_range(&b, first, stop - 1);
         }
-    }
-
-    fn bit(&self, n: u64) -> bool {
-        self.words[(n / 64) as usize].load(Ordering::Acquire) & (1 << (n % 64)) != 0
     }
 
     /// Is the granule holding byte `offset` dirty?
     pub fn get(&self, offset: u64) -> bool {
-        offset < self.length && self.bit(offset >> self.shift)
+        let b = self.bits.load();
+        offset < b.length && b.bit(offset >> self.shift)
     }
 
     /// First bit ≥ `from` and < `stop` whose value is `dirty`.
-    fn find_bit(&self, from: u64, stop: u64, dirty: bool) -> Option<u64> {
-        let stop = stop.min(self.nbits);
+    fn find_bit(b: &Bits, from: u64, stop: u64, dirty: bool) -> Option<u64> {
+        let stop = stop.min(b.nbits);
         let mut n = from;
         while n < stop {
-            let w = self.words[(n / 64) as usize].load(Ordering::Acquire);
+            let w = b.words[(n / 64) as usize].load(Ordering::Acquire);
             let w = if dirty { w } else { !w };
             let w = w & (u64::MAX << (n % 64));
             if w != 0 {
-                let b = n / 64 * 64 + w.trailing_zeros() as u64;
-                return (b < stop).then_some(b);
+                let bit = n / 64 * 64 + w.trailing_zeros() as u64;
+                return (bit < stop).then_some(bit);
             }
             n = (n / 64 + 1) * 64;
         }
         None
     }
 
-    /// First dirty byte offset in `[offset, end)` (the start of its granule or `offset`).
-    pub fn next_dirty(&self, offset: u64, end: u64) -> Option<u64> {
-        let end = end.min(self.length);
+    fn next_with(&self, offset: u64, end: u64, dirty: bool) -> Option<u64> {
+        let b = self.bits.load();
+        let end = end.min(b.length);
         if offset >= end {
             return None;
         }
-        let b = self.find_bit(offset >> self.shift, (end - 1) / self.granularity + 1, true)?;
-        Some((b << self.shift).max(offset))
+        let bit = Self::find_bit(
+            &b,
+            offset >> self.shift,
+            (end - 1) / self.granularity + 1,
+            dirty,
+        )?;
+        Some((bit << self.shift).max(offset))
+    }
+
+    /// First dirty byte offset in `[offset, end)` (the start of its granule or `offset`).
+    pub fn next_dirty(&self, offset: u64, end: u64) -> Option<u64> {
+        self.next_with(offset, end, true)
     }
 
     /// First clean byte offset in `[offset, end)`.
     pub fn next_clean(&self, offset: u64, end: u64) -> Option<u64> {
-        let end = end.min(self.length);
-        if offset >= end {
-            return None;
-        }
-        let b = self.find_bit(
-            offset >> self.shift,
-            (end - 1) / self.granularity + 1,
-            false,
-        )?;
-        Some((b << self.shift).max(offset))
+        self.next_with(offset, end, false)
     }
 
     /// The first dirty extent in `[offset, end)`, at most `max_len` bytes long, as
     /// (start, len) (QEMU's `bdrv_dirty_bitmap_next_dirty_area`).
     pub fn next_dirty_area(&self, offset: u64, end: u64, max_len: u64) -> Option<(u64, u64)> {
-        let end = end.min(self.length);
+        let end = end.min(self.length());
         let start = self.next_dirty(offset, end)?;
         let stop = self.next_clean(start, end).unwrap_or(end);
         Some((start, (stop - start).min(max_len.max(1))))
@@ -422,7 +469,7 @@ impl DirtyBitmap {
         DirtyRuns {
             bitmap: self,
             pos: offset,
-            end: end.min(self.length),
+            end: end.min(self.length()),
         }
     }
 
@@ -438,8 +485,9 @@ impl DirtyBitmap {
 
     /// Clear every bit.
     pub fn clear(&self) {
-        for w in 0..self.words.len() {
-            let old = self.words[w].swap(0, Ordering::AcqRel);
+        let b = self.bits.load();
+        for w in b.words.iter() {
+            let old = w.swap(0, Ordering::AcqRel);
             if old != 0 {
                 self.set_bits
                     .fetch_sub(old.count_ones() as u64, Ordering::AcqRel);
@@ -449,10 +497,10 @@ impl DirtyBitmap {
 
     /// Can `src` be merged into this bitmap (QEMU: the lengths must be equal)?
     pub fn can_merge(&self, src: &DirtyBitmap) -> Result<(), String> {
-        if self.length != src.length {
+        let (dl, sl) = (self.length(), src.length());
+        if dl != sl {
             return Err(format!(
-                "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
-                self.length, src.length
+                "Bitmaps are of different sizes (destination size is {dl}, source size is {sl}) and can't be merged"
             ));
         }
         Ok(())
@@ -465,15 +513,16 @@ impl DirtyBitmap {
         if std::ptr::eq(self, src) {
             return Ok(());
         }
-        if self.granularity == src.granularity {
-            for (w, s) in src.words.iter().enumerate() {
+        let (b, sb) = (self.bits.load(), src.bits.load());
+        if self.granularity == src.granularity && b.nbits == sb.nbits {
+            for (w, s) in sb.words.iter().enumerate() {
                 let v = s.load(Ordering::Acquire);
                 if v != 0 {
-                    self.or_word(w, v);
+                    self.or_word(&b, w, v);
                 }
             }
         } else {
-            for (start, len) in src.dirty_runs(0, src.length) {
+            for (start, len) in src.dirty_runs(0, sb.length) {
                 self.set_range(start, len);
             }
         }
@@ -486,10 +535,11 @@ impl DirtyBitmap {
         if std::ptr::eq(self, src) {
             return;
         }
-        if self.granularity == src.granularity && self.length == src.length {
-            for (w, s) in src.words.iter().enumerate() {
+        let (b, sb) = (self.bits.load(), src.bits.load());
+        if self.granularity == src.granularity && b.nbits == sb.nbits {
+            for (w, s) in sb.words.iter().enumerate() {
                 let v = s.load(Ordering::Acquire);
-                let old = self.words[w].swap(v, Ordering::AcqRel);
+                let old = b.words[w].swap(v, Ordering::AcqRel);
                 let (add, sub) = ((v & !old).count_ones(), (old & !v).count_ones());
                 if add > 0 {
                     self.set_bits.fetch_add(add as u64, Ordering::AcqRel);
@@ -500,7 +550,7 @@ impl DirtyBitmap {
             }
         } else {
             self.clear();
-            for (start, len) in src.dirty_runs(0, src.length.min(self.length)) {
+            for (start, len) in src.dirty_runs(0, sb.length.min(b.length)) {
                 self.set_range(start, len);
             }
         }
@@ -510,19 +560,20 @@ impl DirtyBitmap {
 
     /// Bytes needed for the on-disk layout of the whole bitmap.
     pub fn serialized_size(&self) -> u64 {
-        self.nbits.div_ceil(8)
+        self.nbits().div_ceil(8)
     }
 
     /// Write `out.len() * 8` bits starting at bit `first_bit` (a multiple of 8) in the on-disk
     /// layout; bits past the end are 0.
     pub fn serialize(&self, first_bit: u64, out: &mut [u8]) {
         debug_assert!(first_bit.is_multiple_of(8));
+        let b = self.bits.load();
         let first_byte = first_bit / 8;
         for (i, o) in out.iter_mut().enumerate() {
             let byte = first_byte + i as u64;
             let w = (byte / 8) as usize;
-            *o = if w < self.words.len() {
-                (self.words[w].load(Ordering::Acquire) >> ((byte % 8) * 8)) as u8
+            *o = if w < b.words.len() {
+                (b.words[w].load(Ordering::Acquire) >> ((byte % 8) * 8)) as u8
             } else {
                 0
             };
@@ -533,21 +584,22 @@ impl DirtyBitmap {
     /// them); bits past the end of the bitmap are ignored.
     pub fn deserialize(&self, first_bit: u64, data: &[u8]) {
         debug_assert!(first_bit.is_multiple_of(8));
+        let b = self.bits.load();
         let first_byte = first_bit / 8;
         for (i, &d) in data.iter().enumerate() {
             let bit = (first_byte + i as u64) * 8;
-            if bit >= self.nbits {
+            if bit >= b.nbits {
                 break;
             }
-            let last = (bit + 7).min(self.nbits - 1);
+            let last = (bit + 7).min(b.nbits - 1);
             let w = (bit / 64) as usize;
             let sh = bit % 64;
             let width_mask = u64::MAX >> (63 - (last - bit));
             let ones = (d as u64 & width_mask) << sh;
             let range = width_mask << sh;
-            self.and_not_word(w, range & !ones);
+            self.and_not_word(&b, w, range & !ones);
             if ones != 0 {
-                self.or_word(w, ones);
+                self.or_word(&b, w, ones);
             }
         }
     }
@@ -555,14 +607,15 @@ impl DirtyBitmap {
     /// Set (`ones`) or clear `nbits` bits from `first_bit` (qcow2's all-ones / all-zeroes
     /// table entries).
     pub fn deserialize_fill(&self, first_bit: u64, nbits: u64, ones: bool) {
-        if nbits == 0 || first_bit >= self.nbits {
+        let b = self.bits.load();
+        if nbits == 0 || first_bit >= b.nbits {
             return;
         }
-        let last = (first_bit + nbits - 1).min(self.nbits - 1);
+        let last = (first_bit + nbits - 1).min(b.nbits - 1);
         if ones {
-            self.set_bits_range(first_bit, last);
+            self.set_bits_range(&b, first_bit, last);
         } else {
-            self.reset_bits_range(first_bit, last);
+            self.reset_bits_range(&b, first_bit, last);
         }
     }
 
@@ -574,8 +627,9 @@ impl DirtyBitmap {
 
     /// The bytes [`DirtyBitmap::sha256_hex`] hashes.
     pub fn hash_input(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(self.words.len() * 8);
-        for w in self.words.iter() {
+        let b = self.bits.load();
+        let mut v = Vec::with_capacity(b.words.len() * 8);
+        for w in b.words.iter() {
             v.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
         }
         v
@@ -708,6 +762,15 @@ impl DirtyBitmapList {
         }
     }
 
+    /// The node was resized to `length`: every bitmap follows, with marking excluded.
+    pub fn resize(&self, length: u64) {
+        let l = self.lock();
+        for b in l.iter() {
+            // (a length too large for memory keeps the old bits; marks past them are dropped)
+            let _ = b.resize(length);
+        }
+    }
+
     /// Run `f` with marking excluded (a transaction's atomic clear-and-keep-a-copy).
     pub fn locked<R>(&self, f: impl FnOnce() -> R) -> R {
         let _g = self.lock();
@@ -731,7 +794,7 @@ impl DirtyBitmapList {
         if slot.is_some() {
             return Err("Cannot create a successor for a bitmap that already has one".to_string());
         }
-        let s = DirtyBitmap::new(None, bm.granularity, bm.length)?;
+        let s = DirtyBitmap::new(None, bm.granularity, bm.length())?;
         s.set_enabled(bm.is_enabled());
         bm.set_enabled(false);
         *slot = Some(s.clone());
@@ -939,6 +1002,26 @@ mod tests {
         let e = bm(512, 512 * 100);
         e.deserialize(96, &[0xff, 0xff]);
         assert_eq!(e.count_bits(), 4);
+    }
+
+    #[test]
+    fn resize_keeps_bits_and_trims_the_tail() {
+        let b = bm(512, 512 * 100);
+        b.set_range(512 * 10, 512);
+        b.set_range(512 * 99, 512);
+        b.resize(512 * 200).unwrap();
+        assert_eq!(b.nbits(), 200);
+        assert_eq!(b.count_bits(), 2);
+        assert!(b.get(512 * 99) && !b.get(512 * 150));
+        b.set_range(512 * 150, 1);
+        b.resize(512 * 64).unwrap(); // cuts at a word boundary
+        assert_eq!(b.count_bits(), 1);
+        b.resize(512 * 11).unwrap(); // inside a word: bit 10 stays, nothing past the end
+        assert_eq!(b.count_bits(), 1);
+        assert_eq!(b.hash_input(), (1u64 << 10).to_le_bytes().to_vec());
+        b.resize(512 * 10).unwrap();
+        assert_eq!(b.count_bits(), 0);
+        assert_eq!(b.length(), 5120);
     }
 
     #[test]

@@ -141,6 +141,8 @@ impl Node {
     /// size is not a multiple of 512 reads as zeroes).
     pub(crate) fn set_length(&self, len: u64) {
         self.length.store(round_to_sector(len), Ordering::Release);
+        // Dirty bitmaps follow the node's size (QEMU's bdrv_dirty_bitmap_truncate).
+        self.dirty_bitmaps.resize(round_to_sector(len));
     }
 
     pub fn is_read_only(&self) -> bool {

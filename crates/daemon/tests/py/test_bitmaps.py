@@ -206,6 +206,8 @@ PERSIST_STEPS = [
     ("block-dirty-bitmap-disable", {"node": "q0", "name": "b0"}),
     ("write", "q0", ["write -P 8 3M 4k"]),
     ("block-dirty-bitmap-merge", {"node": "q0", "target": "p1", "bitmaps": ["p0"]}),
+    # (the image was resized to 20 MiB before the export: bitmaps follow it)
+    ("write", "q0", ["write -P 9 15M 64k", "write -P 9 9M 4k"]),
 ]
 
 INCONSISTENT_STEPS = [
@@ -236,12 +238,14 @@ async def persistence(tmp):
         try:
             c = await d.client()
             loaded[who] = await state(c)
+            # Bitmaps follow a resize (the grown area clean) and are stored at the new size.
+            resized = await attempt(c, "block_resize", {"node-name": "q0", "size": 20 << 20})
             sock = d.path("nbd.sock")
             await c.execute("nbd-server-start",
                             {"addr": {"type": "unix", "data": {"path": sock}}})
             await c.execute("block-export-add", {"type": "nbd", "id": "e", "node-name": "q0",
                                                  "writable": True})
-            log = []
+            log = [resized]
             for step in PERSIST_STEPS:
                 if step[0] == "write":
                     qemu_io(sock, step[1], *step[2])

@@ -304,15 +304,42 @@ impl Persist {
         Ok(p)
     }
 
+    /// Mark every consistent bitmap of the directory in use on disk again (a writable image
+    /// whose bitmaps were stored for a reopen to read-only that did not happen).
+    pub async fn mark_in_use(&self, img: &Image, file: &Arc<Node>) -> io::Result<()> {
+        let _alloc = img.alloc.lock().await;
+        let h = img.header();
+        let Some(ext) = h.bitmaps.filter(|_| h.autoclear & AUTOCLEAR_BITMAPS != 0) else {
+            return Ok(());
+        };
+        let marked: Vec<DirEntry> = self
+            .on_disk
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .map(|mut e| {
+                e.flags |= FLAG_IN_USE;
+                e
+            })
+            .collect();
+        let dir = serialize_directory(&marked);
+        if dir.len() as u64 != ext.directory_size {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        pwrite(file, ext.directory_offset, &dir).await?;
+        file.driver().flush(file).await?;
+        *self.on_disk.lock().unwrap_or_else(|e| e.into_inner()) = marked;
+        Ok(())
+    }
+
     /// QEMU's checks before a bitmap is made persistent in this image.
     pub fn can_store_new(&self, img: &Image, name: &str, granularity: u64) -> Result<(), String> {
         let h = img.header();
         if h.version < 3 {
             return Err("Cannot store dirty bitmaps in qcow2 v2 files".into());
         }
-        if img.is_read_only() {
-            return Err("Cannot store dirty bitmaps in read-only image".into());
-        }
+        // (QEMU accepts one on a read-only image too; it is never stored.)
         let persistent = self
             .list
             .named()

@@ -510,12 +510,45 @@ impl BlockDriver for Qcow2 {
         node: &Node,
         req: &mut ReopenRequest<'_>,
     ) -> Result<ReopenPrepared, String> {
-        crate::reopen::prepare(&self.image, node, req)
+        let prepared = crate::reopen::prepare(&self.image, node, req)?;
+        // Going read-only: persistent bitmaps are stored now, while the file is writable (as
+        // QEMU does); an abort marks them in use again.
+        if req.read_only
+            && !self.image.is_read_only()
+            && let Some(f) = self.image.file.clone()
+        {
+            run_sync(|| self.bitmaps.store(&self.image, &f)).map_err(|e| {
+                format!(
+                    "Could not store persistent dirty bitmaps of node '{}': {}",
+                    node.name(),
+                    blockd_block::strerror(&e)
+                )
+            })?;
+        }
+        Ok(prepared)
     }
 
     fn reopen_commit(&self, _node: &Node, state: Box<dyn Any + Send>) {
         if let Ok(s) = state.downcast::<crate::reopen::Prepared>() {
             s.commit(&self.image);
+        }
+        if self.image.is_read_only() {
+            for b in self.bitmaps.list.all() {
+                b.set_readonly(true);
+            }
+        }
+    }
+
+    fn reopen_abort(&self, _node: &Node, _state: Box<dyn Any + Send>) {
+        // A store made by the prepare of a reopen to read-only: the image stays writable.
+        if !self.image.is_read_only()
+            && let Some(f) = self.image.file.clone()
+            && let Err(e) = run_sync(|| self.bitmaps.mark_in_use(&self.image, &f))
+        {
+            eprintln!(
+                "qcow2: could not mark persistent dirty bitmaps in use again: {}",
+                blockd_block::strerror(&e)
+            );
         }
     }
 

@@ -22,8 +22,12 @@ NBD exports of bitmaps (`bitmaps` of block-export-add, `bitmap` of nbd-server-ad
 refusals (unknown names, bitmaps of nodes the export does not read from, {node, name} errors,
 a recording bitmap on a read-only export), the bitmaps busy while exported and free again after
 block-export-del, and `nbdinfo --map=qemu:dirty-bitmap:NAME` through each daemon's export equal.
+
+A blockdev-reopen to read-only stores the persistent bitmaps (qemu-img info shows them stored,
+not in use; qemu-img check passes) and makes them read-only (QEMU's refusals to change them).
 """
 
+import asyncio
 import json
 import os
 import shutil
@@ -438,6 +442,61 @@ async def exports(tmp):
         check_eq(len(mine), len(logs["qsd"]), "export steps")
 
 
+async def reopen_ro(tmp, base):
+    """Section 4: a reopen to read-only stores the bitmaps; they become read-only."""
+    logs = {}
+    for who, binary in (("blockd", DAEMON), ("qsd", QSD)):
+        if binary is None:
+            continue
+        img = os.path.join(tmp, f"ro-{who}.qcow2")
+        shutil.copy(base, img)
+        d = Daemon(binary, args=open_args(img))
+        log = []
+        try:
+            c = await d.client()
+            sock = d.path("nbd.sock")
+            log.append(await attempt(c, "block-dirty-bitmap-add",
+                                     {"node": "q0", "name": "r", "persistent": True,
+                                      "granularity": 16384}))
+            await c.execute("nbd-server-start",
+                            {"addr": {"type": "unix", "data": {"path": sock}}})
+            await c.execute("block-export-add", {"type": "nbd", "id": "e", "node-name": "q0",
+                                                 "writable": True})
+            qemu_io(sock, "q0", "write -P 5 2M 100k", "write -P 6 7M 1k")
+            # (the client's disconnect may not have been seen yet: retry, then wait for it to go)
+            for _ in range(100):
+                if await attempt(c, "block-export-del", {"id": "e"}) == {}:
+                    break
+                await asyncio.sleep(0.05)
+            for _ in range(100):
+                if not await c.execute("query-block-exports"):
+                    break
+                await asyncio.sleep(0.05)
+            log.append(await attempt(c, "blockdev-reopen", {"options": [
+                {"driver": "qcow2", "node-name": "q0", "file": "f0", "read-only": True}]}))
+            log.append(await state(c))
+            for name, args in [
+                ("block-dirty-bitmap-clear", {"node": "q0", "name": "r"}),
+                ("block-dirty-bitmap-disable", {"node": "q0", "name": "b0"}),
+                ("block-dirty-bitmap-add", {"node": "q0", "name": "n", "persistent": True}),
+            ]:
+                log.append(await attempt(c, name, args))
+            await quit(c, d)
+        finally:
+            d.stop()
+        r = subprocess.run(["qemu-img", "info", "--output=json", img],
+                           capture_output=True, text=True, check=True)
+        bms = json.loads(r.stdout)["format-specific"]["data"]["bitmaps"]
+        log.append(bms)
+        check(all("in-use" not in b["flags"] for b in bms), f"{who}: stored, not in use")
+        r = subprocess.run(["qemu-img", "check", img], capture_output=True, text=True)
+        check(r.returncode == 0, f"{who}: qemu-img check after the read-only reopen")
+        logs[who] = log
+    if "qsd" in logs:
+        for m, t in zip(logs["blockd"], logs["qsd"]):
+            check_eq(m, t, "read-only reopen step")
+
+
 def short(a):
     return {k: (v[:20] + "..." if isinstance(v, str) and len(v) > 40 else v)
             for k, v in a.items()}
@@ -469,6 +528,11 @@ async def main():
                 check_eq(m, t, f"{m[0]} {short(m[1])}")
         if os.environ.get("BITMAPS_ONLY") in (None, "", "persist"):
             await persistence(tmp)
+        if os.environ.get("BITMAPS_ONLY") in (None, "", "reopen"):
+            base = os.path.join(tmp, "reopen-base.qcow2")
+            sh("qemu-img", "create", "-q", "-f", "qcow2", base, "10M")
+            sh("qemu-img", "bitmap", "--add", base, "b0")
+            await reopen_ro(tmp, base)
         if os.environ.get("BITMAPS_ONLY") in (None, "", "export") and shutil.which("nbdinfo"):
             await exports(tmp)
         elif not shutil.which("nbdinfo"):

@@ -391,6 +391,12 @@ pub async fn new_mirror(
     Ok((job, worker))
 }
 
+/// Bytes copied to the target after which a flush of the target starts in the background
+/// while the copy goes on: the page cache's writeback then overlaps the copying instead of all
+/// of it waiting for the flush before READY (the kernel itself starts writing back only at a
+/// share of the memory far above a typical image).
+const BACKGROUND_FLUSH_BYTES: u64 = 16 << 20;
+
 /// Copies a mirror has in flight at most (QEMU's default is 16).
 const MAX_IN_FLIGHT: usize = 16;
 
@@ -486,6 +492,10 @@ impl WorkerState {
         }
         ctx.set_total(self.dirty.dirty_bytes());
         let mut ready = false;
+        // A flush of the target running beside the copies, and what was written since the
+        // last one started (see BACKGROUND_FLUSH_BYTES). Dropping the task cancels it.
+        let mut bg_flush: Option<blockd_aio::Task<io::Result<()>>> = None;
+        let mut unflushed = 0u64;
         loop {
             if ctx.is_cancelled() {
                 return Ok(());
@@ -531,6 +541,21 @@ impl WorkerState {
                     ctx.add_progress(done);
                     let (cur, _) = ctx.ctl.progress();
                     ctx.set_total(cur + self.dirty.dirty_bytes());
+                    unflushed += done;
+                    if bg_flush.as_ref().is_some_and(|t| t.is_finished())
+                        && let Some(t) = bg_flush.take()
+                        && let Err(e) = t.await
+                    {
+                        failure.get_or_insert((false, e));
+                    }
+                    if failure.is_none()
+                        && bg_flush.is_none()
+                        && unflushed >= BACKGROUND_FLUSH_BYTES
+                    {
+                        unflushed = 0;
+                        let tgt = self.target.clone();
+                        bg_flush = Some(blockd_aio::spawn(async move { tgt.flush().await }));
+                    }
                     if let Some((read, e)) = failure {
                         let policy = if read {
                             self.on_source_error

@@ -178,6 +178,26 @@ fn check_matches_qemu_img() {
     );
     d.both(QEMU_IO, &["-c", "write 0 128k", "bad.qcow2"]);
     d.both(QEMU_IMG, &["create", "-q", "-f", "raw", "plain.raw", "1M"]);
+    // Many L2 tables (512-byte clusters), each placed between data runs: QEMU counts
+    // fragmentation within each table.
+    d.both(
+        QEMU_IO,
+        &["-f", "raw", "-c", "write -P 5 0 200k", "plain.raw"],
+    );
+    d.both(
+        QEMU_IMG,
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "plain.raw",
+            "tables.qcow2",
+        ],
+    );
     for dir in [d.q(), d.b()] {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
@@ -195,6 +215,8 @@ fn check_matches_qemu_img() {
     for cmd in [
         "check clean.qcow2",
         "check --output=json clean.qcow2",
+        "check tables.qcow2",
+        "check --output=json tables.qcow2",
         "check empty.qcow2",
         "check --output=json empty.qcow2",
         "check leak.qcow2",

@@ -149,7 +149,6 @@ async fn walk_l1(
     let geo = img.geo;
     let cs = geo.cluster_size;
     let flen = file.length();
-    let mut prev_host: Option<u64> = None;
     // An L1 table names each L2 table once; a repeated one is counted but not walked again
     // (so the walk is bounded by the file's size, whatever the L1 says).
     let mut seen = std::collections::HashSet::new();
@@ -191,6 +190,8 @@ async fn walk_l1(
                 continue;
             }
         };
+        // QEMU counts fragmentation within each L2 table.
+        let mut prev_host: Option<u64> = None;
         for i in 0..geo.l2_entries {
             let (e2, bm) = if geo.extended {
                 (

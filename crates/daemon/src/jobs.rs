@@ -959,14 +959,14 @@ async fn blockdev_mirror(
 }
 
 /// The sync modes blockd mirrors.
-fn parse_sync(a: &Map<String, Value>, cmd: &str) -> Result<blockd_jobs::mirror::Sync, QmpError> {
+fn parse_sync(a: &Map<String, Value>) -> Result<blockd_jobs::mirror::Sync, QmpError> {
     use blockd_jobs::mirror::Sync;
     Ok(match s(a, "sync").unwrap_or_default() {
         "full" => Sync::Full,
         "top" => Sync::Top,
         "none" => Sync::None,
         other => {
-            return Err(format!("{cmd} sync={other} is not supported by blockd yet").into());
+            return Err(format!("Sync mode '{other}' not supported").into());
         }
     })
 }
@@ -1033,7 +1033,7 @@ async fn drive_mirror(
             "Cannot find device='{device}' nor node-name='{device}'"
         ))
     })?;
-    let sync = parse_sync(a, "drive-mirror")?;
+    let sync = parse_sync(a)?;
     let path = s(a, "target").unwrap_or_default().to_string();
     let existing = s(a, "mode") == Some("existing");
     let fmt = match s(a, "format") {
@@ -1110,13 +1110,13 @@ async fn mirror_common(
         "top" => Sync::Top,
         "none" => Sync::None,
         other => {
-            return Err(format!("mirror sync={other} is not supported by blockd yet").into());
+            // QEMU 10.0's mirror has no bitmap modes (its schema lists them for backup).
+            return Err(format!("Sync mode '{other}' not supported").into());
         }
     };
     let sync = sync_override.unwrap_or(sync);
-    if a.contains_key("unmap") {
-        return Err("mirror 'unmap' is not supported by blockd yet".into());
-    }
+    // blockdev-mirror has no `unmap` (QEMU's schema): it always unmaps.
+    let unmap = b(a, "unmap").unwrap_or(true);
     let replaces = match s(a, "replaces") {
         None => None,
         Some(name) => {
@@ -1202,6 +1202,7 @@ async fn mirror_common(
             on_target_error: parse_on_error(a, "on-target-error")?,
             write_blocking: s(a, "copy-mode") == Some("write-blocking"),
             replaces,
+            unmap,
         },
     )
     .await?;
@@ -1256,6 +1257,7 @@ async fn active_commit(
             on_target_error: on_error,
             write_blocking: false,
             replaces: None,
+            unmap: true,
         },
     )
     .await?;

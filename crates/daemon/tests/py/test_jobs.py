@@ -415,16 +415,21 @@ async def scenario_mirror_writer(binary):
     return None
 
 
+SEED_MIB = int(os.environ.get("JOBS_SEED_MIB", "1024"))
+
+
 async def scenario_seed(binary):
-    """The issue's seed scenario (64 MiB instead of 1 GiB to stay fast): source and target file
-    nodes in an iothread, the source exported over NBD from it; blockdev-mirror sync=full with
-    filter-node-name=mirror-top; while it runs, human-monitor-command `qemu-io mirror-top
-    "write 0 <size>"` and an NBD client write; READY, complete, target == source."""
-    size = 64 * MiB
+    """The issue's seed scenario at the image's full size (1 GiB, sparse files; JOBS_SEED_MIB
+    changes it): source and target file nodes in an iothread, the source exported over NBD from
+    it; blockdev-mirror sync=full with filter-node-name=mirror-top; while it runs,
+    human-monitor-command `qemu-io mirror-top "write 0 1G"` (the whole image) and an NBD client
+    write; READY, complete, target == source."""
+    size = SEED_MIB * MiB
+    whole = "1G" if SEED_MIB == 1024 else f"{SEED_MIB}M"
     s = Session(binary)
     src, tgt = os.path.join(s.dir, "src.raw"), os.path.join(s.dir, "tgt.raw")
     sh("qemu-img", "create", "-q", "-f", "raw", src, str(size))
-    sh("qemu-io", "-f", "raw", "-c", "write -P 0x61 0 64M", src)
+    sh("qemu-io", "-f", "raw", "-c", f"write -P 0x61 0 {whole}", src)
     sh("qemu-img", "create", "-q", "-f", "raw", tgt, str(size))
     s.d = Daemon(binary)
     s.c = await s.d.client()
@@ -438,19 +443,19 @@ async def scenario_seed(binary):
                                      "writable": True, "iothread": "io0"})
     await s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
                                     "sync": "full", "filter-node-name": "mirror-top",
-                                    "speed": 64 * MiB})
+                                    "speed": size})
     hmp = asyncio.create_task(s.c.execute("human-monitor-command", {
-        "command-line": 'qemu-io mirror-top "write 0 64M"'}))
+        "command-line": f'qemu-io mirror-top "write 0 {whole}"'}))
     nbd = await asyncio.create_subprocess_exec(
         "qemu-io", "-f", "raw", "-c", "write -P 0x62 8M 1M",
         f"nbd+unix:///src?socket={sock}", stdout=subprocess.DEVNULL)
     out = await hmp
-    check("wrote 67108864/67108864 bytes" in out, f"seed: qemu-io through mirror-top: {out!r}")
+    check(f"wrote {size}/{size} bytes" in out, f"seed: qemu-io through mirror-top: {out!r}")
     check_eq(await nbd.wait(), 0, "seed: NBD write during the mirror")
     await s.cmd("block-job-set-speed", {"device": "m", "speed": 0})
-    await s.events_until("m", "ready")
+    await s.events_until("m", "ready", timeout=300)
     await s.cmd("job-complete", {"id": "m"})
-    await s.events_until("m", "null")
+    await s.events_until("m", "null", timeout=300)
     await s.cmd("block-export-del", {"id": "e"})
     await asyncio.sleep(0.2)
     await s.stop()
@@ -732,6 +737,50 @@ async def scenario_commit_smaller_base(binary):
         check(got == s.expected, f"{binary}: commit into a smaller base (active {active}): data")
         sh("qemu-img", "check", "-q", s.base)
         s.cleanup()
+    return log
+
+
+async def scenario_mirror_unmap(binary):
+    """Zeroes of the source are not copied as data: drive-mirror `unmap` true/false onto an
+    existing raw target full of data (the zero ranges read back as zeroes either way; the
+    allocation map (qemu-img map) is compared with QEMU's), and the sync modes QEMU 10.0 refuses
+    for mirror (bitmap, incremental; blockdev-mirror has no `unmap`)."""
+    s = await mirror_session(binary)
+    log = s.log
+    await s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                    "sync": "bitmap"})
+    await s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                    "sync": "incremental"})
+    await s.cmd("blockdev-mirror", {"job-id": "m", "device": "src", "target": "tgt",
+                                    "sync": "full", "unmap": False})
+    await s.cmd("drive-mirror", {"job-id": "m", "device": "src", "target": "/nonexistent",
+                                 "sync": "bitmap"})
+    await s.stop()
+    src = s.src
+    for unmap in (True, False):
+        tgt = os.path.join(s.dir, f"tgt-{unmap}.raw")
+        sh("qemu-img", "create", "-q", "-f", "raw", tgt, str(8 * MiB))
+        sh("qemu-io", "-f", "raw", "-c", "write -P 0x99 0 8M", tgt)
+        s.d = Daemon(binary)
+        s.c = await s.d.client()
+        await s.c.execute("blockdev-add", {"driver": "qcow2", "node-name": "src",
+                                           "file": {"driver": "file", "filename": src}})
+        await s.cmd("drive-mirror", {"job-id": "m", "device": "src", "target": tgt,
+                                     "format": "raw", "mode": "existing", "sync": "full",
+                                     "unmap": unmap})
+        await s.events_until("m", "ready")
+        await s.cmd("job-complete", {"id": "m"})
+        await s.events_until("m", "null")
+        await s.stop()
+        r = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", src, tgt],
+                           capture_output=True, text=True)
+        check(r.returncode == 0, f"{binary}: mirror unmap={unmap}: target == source "
+                                 f"{r.stdout.strip()}")
+        out = subprocess.run(["qemu-img", "map", "-f", "raw", "--output=json", tgt],
+                             check=True, capture_output=True, text=True).stdout
+        log.append(("map", unmap, [(e["start"], e["length"], e["data"], e["zero"])
+                                   for e in json.loads(out)]))
+    s.cleanup()
     return log
 
 
@@ -1201,7 +1250,7 @@ async def main():
                scenario_commit_under_fire, scenario_backing_names,
                scenario_shutdown, scenario_write_blocking, scenario_drive_mirror,
                scenario_blockdev_create, scenario_replaces,
-               scenario_commit_smaller_base,
+               scenario_commit_smaller_base, scenario_mirror_unmap,
                scenario_stream_under_fire, scenario_active_commit_under_fire,
                scenario_commit_under_fire_rounds):
         only = os.environ.get("JOBS_ONLY")
@@ -1221,4 +1270,6 @@ async def main():
 
 
 if __name__ == "__main__":
+    # the 1 GiB seed scenario and the scenarios under fire need more than the default limit
+    os.environ.setdefault("BLOCKD_TEST_TIMEOUT", "300")
     run(main())

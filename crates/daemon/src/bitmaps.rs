@@ -64,7 +64,6 @@ impl BitmapUndo {
     }
 
     /// Undo the action (for `transaction`).
-    #[allow(dead_code)] // until transaction.rs dispatches the bitmap actions
     pub fn abort(self, d: &Daemon) {
         match self {
             BitmapUndo::Added { node, bitmap } => {

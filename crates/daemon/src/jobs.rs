@@ -874,9 +874,6 @@ async fn block_commit(
         }
         return active_commit(d, m, a, top, base).await;
     }
-    if a.contains_key("filter-node-name") {
-        return Err("block-commit 'filter-node-name' is not supported by blockd yet".into());
-    }
     let on_error = match s(a, "on-error") {
         None | Some("auto") => OnError::Report,
         Some(v) => OnError::parse(v)?,
@@ -899,8 +896,10 @@ async fn block_commit(
             base,
             backing: backing_name(a),
             on_error,
+            filter_name: s(a, "filter-node-name").map(str::to_string),
         },
-    )?;
+    )
+    .await?;
     let job = m.create(
         JobSpec {
             id,

@@ -784,6 +784,89 @@ async def scenario_mirror_unmap(binary):
     return log
 
 
+async def scenario_filter_nodes(binary):
+    """filter-node-name of an intermediate block-commit (commit_top between the overlay and
+    top) and of block-stream (copy-on-read above the top): while the job is held by its speed,
+    query-named-block-nodes lists the filter (name, driver, what it sits on); cancel and
+    completion remove it; a blockdev-add'ed copy-on-read node reads through and copies into
+    its child (`bottom` not found is an error); the data is checked."""
+    s = Session(binary)
+    await s.start()
+
+    async def nodes():
+        r = await s.c.execute("query-named-block-nodes", {"flat": True})
+        return sorted((n["node-name"], n["drv"]) for n in r
+                      if not n["node-name"].startswith("#"))
+
+    for cancel in (True, False):
+        await s.cmd("block-commit", {"job-id": "c", "device": "top", "top-node": "mid",
+                                     "base-node": "base", "filter-node-name": "ct",
+                                     "speed": 1})
+        await s.events_until("c", "running")
+        s.log.append(("nodes", await nodes()))
+        if cancel:
+            await s.cmd("block-job-cancel", {"device": "c"})
+        else:
+            await s.cmd("block-job-set-speed", {"device": "c", "speed": 0})
+        await s.events_until("c", "null")
+        s.log.append(("nodes", await nodes()))
+    await s.stop()
+    got = raw_of(top_on(s.top, s.base), os.path.join(s.dir, "c.raw"))
+    check(got == s.expected, f"{binary}: commit with a filter: top on base == the old chain")
+    s.cleanup()
+
+    s2 = Session(binary)
+    s2.log = s.log
+    await s2.start()
+    s = s2
+    for cancel in (True, False):
+        await s.cmd("block-stream", {"job-id": "s", "device": "top", "base-node": "base",
+                                     "filter-node-name": "cor", "speed": 1})
+        await s.events_until("s", "running")
+        s.log.append(("nodes", await nodes()))
+        if cancel:
+            await s.cmd("block-job-cancel", {"device": "s"})
+        else:
+            await s.cmd("block-job-set-speed", {"device": "s", "speed": 0})
+        await s.events_until("s", "null")
+        s.log.append(("nodes", await nodes()))
+    await s.stop()
+    got = raw_of(top_on(s.top, s.base), os.path.join(s.dir, "s.raw"))
+    check(got == s.expected, f"{binary}: stream with a filter: top on base == the old chain")
+    s.cleanup()
+
+    s3 = Session(binary)
+    s3.log = s.log
+    await s3.start()
+    s = s3
+    await s.cmd("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "file": "top",
+                                 "bottom": "nope"})
+    await s.cmd("blockdev-add", {"driver": "copy-on-read", "node-name": "c0", "file": "top",
+                                 "bottom": "mid"})
+    s.log.append(("nodes", await nodes()))
+    # reading through the filter copies what mid holds (not base's data) into top
+    sock = os.path.join(s.dir, "nbd.sock")
+    await s.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    await s.cmd("block-export-add", {"type": "nbd", "id": "e", "node-name": "c0"})
+    r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read 0 4M",
+                        f"nbd+unix:///c0?socket={sock}"], capture_output=True, text=True)
+    check_eq(r.returncode, 0, f"{binary}: read through copy-on-read")
+    await s.cmd("block-export-del", {"id": "e"})
+    await asyncio.sleep(0.2)
+    await s.cmd("blockdev-del", {"node-name": "c0"})
+    await s.stop()
+    alone = raw_of(top_alone(s.top), os.path.join(s.dir, "alone.raw"))
+    mid_alone = raw_of(top_alone(s.mid), os.path.join(s.dir, "mid.raw"))
+    # top alone: top's data, and mid's where top had none
+    check(alone == mid_alone[:1 * MiB] + s.expected[1 * MiB:1 * MiB + 256 * 1024]
+          + mid_alone[1 * MiB + 256 * 1024:],
+          f"{binary}: copy-on-read bottom=mid copied mid's data into top")
+    got = raw_of(s.top, os.path.join(s.dir, "chain.raw"))
+    check(got == s.expected, f"{binary}: copy-on-read: the chain reads as before")
+    s.cleanup()
+    return s.log
+
+
 def backing_of(s, path):
     """qemu-img info's backing name and format, the session directory shown as $D."""
     out = subprocess.run(["qemu-img", "info", "-U", "--output=json", path], check=True,
@@ -1250,7 +1333,7 @@ async def main():
                scenario_commit_under_fire, scenario_backing_names,
                scenario_shutdown, scenario_write_blocking, scenario_drive_mirror,
                scenario_blockdev_create, scenario_replaces,
-               scenario_commit_smaller_base, scenario_mirror_unmap,
+               scenario_commit_smaller_base, scenario_mirror_unmap, scenario_filter_nodes,
                scenario_stream_under_fire, scenario_active_commit_under_fire,
                scenario_commit_under_fire_rounds):
         only = os.environ.get("JOBS_ONLY")

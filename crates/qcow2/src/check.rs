@@ -43,7 +43,9 @@ pub struct CheckReport {
 
 /// Reference counts found by walking the metadata.
 struct Refs {
-    counts: HashMap<u64, u64>,
+    /// References per cluster: dense for files of up to [`DENSE_MAX`] clusters, else sparse.
+    dense: Vec<u32>,
+    sparse: HashMap<u64, u64>,
     cluster_bits: u32,
     highest: u64,
     /// Clusters the file has (rounded up); references further out are errors, not counted
@@ -52,7 +54,32 @@ struct Refs {
     errors: Vec<String>,
 }
 
+/// Files of up to this many clusters get a flat counter array (64 MiB at most).
+const DENSE_MAX: u64 = 1 << 24;
+
 impl Refs {
+    fn new(cluster_bits: u32, file_clusters: u64) -> Refs {
+        Refs {
+            dense: if file_clusters <= DENSE_MAX {
+                vec![0; file_clusters as usize]
+            } else {
+                Vec::new()
+            },
+            sparse: HashMap::new(),
+            cluster_bits,
+            highest: 0,
+            file_clusters,
+            errors: Vec::new(),
+        }
+    }
+
+    fn get(&self, c: u64) -> u64 {
+        match self.dense.get(c as usize) {
+            Some(&v) if v != u32::MAX => v as u64,
+            _ => self.sparse.get(&c).copied().unwrap_or(0),
+        }
+    }
+
     fn add_range(&mut self, off: u64, len: u64) {
         if len == 0 {
             return;
@@ -66,10 +93,38 @@ impl Refs {
             return;
         }
         for c in first..=last {
-            *self.counts.entry(c).or_insert(0) += 1;
+            match self.dense.get_mut(c as usize) {
+                // A count that would reach u32::MAX moves to the sparse map.
+                Some(v) if *v < u32::MAX - 1 => *v += 1,
+                Some(v) => {
+                    let n = if *v == u32::MAX {
+                        self.sparse[&c] + 1
+                    } else {
+                        *v as u64 + 1
+                    };
+                    *v = u32::MAX;
+                    self.sparse.insert(c, n);
+                }
+                None => *self.sparse.entry(c).or_insert(0) += 1,
+            }
             self.highest = self.highest.max(c + 1);
         }
     }
+}
+
+/// The refcount of cluster `c`, through a one-block cache of decoded values (the check reads
+/// refcounts in ascending order, a block at a time).
+async fn cached_refcount(
+    img: &Image,
+    file: &Arc<Node>,
+    block: &mut (u64, Option<Vec<u64>>),
+    c: u64,
+) -> std::io::Result<u64> {
+    let e = img.geo.rc_entries;
+    if block.0 != c / e {
+        *block = (c / e, img.refcount_block_values(file, c / e).await?);
+    }
+    Ok(block.1.as_ref().map_or(0, |v| v[(c % e) as usize]))
 }
 
 fn be64(b: &[u8], i: usize) -> u64 {
@@ -281,13 +336,7 @@ pub(crate) async fn check_image(
         total_clusters: h.size.div_ceil(cs),
         ..Default::default()
     };
-    let mut refs = Refs {
-        counts: HashMap::new(),
-        cluster_bits: geo.cluster_bits,
-        highest: 0,
-        file_clusters: file.length().div_ceil(cs),
-        errors: Vec::new(),
-    };
+    let mut refs = Refs::new(geo.cluster_bits, file.length().div_ceil(cs));
     refs.add_range(0, cs);
     let (l1, l1_off, reftable, rt_off, snap_area, snapshots) = {
         let m = img.meta();
@@ -367,15 +416,27 @@ pub(crate) async fn check_image(
         .max(refs.highest)
         .min(covered.max(refs.highest));
     let mut highest_used = 0;
+    // The stored refcounts a block at a time (one lookup per block, not per cluster).
+    let mut block: (u64, Option<Vec<u64>>) = (u64::MAX, None);
     for c in 0..last {
-        let want = refs.counts.get(&c).copied().unwrap_or(0);
+        let want = refs.get(c);
         let have = if c < covered {
-            img.refcount(file, c).await.map_err(|e| {
-                format!(
-                    "Can't get refcount for cluster {c}: {}",
-                    blockd_block::strerror(&e)
-                )
-            })?
+            let t = c / geo.rc_entries;
+            if block.0 != t {
+                block = (
+                    t,
+                    img.refcount_block_values(file, t).await.map_err(|e| {
+                        format!(
+                            "Can't get refcount for cluster {c}: {}",
+                            blockd_block::strerror(&e)
+                        )
+                    })?,
+                );
+            }
+            block
+                .1
+                .as_ref()
+                .map_or(0, |v| v[(c % geo.rc_entries) as usize])
         } else {
             0
         };
@@ -465,10 +526,10 @@ pub(crate) async fn check_image(
             }
         }
     }
+    let mut block: (u64, Option<Vec<u64>>) = (u64::MAX, None);
     for (l2, i, e) in copied {
         let host = e & L2E_OFFSET_MASK;
-        let rc = img
-            .refcount(file, host / cs)
+        let rc = cached_refcount(img, file, &mut block, host / cs)
             .await
             .map_err(|e| e.to_string())?;
         if rc == 0 {

@@ -619,6 +619,32 @@ impl Image {
         Ok(v)
     }
 
+    /// Every refcount of refcount block `t` (None when the table has no block there), read
+    /// through the cache (call with `alloc` held or the image otherwise idle).
+    pub(crate) async fn refcount_block_values(
+        &self,
+        file: &Arc<Node>,
+        t: u64,
+    ) -> io::Result<Option<Vec<u64>>> {
+        let rb = {
+            let m = self.meta();
+            m.reftable
+                .get(t as usize)
+                .map_or(0, |x| x & REFT_OFFSET_MASK)
+        };
+        if rb == 0 {
+            return Ok(None);
+        }
+        self.load_refblock(file, rb).await?;
+        let mut m = self.meta();
+        let blk = m.rc.get_mut(rb).ok_or_else(eio)?;
+        Ok(Some(
+            (0..self.geo.rc_entries)
+                .map(|i| self.rc_get_in(blk, i))
+                .collect(),
+        ))
+    }
+
     /// Add `delta` to the refcounts of clusters [c, c+n) in the cached blocks (written back
     /// later, before any L2 table). Freed clusters lower the allocation hint and are discarded
     /// in the file when asked. Call with `alloc` held.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use blockd_block::{OpenFlags, Perm};
 use blockd_nbd::server::{BitmapSpec, ListenAddr, export_bitmaps};
-use blockd_nbd::{ExportConfig, NbdServer, ServerConfig};
+use blockd_nbd::{DetectZeroes, ExportConfig, NbdServer, ServerConfig};
 use serde_json::{Map, Value};
 
 const PROG: &str = "blockd-nbd";
@@ -44,6 +44,11 @@ struct Args {
     aio: Option<String>,
     discard: Option<String>,
     detect_zeroes: Option<String>,
+    image_opts: bool,
+    objects: Vec<String>,
+    snapshot: bool,
+    load_snapshot: Option<String>,
+    connect: Option<String>,
     files: Vec<String>,
 }
 
@@ -116,7 +121,14 @@ fn usage() {
       --cache=MODE          none, writeback (default), writethrough, directsync, unsafe\n\
       --aio=MODE            set AIO mode (native, io_uring or threads)\n\
       --discard=MODE        set discard mode (ignore, unmap)\n\
-      --detect-zeroes=MODE  set detect-zeroes mode (off)"
+      --detect-zeroes=MODE  set detect-zeroes mode (off, on, unmap)\n\
+  -s, --snapshot            use FILE as an external snapshot, create a temporary\n\
+                            file with backing_file=FILE, redirect the write to\n\
+                            the temporary one\n\
+      --image-opts          treat FILE as a full set of image options\n\
+      --object type,id=ID,...  create an object (no type is supported yet)\n\
+  -l, --load-snapshot=SNAPSHOT_PARAM  (not supported yet)\n\
+  -c, --connect=DEV         (the kernel nbd client is not supported yet)"
     );
 }
 
@@ -239,6 +251,11 @@ fn parse_args(argv: &[String]) -> Result<Parsed, String> {
                 '\u{5}' => a.aio = Some(v),
                 '\u{6}' => a.discard = Some(v),
                 '\u{7}' => a.detect_zeroes = Some(v),
+                '\u{8}' => a.objects.push(v),
+                '\u{c}' => a.image_opts = true,
+                's' => a.snapshot = true,
+                'l' => a.load_snapshot = Some(v),
+                'c' => a.connect = Some(v),
                 'h' => {
                     usage();
                     return Ok(Parsed::Exit(ExitCode::SUCCESS));
@@ -316,12 +333,27 @@ fn main() -> ExitCode {
         1 => {}
         _ => return fail("Too many arguments"),
     }
-    if let Some(d) = &a.detect_zeroes
-        && d != "off"
+    for o in &a.objects {
+        if let Err(e) = check_object(o) {
+            return fail(e);
+        }
+    }
+    if let Some(dev) = &a.connect {
+        return fail(connect_device(dev));
+    }
+    if a.image_opts && a.format.is_some() {
+        return fail("--image-opts and -f are mutually exclusive");
+    }
+    let detect_zeroes = match a.detect_zeroes.as_deref().map(DetectZeroes::parse) {
+        None => DetectZeroes::Off,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => return fail(e),
+    };
+    if detect_zeroes == DetectZeroes::Unmap && !matches!(a.discard.as_deref(), Some("unmap" | "on"))
     {
-        return fail(format!(
-            "--detect-zeroes={d} is not supported yet (only 'off')"
-        ));
+        return fail(
+            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+        );
     }
     let activation = match socket_activation() {
         Ok(x) => x,
@@ -396,6 +428,22 @@ fn image_options(a: &Args, file: &str) -> Result<(Map<String, Value>, OpenFlags)
             _ => return Err(format!("Invalid aio mode '{aio}'")),
         }
     }
+    let flags = OpenFlags {
+        read_only: a.read_only,
+        cache_direct: direct,
+        no_flush,
+        discard_unmap,
+        ..OpenFlags::default()
+    };
+    if a.image_opts {
+        // FILE is the whole option set (dotted keys or JSON); cache, aio and discard flags
+        // still apply as defaults.
+        if a.offset.is_some() {
+            return Err("--offset cannot be used with --image-opts".into());
+        }
+        let m = blockd_block::options::parse(file)?;
+        return Ok((m, flags));
+    }
     let fmt = match &a.format {
         Some(f) => f.clone(),
         None => {
@@ -432,23 +480,175 @@ fn image_options(a: &Args, file: &str) -> Result<(Map<String, Value>, OpenFlags)
         }
         m.insert("offset".into(), off.to_string().into());
     }
-    let flags = OpenFlags {
-        read_only: a.read_only,
-        cache_direct: direct,
-        no_flush,
-        discard_unmap,
-        ..OpenFlags::default()
-    };
     Ok((m, flags))
+}
+
+/// `-s`: a temporary qcow2 overlay over `base` in $TMPDIR (default /var/tmp), as QEMU's
+/// snapshot mode: writes land in the overlay, the image is never written. The file is unlinked
+/// once open, so it goes away with the process whatever way it ends.
+async fn temp_overlay(
+    graph: &mut blockd_block::Graph,
+    base: &std::sync::Arc<blockd_block::Node>,
+    base_file: Option<&str>,
+    flags: OpenFlags,
+) -> Result<std::sync::Arc<blockd_block::Node>, String> {
+    let dir = std::env::var("TMPDIR").unwrap_or_else(|_| "/var/tmp".into());
+    let mut template = format!("{dir}/vl.XXXXXX\0").into_bytes();
+    // SAFETY: mkstemp rewrites the NUL-terminated template in place and returns a descriptor.
+    let fd = unsafe { libc::mkstemp(template.as_mut_ptr().cast()) };
+    if fd < 0 {
+        return Err(format!(
+            "Could not get temporary filename: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the descriptor mkstemp just returned is ours; closed at once (the file driver
+    // opens the path itself).
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    template.pop();
+    let path = String::from_utf8_lossy(&template).into_owned();
+    let made = async {
+        let file = graph.open_with(
+            serde_json::json!({"driver": "file", "filename": path})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            OpenFlags {
+                read_only: false,
+                ..flags
+            },
+        )?;
+        let backing_file = base_file.map(|f| {
+            std::fs::canonicalize(f)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| f.to_string())
+        });
+        let mut opts = blockd_qcow2::create::CreateOptions::default();
+        opts.size = Some(base.length());
+        opts.backing_file = backing_file;
+        opts.backing_fmt = Some(base.driver().format_name().to_string());
+        blockd_qcow2::create::create(&file, &opts).await?;
+        let mut m = Map::new();
+        m.insert("driver".into(), "qcow2".into());
+        m.insert("file".into(), file.name().into());
+        m.insert("backing".into(), base.name().into());
+        graph.open_with(
+            m,
+            OpenFlags {
+                read_only: false,
+                ..flags
+            },
+        )
+    }
+    .await;
+    let _ = std::fs::remove_file(&path);
+    made
+}
+
+/// `--object`: QEMU's user-creatable types are known, none is implemented by blockd-nbd.
+fn check_object(spec: &str) -> Result<(), String> {
+    let m = blockd_block::options::parse(spec).ok();
+    let first = spec.split(',').next().unwrap_or("");
+    let typ = m
+        .as_ref()
+        .and_then(|m| m.get("qom-type"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .or_else(|| (!first.contains('=')).then(|| first.to_string()))
+        .ok_or("Parameter 'qom-type' is missing")?;
+    const KNOWN: &[&str] = &[
+        "authz-list",
+        "authz-listfile",
+        "authz-pam",
+        "authz-simple",
+        "iothread",
+        "main-loop",
+        "secret",
+        "secret_keyring",
+        "throttle-group",
+        "tls-cipher-suites",
+        "tls-creds-anon",
+        "tls-creds-psk",
+        "tls-creds-x509",
+        "memory-backend-file",
+        "memory-backend-memfd",
+        "memory-backend-ram",
+        "rng-builtin",
+        "rng-egd",
+        "rng-random",
+        "cryptodev-backend-builtin",
+        "input-linux",
+        "filter-buffer",
+        "filter-dump",
+        "filter-mirror",
+        "filter-redirector",
+        "filter-replay",
+        "filter-rewriter",
+        "colo-compare",
+        "can-bus",
+        "pr-manager-helper",
+        "qtest",
+        "thread-context",
+        "dbus-vmstate",
+    ];
+    if KNOWN.contains(&typ.as_str()) {
+        Err(format!(
+            "Object type '{typ}' is not supported by {PROG} yet"
+        ))
+    } else {
+        Err(format!(
+            "Parameter 'qom-type' does not accept value '{typ}'"
+        ))
+    }
+}
+
+/// `-c DEV`: the kernel's nbd client. Without the device node the error is QEMU's; with it,
+/// blockd-nbd does not drive the kernel client yet.
+fn connect_device(dev: &str) -> String {
+    match std::fs::OpenOptions::new().read(true).write(true).open(dev) {
+        Err(e) => format!("Failed to open {dev}: {}", blockd_block::strerror(&e)),
+        Ok(_) => format!("-c {dev}: connecting the kernel nbd client is not supported yet"),
+    }
 }
 
 async fn serve(a: Args, activation: Option<OwnedFd>, ready: Option<OwnedFd>) -> Result<(), String> {
     let file = a.files[0].clone();
     let (opts, flags) = image_options(&a, &file)?;
     let mut graph = blockd_drivers::graph();
-    let node = graph
-        .open_with(opts, flags)
-        .map_err(|e| format!("Failed to blk_new_open '{file}': {e}"))?;
+    let node = if a.snapshot {
+        // The image is only read (it becomes the overlay's backing file).
+        let ro = OpenFlags {
+            read_only: true,
+            ..flags
+        };
+        let base = graph
+            .open_with(opts, ro)
+            .map_err(|e| format!("Failed to blk_new_open '{file}': {e}"))?;
+        temp_overlay(
+            &mut graph,
+            &base,
+            (!a.image_opts).then_some(file.as_str()),
+            flags,
+        )
+        .await
+        .map_err(|e| format!("Failed to blk_new_open '{file}': {e}"))?
+    } else {
+        graph
+            .open_with(opts, flags)
+            .map_err(|e| format!("Failed to blk_new_open '{file}': {e}"))?
+    };
+    if a.load_snapshot.is_some() {
+        return Err(format!(
+            "Failed to load snapshot: Block format '{}' used by device '' does not support \
+             temporarily loading internal snapshots{}",
+            node.driver().format_name(),
+            if node.driver().format_name() == "qcow2" {
+                " (not implemented by blockd yet)"
+            } else {
+                ""
+            }
+        ));
+    }
     let writable = !a.read_only;
     let perm = if writable {
         Perm::CONSISTENT_READ | Perm::WRITE
@@ -483,6 +683,13 @@ async fn serve(a: Args, activation: Option<OwnedFd>, ready: Option<OwnedFd>) -> 
         // As qemu-nbd: one client at a time (-e 1) cannot serve several connections.
         multi_conn: shared != 1,
         iothread: None,
+        // Checked in main.
+        detect_zeroes: a
+            .detect_zeroes
+            .as_deref()
+            .map(DetectZeroes::parse)
+            .transpose()?
+            .unwrap_or_default(),
     })?;
     let addr = if let Some(fd) = activation {
         ListenAddr::Fd(fd)

@@ -22,4 +22,4 @@ pub mod qmp;
 pub mod server;
 mod sock;
 
-pub use server::{Export, ExportConfig, NbdServer, RemoveMode, ServerConfig};
+pub use server::{DetectZeroes, Export, ExportConfig, NbdServer, RemoveMode, ServerConfig};

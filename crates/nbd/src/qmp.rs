@@ -420,6 +420,7 @@ fn add_export(
         bitmaps,
         multi_conn: s.multi_conn,
         iothread,
+        detect_zeroes: Default::default(),
     };
     if let Err(e) = st.server.add_export(cfg) {
         backend.detach(graph);

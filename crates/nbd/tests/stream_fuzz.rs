@@ -183,6 +183,7 @@ fn random_streams() {
             bitmaps: Vec::new(),
             multi_conn: true,
             iothread: None,
+            detect_zeroes: Default::default(),
         })
         .unwrap();
     let mut r = Rng(0x9e37_79b9_7f4a_7c15);

@@ -38,6 +38,7 @@ thread_local! {
                 bitmaps: Vec::new(),
                 multi_conn: true,
                 iothread: None,
+                detect_zeroes: Default::default(),
             })
             .unwrap();
         (graph, server)

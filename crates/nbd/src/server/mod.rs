@@ -68,6 +68,33 @@ pub struct ExportConfig {
     pub multi_conn: bool,
     /// The context that serves this export's clients (`None`: the server's context).
     pub iothread: Option<ContextHandle>,
+    /// Writes of all-zero data become write-zeroes requests (qemu-nbd `--detect-zeroes`).
+    pub detect_zeroes: DetectZeroes,
+}
+
+/// QEMU's detect-zeroes modes, applied to the export's WRITE commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    #[default]
+    Off,
+    /// All-zero writes are written as zeroes (the format may record them without data).
+    On,
+    /// Like `On`, and the range may be unmapped (only with discard=unmap, as QEMU requires).
+    Unmap,
+}
+
+impl DetectZeroes {
+    /// QEMU's spelling (`off`, `on`, `unmap`).
+    pub fn parse(s: &str) -> Result<DetectZeroes, String> {
+        match s {
+            "off" => Ok(DetectZeroes::Off),
+            "on" => Ok(DetectZeroes::On),
+            "unmap" => Ok(DetectZeroes::Unmap),
+            _ => Err(format!(
+                "Failed to parse detect_zeroes mode: invalid parameter value: {s}"
+            )),
+        }
+    }
 }
 
 /// How `remove_export` treats connected clients.

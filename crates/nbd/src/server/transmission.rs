@@ -16,8 +16,8 @@ use blockd_block::{BlockBackend, ReqFlags};
 use event_listener::Event;
 
 use crate::proto::{self, Put, Request};
-use crate::server::ConnSocket;
 use crate::server::handshake::Session;
+use crate::server::{ConnSocket, DetectZeroes};
 use crate::sock::{discard, recv_exact, recv_fill, send_all};
 
 /// Requests served concurrently per connection.
@@ -158,6 +158,21 @@ async fn deliver(conn: &Conn, bufs: Vec<IoBuf>) {
     } else {
         queue(conn, bufs);
     }
+}
+
+/// All bytes zero (word-wise: this runs on every write when detect-zeroes is on).
+fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(64);
+    for c in &mut chunks {
+        let mut acc = 0u64;
+        for w in c.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&x| x == 0)
 }
 
 fn buf(v: &[u8]) -> IoBuf {
@@ -334,12 +349,23 @@ async fn handle(conn: &Conn, r: Request, payload: Option<IoBuf>) -> Vec<IoBuf> {
             let Some(data) = payload else {
                 return done_reply(conn, &r); // zero-length write
             };
-            let durable = fua || conn.session.export.cfg.writethrough;
+            let cfg = &conn.session.export.cfg;
+            let durable = fua || cfg.writethrough;
             let flags = if durable {
                 ReqFlags::FUA
             } else {
                 ReqFlags::NONE
             };
+            if cfg.detect_zeroes != DetectZeroes::Off && is_zero(&data) {
+                let flags = if cfg.detect_zeroes == DetectZeroes::Unmap {
+                    flags | ReqFlags::MAY_UNMAP
+                } else {
+                    flags
+                };
+                conn.data_extent.set((0, 0));
+                let res = b.write_zeroes(r.offset, data.len() as u64, flags).await;
+                return io_reply(conn, &r, res);
+            }
             let (res, _) = b.write(r.offset, data, flags).await;
             io_reply(conn, &r, res)
         }

@@ -108,6 +108,7 @@ impl TestServer {
                         bitmaps: Vec::new(),
                         multi_conn: true,
                         iothread: None,
+                        detect_zeroes: Default::default(),
                     })
                     .unwrap();
             }

@@ -392,7 +392,7 @@ pub(crate) async fn check_image(
             rep.corruptions += 1;
             continue;
         }
-        if o + cs > file.length() {
+        if o.checked_add(cs).is_none_or(|end| end > file.length()) {
             rep.messages
                 .push(format!("ERROR refcount block {t} is outside image"));
             rep.corruptions += 1;

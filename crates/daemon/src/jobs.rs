@@ -1032,7 +1032,15 @@ async fn drive_mirror(
             "Cannot find device='{device}' nor node-name='{device}'"
         ))
     })?;
-    let sync = parse_sync(a)?;
+    // QEMU creates and opens the target (without backing file) before it refuses the sync
+    // modes mirror does not have.
+    let (sync, refused) = match parse_sync(a) {
+        Ok(v) => (v, None),
+        Err(e) if matches!(s(a, "sync"), Some("bitmap" | "incremental")) => {
+            (blockd_jobs::mirror::Sync::Full, Some(e))
+        }
+        Err(e) => return Err(e),
+    };
     let path = s(a, "target").unwrap_or_default().to_string();
     let existing = s(a, "mode") == Some("existing");
     let fmt = match s(a, "format") {
@@ -1083,6 +1091,11 @@ async fn drive_mirror(
         );
     }
     let target = d.graph.borrow_mut().open(o)?;
+    if let Some(e) = refused {
+        let _ = d.graph.borrow_mut().remove(target.name());
+        d.prune();
+        return Err(e);
+    }
     // A new image reads as zeroes: a full copy skips what no layer of the source holds
     // (QEMU's zero_target=false).
     let sync = (!existing && matches!(sync, blockd_jobs::mirror::Sync::Full))

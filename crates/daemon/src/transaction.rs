@@ -99,8 +99,43 @@ fn make_action(kind: &str, data: Map<String, Value>) -> Result<Box<dyn Action>, 
     )))
 }
 
+thread_local! {
+    /// A transaction is running (main context only).
+    static RUNNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static TURN: event_listener::Event = const { event_listener::Event::new() };
+}
+
+/// One transaction at a time, as in QEMU, where `transaction` does not yield to other
+/// commands: two monitors cannot interleave the phases of theirs on the same nodes. Nothing a
+/// transaction waits for (drains wait for I/O requests, file creation for the thread pool)
+/// needs the turn, so waiting for it cannot deadlock.
+struct Turn;
+
+impl Turn {
+    async fn take() -> Turn {
+        loop {
+            if !RUNNING.with(|r| r.replace(true)) {
+                return Turn;
+            }
+            let l = TURN.with(|t| t.listen());
+            if !RUNNING.with(|r| r.get()) {
+                continue;
+            }
+            l.await;
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        RUNNING.with(|r| r.set(false));
+        TURN.with(|t| t.notify(1));
+    }
+}
+
 /// Run `actions` as one transaction.
 pub async fn run(cx: &TxnCtx, actions: Vec<Box<dyn Action>>) -> Result<(), QmpError> {
+    let _turn = Turn::take().await;
     let mut prepared: Vec<Box<dyn Action>> = Vec::new();
     let mut failure = None;
     for mut a in actions {

@@ -78,7 +78,7 @@ def scrub(nodes):
 
 
 async def scenario_rules(binary):
-    d = Daemon(binary)
+    d = Daemon(binary, monitors=2)
     c = await d.client()
     log = []
     img = d.path("a.qcow2")
@@ -119,6 +119,19 @@ async def scenario_rules(binary):
                                 if not k.startswith("#"))))
     ex = await cmd(c, log, "query-block-exports")
     log.append(("export on", ex[0]["node-name"]))
+    # two monitors snapshot the same node at once: one transaction after the other, the
+    # second finds the node busy as a backing file
+    c2 = await d.client("second", sock=d.socks[1])
+    both = []
+    r = await asyncio.gather(*[
+        cmd(cl, both, "transaction", {"actions": [{"type": "blockdev-snapshot-sync", "data": {
+            "node-name": "s", "snapshot-file": d.path(f"t{i}.qcow2"),
+            "snapshot-node-name": f"t{i}"}}]})
+        for i, cl in enumerate((c, c2))])
+    # (which monitor goes first is up to timing)
+    log.append(("concurrent", sorted(str(e).replace("'t0'", "'tN'").replace("'t1'", "'tN'")
+                                     for e in both)))
+    await c2.disconnect()
     await c.disconnect()
     d.stop()
     return log

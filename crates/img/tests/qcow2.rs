@@ -231,8 +231,69 @@ fn check_matches_qemu_img() {
         "check -r leaks bad.qcow2",
         "check -r leaks leak.qcow2",
         "check leak.qcow2",
+        // Referenced clusters counted free: the refcount structure is rebuilt.
+        "check -r all bad.qcow2",
+        "check bad.qcow2",
     ] {
         same(&d, cmd);
+    }
+    // The same over several refcount blocks (512-byte clusters) and with a snapshot sharing
+    // the clusters whose refcounts are zeroed.
+    d.both(
+        QEMU_IMG,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "many.qcow2",
+            "1M",
+        ],
+    );
+    d.both(QEMU_IO, &["-c", "write -P 3 0 300k", "many.qcow2"]);
+    d.both(
+        QEMU_IMG,
+        &["create", "-q", "-f", "qcow2", "snap.qcow2", "4M"],
+    );
+    d.both(QEMU_IO, &["-c", "write -P 4 0 256k", "snap.qcow2"]);
+    d.both(QEMU_IMG, &["snapshot", "-c", "s1", "snap.qcow2"]);
+    d.both(QEMU_IO, &["-c", "write -P 5 64k 64k", "snap.qcow2"]);
+    for dir in [d.q(), d.b()] {
+        for (img, clusters) in [("many.qcow2", &[300u64, 600][..]), ("snap.qcow2", &[6][..])] {
+            let path = dir.join(img);
+            let h = blockd_qcow2::read_header_file(path.to_str().unwrap()).unwrap();
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            let cs = h.cluster_size();
+            let per_block = cs / 2;
+            for &c in clusters {
+                let mut e = [0u8; 8];
+                f.read_exact_at(&mut e, h.refcount_table_offset + c / per_block * 8)
+                    .unwrap();
+                let rb = u64::from_be_bytes(e);
+                f.write_all_at(&[0, 0], rb + c % per_block * 2).unwrap();
+            }
+        }
+    }
+    for cmd in [
+        "check many.qcow2",
+        "check -r all many.qcow2",
+        "check many.qcow2",
+        "check snap.qcow2",
+        "check -r all snap.qcow2",
+        "check snap.qcow2",
+    ] {
+        same(&d, cmd);
+    }
+    for img in ["many.qcow2", "snap.qcow2"] {
+        let (o, _, _) = run(QEMU_IMG, &["compare", &format!("../q/{img}"), img], &d.b());
+        assert_eq!(o, "Images are identical.\n", "{img} after the rebuild");
     }
 }
 

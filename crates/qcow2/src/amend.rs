@@ -317,6 +317,30 @@ async fn change_refcount_order(file: &Arc<Node>, order: u32) -> Result<(), Strin
             *v = 0;
         }
     }
+    write_refcount_structure(
+        file,
+        &h,
+        counts,
+        order,
+        "Failed to change the refcount width",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Write refcount blocks and a refcount table of `2^order`-bit entries holding `counts`
+/// (one per cluster) after the last cluster in use (or the file end), then switch the header
+/// to them. The new structures count themselves; whatever the old ones used is not counted
+/// (so it is free afterwards). Returns the header now on disk.
+pub(crate) async fn write_refcount_structure(
+    file: &Arc<Node>,
+    h: &Header,
+    mut counts: Vec<u64>,
+    order: u32,
+    what: &str,
+) -> Result<Header, String> {
+    let cs = h.cluster_size();
+    let fail = ioerr(what);
     // Place the new structures after the last cluster in use (or the file end).
     let used = counts.iter().rposition(|&v| v != 0).map_or(0, |i| i + 1) as u64;
     let start = used.max(file.length().div_ceil(cs));
@@ -333,7 +357,7 @@ async fn change_refcount_order(file: &Arc<Node>, order: u32) -> Result<(), Strin
         tclusters = t;
     }
     if tclusters * cs > header::MAX_REFTABLE_BYTES {
-        return Err("Failed to change the refcount width: refcount table too large".into());
+        return Err(format!("{what}: refcount table too large"));
     }
     let table_at = start;
     let blocks_at = start + tclusters;
@@ -364,7 +388,8 @@ async fn change_refcount_order(file: &Arc<Node>, order: u32) -> Result<(), Strin
     h2.refcount_order = order;
     h2.refcount_table_offset = table_at * cs;
     h2.refcount_table_clusters = tclusters as u32;
-    write_header(file, &h2).await
+    write_header(file, &h2).await?;
+    Ok(h2)
 }
 
 /// Every L2 table reachable from the active and the snapshots' L1 tables, once each.

@@ -112,6 +112,74 @@ impl Refs {
     }
 }
 
+/// Replace the refcount structure by one holding the counted references (QEMU's rebuild):
+/// written after everything in use, the header switched to it, the image's tables and cache
+/// following. Returns the clusters the old structure used, ascending.
+async fn rebuild_refcounts(
+    img: &Image,
+    file: &Arc<Node>,
+    refs: &Refs,
+    last: u64,
+) -> Result<Vec<u64>, String> {
+    let geo = img.geo;
+    let cs = geo.cluster_size;
+    img.writeback(file).await.map_err(|e| e.to_string())?;
+    let h = img.header();
+    let mut old: Vec<u64> = (0..h.refcount_table_clusters as u64)
+        .map(|k| h.refcount_table_offset / cs + k)
+        .collect();
+    old.extend(
+        img.meta()
+            .reftable
+            .iter()
+            .map(|e| e & REFT_OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .map(|o| o / cs),
+    );
+    old.sort_unstable();
+    old.dedup();
+    let end = last.max(refs.highest).min(refs.file_clusters);
+    let mut counts: Vec<u64> = (0..end).map(|c| refs.get(c)).collect();
+    for &c in &old {
+        if let Some(v) = counts.get_mut(c as usize) {
+            *v = v.saturating_sub(1);
+        }
+    }
+    let h2 = crate::amend::write_refcount_structure(
+        file,
+        &h,
+        counts,
+        geo.refcount_order,
+        "Could not rebuild refcount structure",
+    )
+    .await?;
+    let rt = pread(
+        file,
+        h2.refcount_table_offset,
+        (h2.refcount_table_clusters as u64 * cs) as usize,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let table: Vec<u64> = rt
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+        .collect();
+    {
+        let mut m = img.meta();
+        m.refblocks = table
+            .iter()
+            .map(|e| e & REFT_OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        m.reftable = table;
+        m.reftable_offset = h2.refcount_table_offset;
+        m.rc = crate::cache::Cache::new(img.cache.refcount_entries, img.cache.clean_interval);
+        m.free_hint = 0;
+    }
+    *img.header.lock().unwrap_or_else(|e| e.into_inner()) = h2;
+    Ok(old)
+}
+
 /// The refcount of cluster `c`, through a one-block cache of decoded values (the check reads
 /// refcounts in ascending order, a block at a time).
 async fn cached_refcount(
@@ -416,6 +484,9 @@ pub(crate) async fn check_image(
         .max(refs.highest)
         .min(covered.max(refs.highest));
     let mut highest_used = 0;
+    // Referenced clusters counted free: QEMU rebuilds the whole refcount structure for them
+    // (with -r all) instead of patching single entries.
+    let mut rebuild = 0u64;
     // The stored refcounts a block at a time (one lookup per block, not per cluster).
     let mut block: (u64, Option<Vec<u64>>) = (u64::MAX, None);
     for c in 0..last {
@@ -462,6 +533,14 @@ pub(crate) async fn check_image(
             rep.failed = Some("Input/output error".into());
             return Ok(rep);
         }
+        if have == 0 && repair == Repair::All {
+            rep.messages.push(format!(
+                "ERROR cluster {c} refcount={have} reference={want}"
+            ));
+            rep.corruptions += 1;
+            rebuild += 1;
+            continue;
+        }
         rep.messages.push(if leak {
             format!("Leaked cluster {c} refcount={have} reference={want}")
         } else {
@@ -492,6 +571,28 @@ pub(crate) async fn check_image(
             rep.leaks += 1;
         } else {
             rep.corruptions += 1;
+        }
+    }
+
+    if rebuild > 0 {
+        rep.messages.push("Rebuilding refcount structure".into());
+        match rebuild_refcounts(img, file, &refs, last).await {
+            Ok(old) => {
+                // The old structures were counted as referenced; they are free now.
+                for c in old {
+                    let n = refs.get(c);
+                    rep.messages.push(format!(
+                        "Repairing cluster {c} refcount={n} reference={}",
+                        n.saturating_sub(1)
+                    ));
+                }
+                rep.corruptions_fixed += rebuild;
+            }
+            Err(e) => {
+                rep.check_errors += 1;
+                rep.messages
+                    .push(format!("ERROR rebuilding refcount structure: {e}"));
+            }
         }
     }
 
@@ -532,9 +633,6 @@ pub(crate) async fn check_image(
         let rc = cached_refcount(img, file, &mut block, host / cs)
             .await
             .map_err(|e| e.to_string())?;
-        if rc == 0 {
-            continue; // already reported as a refcount error
-        }
         if (rc == 1) != (e & OFLAG_COPIED != 0) {
             rep.messages.push(format!(
                 "{} OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}",

@@ -185,6 +185,10 @@ fn amend_matches_qemu_img() {
         "amend -t none -o refcount_bits=4 v3.qcow2",
         "amend --force -o compat=0.10 v3.qcow2",
         "amend -o lazy_refcounts v3.qcow2",
+        "amend -o size=512k v3.qcow2",
+        "amend -o size=512k snap.qcow2",
+        "amend -o size=512k v2.qcow2",
+        "amend -o size=1000 v3.qcow2",
         // errors
         "amend -o compat=2.0 v3.qcow2",
         "amend -o refcount_bits=3 v3.qcow2",

@@ -167,6 +167,7 @@ fn online_snapshots_match_qemu() {
     case(&dir, "small-v2", "cluster_size=4096,compat=0.10");
     case(&dir, "extl2", "cluster_size=65536,extended_l2=on");
     case(&dir, "rc16", "cluster_size=8192,refcount_bits=16");
+    case(&dir, "lazy", "cluster_size=65536,lazy_refcounts=on");
 }
 
 /// A refcount width too narrow for a second reference refuses the snapshot (QEMU: EINVAL)

@@ -184,6 +184,10 @@ pub fn run(argv: &[String]) -> CmdResult {
     let report = if fixed > 0 {
         // QEMU double-checks the repaired image and reports that, with the fixed counts.
         let mut second = run_check(Repair::None)?;
+        // What the double check still finds is reported as QEMU's second pass prints it.
+        for line in &second.messages {
+            eprintln!("{line}");
+        }
         second.leaks_fixed = first.leaks_fixed;
         second.corruptions_fixed = first.corruptions_fixed;
         second.leaks += first.leaks_fixed;

@@ -484,9 +484,7 @@ pub(crate) async fn check_image(
         .max(refs.highest)
         .min(covered.max(refs.highest));
     let mut highest_used = 0;
-    // Referenced clusters counted free: QEMU rebuilds the whole refcount structure for them
-    // (with -r all) instead of patching single entries.
-    let mut rebuild = 0u64;
+    let mut mismatches: Vec<(u64, u64, u64)> = Vec::new();
     // The stored refcounts a block at a time (one lookup per block, not per cluster).
     let mut block: (u64, Option<Vec<u64>>) = (u64::MAX, None);
     for c in 0..last {
@@ -517,64 +515,35 @@ pub(crate) async fn check_image(
         if have == want {
             continue;
         }
-        let leak = have > want;
-        let fix = match repair {
-            Repair::All => true,
-            Repair::Leaks => leak,
-            Repair::None => false,
-        };
-        if !leak && repair == Repair::Leaks {
-            // Refcounts too low need the full rebuild, which `-r leaks` may not do.
-            rep.messages.push(format!(
-                "ERROR cluster {c} refcount={have} reference={want}"
-            ));
-            rep.messages
-                .push("ERROR need to rebuild refcount structures".into());
-            rep.failed = Some("Input/output error".into());
-            return Ok(rep);
-        }
-        if have == 0 && repair == Repair::All {
-            rep.messages.push(format!(
-                "ERROR cluster {c} refcount={have} reference={want}"
-            ));
-            rep.corruptions += 1;
-            rebuild += 1;
-            continue;
-        }
-        rep.messages.push(if leak {
+        // First pass (QEMU's compare without fixing): every mismatch reported.
+        rep.messages.push(if have > want {
             format!("Leaked cluster {c} refcount={have} reference={want}")
         } else {
             format!("ERROR cluster {c} refcount={have} reference={want}")
         });
-        if fix {
-            rep.messages.push(format!(
-                "Repairing cluster {c} refcount={have} reference={want}"
-            ));
-            let delta = want as i64 - have as i64;
-            let ok = c < covered
-                && have_block(&reftable, geo, c)
-                && img.update_refcounts(file, c, 1, delta).await.is_ok();
-            if ok {
-                if leak {
-                    rep.leaks_fixed += 1;
-                } else {
-                    rep.corruptions_fixed += 1;
-                }
-            } else {
-                rep.check_errors += 1;
-                rep.messages.push(format!(
-                    "ERROR: cannot repair the refcount of cluster {c} (not supported yet)"
-                ));
-            }
-        }
-        if leak {
-            rep.leaks += 1;
-        } else {
-            rep.corruptions += 1;
-        }
+        mismatches.push((c, have, want));
     }
-
-    if rebuild > 0 {
+    // Referenced clusters counted free: the whole refcount structure is rebuilt (-r all), or
+    // the repair stops (-r leaks), as QEMU does.
+    let rebuild = mismatches.iter().any(|&(_, have, _)| have == 0);
+    let (n_leaks, n_corrupt) =
+        mismatches.iter().fold(
+            (0, 0),
+            |(l, k), &(_, have, want)| {
+                if have > want { (l + 1, k) } else { (l, k + 1) }
+            },
+        );
+    if repair == Repair::None {
+        rep.leaks += n_leaks;
+        rep.corruptions += n_corrupt;
+    } else if rebuild && repair == Repair::Leaks {
+        rep.messages
+            .push("ERROR need to rebuild refcount structures".into());
+        rep.failed = Some("Input/output error".into());
+        return Ok(rep);
+    } else if rebuild {
+        rep.leaks += n_leaks;
+        rep.corruptions += n_corrupt;
         rep.messages.push("Rebuilding refcount structure".into());
         match rebuild_refcounts(img, file, &refs, last).await {
             Ok(old) => {
@@ -586,12 +555,49 @@ pub(crate) async fn check_image(
                         n.saturating_sub(1)
                     ));
                 }
-                rep.corruptions_fixed += rebuild;
+                rep.leaks_fixed += n_leaks;
+                rep.corruptions_fixed += n_corrupt;
             }
             Err(e) => {
                 rep.check_errors += 1;
                 rep.messages
                     .push(format!("ERROR rebuilding refcount structure: {e}"));
+            }
+        }
+    } else {
+        // Second pass: repaired what the mode allows, reported again what it does not.
+        for &(c, have, want) in &mismatches {
+            let leak = have > want;
+            let fix = repair == Repair::All || leak;
+            if fix {
+                rep.messages.push(format!(
+                    "Repairing cluster {c} refcount={have} reference={want}"
+                ));
+                let delta = want as i64 - have as i64;
+                let ok = c < covered
+                    && have_block(&reftable, geo, c)
+                    && img.update_refcounts(file, c, 1, delta).await.is_ok();
+                if ok {
+                    if leak {
+                        rep.leaks_fixed += 1;
+                    } else {
+                        rep.corruptions_fixed += 1;
+                    }
+                } else {
+                    rep.check_errors += 1;
+                    rep.messages.push(format!(
+                        "ERROR: cannot repair the refcount of cluster {c} (not supported yet)"
+                    ));
+                }
+            } else {
+                rep.messages.push(format!(
+                    "ERROR cluster {c} refcount={have} reference={want}"
+                ));
+            }
+            if leak {
+                rep.leaks += 1;
+            } else {
+                rep.corruptions += 1;
             }
         }
     }

@@ -622,7 +622,9 @@ impl DirtyBitmap {
     /// QEMU's `x-debug-block-dirty-bitmap-sha256`: the SHA-256 of the bits as little-endian
     /// 64-bit words, `ceil(nbits / 64) * 8` bytes (checked against qemu-storage-daemon).
     pub fn sha256_hex(&self) -> String {
-        crate::sha256::sha256_hex(&self.hash_input())
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.hash_input());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// The bytes [`DirtyBitmap::sha256_hex`] hashes.
@@ -867,6 +869,21 @@ mod tests {
 
     fn bm(g: u64, len: u64) -> Arc<DirtyBitmap> {
         DirtyBitmap::new(Some("b"), g, len).unwrap()
+    }
+
+    #[test]
+    fn sha256_of_the_words() {
+        // 64 granules: one little-endian word; granule 0 dirty sets its lowest bit.
+        let b = bm(512, 64 * 512);
+        assert_eq!(
+            b.sha256_hex(),
+            "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc"
+        );
+        b.set_range(0, 512);
+        assert_eq!(
+            b.sha256_hex(),
+            "7c9fa136d4413fa6173637e883b6998d32e1d675f88cddff9dcbcf331820f4b8"
+        );
     }
 
     #[test]

@@ -19,7 +19,6 @@ pub mod node;
 pub mod options;
 pub mod perm;
 pub mod reopen;
-pub mod sha256;
 pub mod serialise;
 
 pub use backend::BlockBackend;

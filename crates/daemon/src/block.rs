@@ -140,7 +140,11 @@ fn backing_depth(node: &Arc<Node>) -> u64 {
 }
 
 /// The options in force for `node`, with what it inherited from the parents it was opened with.
-pub(crate) fn flag(d: &Daemon, node: &Arc<Node>, get: &dyn Fn(&Map<String, Value>) -> Option<bool>) -> bool {
+pub(crate) fn flag(
+    d: &Daemon,
+    node: &Arc<Node>,
+    get: &dyn Fn(&Map<String, Value>) -> Option<bool>,
+) -> bool {
     if let Some(v) = d.node_opts.borrow().get(node.name()).and_then(get) {
         return v;
     }

@@ -350,7 +350,11 @@ pub fn human(info: &NodeInfo, image_name: &str) -> String {
         if !x.specific_lines.is_empty() {
             o += "Format specific information:\n";
             for (k, v) in &x.specific_lines {
-                o += &format!("    {k}: {v}\n");
+                if v.starts_with('\n') {
+                    o += &format!("    {k}:{v}\n");
+                } else {
+                    o += &format!("    {k}: {v}\n");
+                }
             }
         }
     }

@@ -193,3 +193,26 @@ fn bitmap_matches_qemu_img() {
     );
     cleanup((q, b));
 }
+
+/// `info` of images with bitmaps (enabled, disabled, several granularities) prints the
+/// `bitmaps` list exactly as qemu-img does, in text and in JSON.
+#[test]
+fn info_lists_bitmaps_as_qemu_img() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = scratch("bitmap-info");
+    prepare(&d);
+    for img in ["q.qcow2", "s.qcow2", "other.qcow2", "v2.qcow2"] {
+        let q = run(QEMU_IMG, &["info", img], &d);
+        let b = run(BLOCKD_IMG, &["info", img], &d);
+        assert_eq!((b.rc, &b.stdout), (q.rc, &q.stdout), "info {img}");
+        let spec = |o: &str| -> serde_json::Value {
+            serde_json::from_str::<serde_json::Value>(o).unwrap()["format-specific"].clone()
+        };
+        let q = run(QEMU_IMG, &["info", "--output=json", img], &d);
+        let b = run(BLOCKD_IMG, &["info", "--output=json", img], &d);
+        assert_eq!(spec(&b.stdout), spec(&q.stdout), "info --output=json {img}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -602,10 +602,24 @@ impl BlockDriver for Qcow2 {
     }
 
     fn format_specific(&self) -> Option<Value> {
-        Some(format_specific(
+        let mut v = format_specific(
             &self.image.header(),
             self.image.corrupt.load(Ordering::SeqCst),
-        ))
+        );
+        let bitmaps = self.bitmap_directory();
+        if !bitmaps.is_empty()
+            && let Some(d) = v.get_mut("data").and_then(Value::as_object_mut)
+        {
+            let list = bitmaps
+                .iter()
+                .map(|e| {
+                    json!({"flags": bitmap_flags(e.flags), "name": e.name,
+                           "granularity": 1u64 << e.granularity_bits})
+                })
+                .collect::<Vec<_>>();
+            d.insert("bitmaps".into(), Value::Array(list));
+        }
+        Some(v)
     }
 
     fn info(&self) -> Vec<(String, String)> {
@@ -619,6 +633,23 @@ impl BlockDriver for Qcow2 {
             let corrupt = h.incompatible & header::INCOMPAT_CORRUPT != 0
                 || self.image.corrupt.load(Ordering::SeqCst);
             v.push(("lazy refcounts".into(), lazy.to_string()));
+            let bitmaps = self.bitmap_directory();
+            if !bitmaps.is_empty() {
+                // A nested list: the value starts with a newline (qemu-img's layout).
+                let mut t = String::new();
+                for (i, e) in bitmaps.iter().enumerate() {
+                    t += &format!("\n        [{i}]:\n            flags:");
+                    for (j, f) in bitmap_flags(e.flags).iter().enumerate() {
+                        t += &format!("\n                [{j}]: {f}");
+                    }
+                    t += &format!(
+                        "\n            name: {}\n            granularity: {}",
+                        e.name,
+                        1u64 << e.granularity_bits
+                    );
+                }
+                v.push(("bitmaps".into(), t));
+            }
             v.push(("refcount bits".into(), h.refcount_bits().to_string()));
             v.push(("corrupt".into(), corrupt.to_string()));
             v.push(("extended l2".into(), h.extended_l2().to_string()));
@@ -626,6 +657,29 @@ impl BlockDriver for Qcow2 {
             v.push(("refcount bits".into(), h.refcount_bits().to_string()));
         }
         v
+    }
+}
+
+/// QEMU's Qcow2BitmapInfoFlags names of a bitmap directory entry's flags.
+fn bitmap_flags(flags: u32) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if flags & crate::bitmaps::FLAG_IN_USE != 0 {
+        v.push("in-use");
+    }
+    if flags & crate::bitmaps::FLAG_AUTO != 0 {
+        v.push("auto");
+    }
+    v
+}
+
+impl Qcow2 {
+    /// The bitmap directory as it is on disk (what `qemu-img info` lists).
+    fn bitmap_directory(&self) -> Vec<crate::bitmaps::DirEntry> {
+        self.bitmaps
+            .on_disk
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

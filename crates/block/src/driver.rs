@@ -239,6 +239,11 @@ pub trait BlockDriver: Any + Send + Sync + 'static {
     /// what `reopen_prepare` made. Dropping the state must be enough for most drivers.
     fn reopen_abort(&self, _node: &Node, _state: Box<dyn Any + Send>) {}
 
+    /// Every node of a committed reopen has its new state (descriptors, read-only flags):
+    /// work that needs the children reopened too, e.g. writing to a file that just became
+    /// writable (QEMU's commit_post). It cannot undo the reopen; failures are reported.
+    fn reopen_commit_post(&self, _node: &Node) {}
+
     /// Could the node's users hold `perm` and share `shared` (a reopen about to change them)?
     /// A protocol driver that enforces this across processes checks it without taking
     /// anything; [`BlockDriver::set_perm`] applies it afterwards.

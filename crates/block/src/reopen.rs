@@ -179,6 +179,7 @@ impl Graph {
         }
         let mut affected: Vec<Arc<Node>> = Vec::new();
         let mut dropped: Vec<Arc<Node>> = Vec::new();
+        let committed: Vec<Arc<Node>> = prepared.iter().map(|p| p.node.clone()).collect();
         for mut p in prepared {
             let node = p.node.clone();
             if let Some(state) = p.state.take() {
@@ -228,6 +229,9 @@ impl Graph {
         }
         for n in &affected {
             n.refresh_perms();
+        }
+        for n in &committed {
+            n.driver().reopen_commit_post(n);
         }
         // Children opened with a node and replaced by the reopen are closed, as in QEMU.
         for n in dropped {

@@ -552,6 +552,29 @@ impl BlockDriver for Qcow2 {
         }
     }
 
+    fn reopen_commit_post(&self, node: &Node) {
+        // Made writable: the loaded persistent bitmaps are in use on disk again and take
+        // writes (QEMU's reopen of bitmaps read-write).
+        if self.image.is_read_only() || self.bitmaps.list.all().is_empty() {
+            return;
+        }
+        let Some(f) = self.image.file.clone() else {
+            return;
+        };
+        match run_sync(|| self.bitmaps.mark_in_use(&self.image, &f)) {
+            Ok(()) => {
+                for b in self.bitmaps.list.all() {
+                    b.set_readonly(false);
+                }
+            }
+            Err(e) => eprintln!(
+                "qcow2: could not make the persistent dirty bitmaps of node '{}' writable: {}",
+                node.name(),
+                blockd_block::strerror(&e)
+            ),
+        }
+    }
+
     fn is_dirty(&self) -> bool {
         self.image.header().incompatible & header::INCOMPAT_DIRTY != 0
     }

@@ -108,9 +108,11 @@ pub(crate) fn prepare(
                 node.name()
             ));
         }
-        if h.version >= 3 && h.autoclear != 0 {
+        // Persistent bitmaps (autoclear bit 0) are marked in use again once the reopen is
+        // committed (`reopen_commit_post`); other autoclear bits are not maintained.
+        if h.version >= 3 && h.autoclear & !header::AUTOCLEAR_BITMAPS != 0 {
             return Err(format!(
-                "qcow2: node '{}' has autoclear feature bits set (e.g. persistent bitmaps); making it writable in a reopen is not supported yet",
+                "qcow2: node '{}' has autoclear feature bits set; making it writable in a reopen is not supported yet",
                 node.name()
             ));
         }

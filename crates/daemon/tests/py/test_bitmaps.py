@@ -443,7 +443,8 @@ async def exports(tmp):
 
 
 async def reopen_ro(tmp, base):
-    """Section 4: a reopen to read-only stores the bitmaps; they become read-only."""
+    """Section 4: a reopen to read-only stores the bitmaps; they become read-only. A reopen
+    back to read-write makes them take writes and changes again (and in use on disk)."""
     logs = {}
     for who, binary in (("blockd", DAEMON), ("qsd", QSD)):
         if binary is None:
@@ -481,6 +482,23 @@ async def reopen_ro(tmp, base):
                 ("block-dirty-bitmap-add", {"node": "q0", "name": "n", "persistent": True}),
             ]:
                 log.append(await attempt(c, name, args))
+            # and writable again: the bitmaps take writes and changes again
+            log.append(await attempt(c, "blockdev-reopen", {"options": [
+                {"driver": "qcow2", "node-name": "q0", "file": "f0", "read-only": False}]}))
+            log.append(await state(c))
+            await c.execute("block-export-add", {"type": "nbd", "id": "e2", "node-name": "q0",
+                                                 "writable": True})
+            qemu_io(sock, "q0", "write -P 7 5M 64k")
+            for _ in range(100):
+                if await attempt(c, "block-export-del", {"id": "e2"}) == {}:
+                    break
+                await asyncio.sleep(0.05)
+            for name, args in [
+                ("block-dirty-bitmap-disable", {"node": "q0", "name": "b0"}),
+                ("block-dirty-bitmap-add", {"node": "q0", "name": "n", "persistent": True}),
+            ]:
+                log.append(await attempt(c, name, args))
+            log.append(await state(c))
             await quit(c, d)
         finally:
             d.stop()

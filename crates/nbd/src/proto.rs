@@ -617,7 +617,8 @@ pub fn parse_block_status(payload: &[u8], ext: bool) -> Result<(u32, Vec<Extent>
 /// The NBD error value for an I/O error (unknown ones become EINVAL, as the spec asks).
 pub fn errno_to_nbd(e: &io::Error) -> u32 {
     match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EROFS) | Some(libc::EACCES) => EPERM,
+        // (EACCES is not among them: QEMU's server also sends EINVAL for it)
+        Some(libc::EPERM) | Some(libc::EROFS) => EPERM,
         Some(libc::EIO) => EIO,
         Some(libc::ENOMEM) => ENOMEM,
         Some(libc::ENOSPC) | Some(libc::EFBIG) | Some(libc::EDQUOT) => ENOSPC,

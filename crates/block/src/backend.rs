@@ -158,7 +158,7 @@ impl BlockBackend {
     ) -> Result<BlockBackend, String> {
         let usage = Use {
             user: if name.is_empty() {
-                "a block device".to_string()
+                "an unnamed block device".to_string()
             } else {
                 format!("block device '{name}'")
             },

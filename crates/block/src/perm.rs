@@ -68,26 +68,24 @@ pub fn check(node_name: &str, existing: &[Use], new: &Use) -> Result<(), String>
     for u in existing {
         let denied_new = new.perm.minus(u.shared);
         if denied_new != Perm::NONE {
-            return Err(format!(
-                "Conflicts with use by {} as '{}', which does not allow '{}' on {}",
-                u.user,
-                u.role,
-                denied_new.names()[0],
-                node_name
-            ));
+            return Err(conflict(node_name, denied_new, new, u));
         }
         let denied_old = u.perm.minus(new.shared);
         if denied_old != Perm::NONE {
-            return Err(format!(
-                "Conflicts with use by {} as '{}', which uses '{}' on {}",
-                u.user,
-                u.role,
-                denied_old.names()[0],
-                node_name
-            ));
+            return Err(conflict(node_name, denied_old, u, new));
         }
     }
     Ok(())
+}
+
+/// QEMU's wording for `needs` requiring permissions `perms` that `denies` does not share.
+fn conflict(node_name: &str, perms: Perm, needs: &Use, denies: &Use) -> String {
+    format!(
+        "Permission conflict on node '{node_name}': permissions '{perms}' are both required by {} \
+         (uses node '{node_name}' as '{}' child) and unshared by {} (uses node '{node_name}' as \
+         '{}' child).",
+        needs.user, needs.role, denies.user, denies.role
+    )
 }
 
 #[cfg(test)]
@@ -114,7 +112,9 @@ mod tests {
         let e = check("file0", std::slice::from_ref(&a), &b).unwrap_err();
         assert_eq!(
             e,
-            "Conflicts with use by block device 'a' as 'root', which does not allow 'write' on file0"
+            "Permission conflict on node 'file0': permissions 'write' are both required by \
+             block device 'b' (uses node 'file0' as 'root' child) and unshared by block device \
+             'a' (uses node 'file0' as 'root' child)."
         );
         let reader = u("block device 'c'", Perm::CONSISTENT_READ, Perm::ALL);
         assert!(check("file0", std::slice::from_ref(&a), &reader).is_ok());
@@ -124,6 +124,9 @@ mod tests {
             Perm::CONSISTENT_READ,
         );
         let e = check("file0", &[a], &exclusive_reader).unwrap_err();
-        assert!(e.ends_with("which uses 'write' on file0"), "{e}");
+        assert!(
+            e.contains("'write' are both required by block device 'a'"),
+            "{e}"
+        );
     }
 }

@@ -317,7 +317,9 @@ fn permission_conflicts_are_refused_and_explained() {
         .unwrap();
     assert_eq!(
         e,
-        "Conflicts with use by block device 'vm' as 'root', which does not allow 'write' on disk"
+        "Permission conflict on node 'disk': permissions 'write' are both required by block \
+         device 'other' (uses node 'disk' as 'root' child) and unshared by block device 'vm' \
+         (uses node 'disk' as 'root' child)."
     );
     // A reader that shares everything may join.
     let reader = BlockBackend::new(&g, "ro", &n, Perm::CONSISTENT_READ, Perm::ALL).unwrap();

@@ -406,8 +406,9 @@ fn add_export(
     } else {
         Perm::CONSISTENT_READ
     };
+    // As QEMU's NBD exports: the size a client was told must not change under it.
     let backend = graph
-        .new_backend("", &node, perm, Perm::ALL)
+        .new_backend("", &node, perm, Perm::ALL.minus(Perm::RESIZE))
         .map_err(generic)?;
     let cfg = ExportConfig {
         id: s.id,

@@ -84,7 +84,45 @@ async def main():
             await c.disconnect()
         finally:
             q.stop()
+    for exe in [None] + ([QSD] if QSD else []):
+        await resize_under_export(exe, nbd_sock)
     shutil.rmtree(probe.dir, ignore_errors=True)
+
+
+async def resize_under_export(exe, nbd_sock):
+    """An NBD export (read-only or writable) keeps its node's size: block_resize is a
+    permission conflict until the export is gone, with QEMU's text."""
+    who = "qemu-storage-daemon" if exe else "blockd"
+    img = nbd_sock + ".resize.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    args = ["--blockdev", f"file,node-name=n,filename={img}",
+            "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}"]
+    d = Daemon(exe, args=args) if exe else Daemon(args=args)
+    try:
+        c = await d.client()
+        for writable in (False, True):
+            await c.execute("block-export-add", {"type": "nbd", "id": "e", "node-name": "n",
+                                                 "writable": writable})
+            try:
+                await c.execute("block_resize", {"node-name": "n", "size": 2 << 20})
+                check(False, f"{who}: block_resize under an export (writable={writable})")
+            except ExecuteError as e:
+                check_eq((e.error_class, str(e)),
+                         ("GenericError",
+                          "Permission conflict on node 'n': permissions 'resize' are both "
+                          "required by an unnamed block device (uses node 'n' as 'root' child) "
+                          "and unshared by an unnamed block device (uses node 'n' as 'root' "
+                          "child)."), f"{who}: resize refused (writable={writable})")
+            await c.execute("block-export-del", {"id": "e"})
+            await c.events.get()
+        await c.execute("block_resize", {"node-name": "n", "size": 2 << 20})
+        nodes = await c.execute("query-named-block-nodes")
+        check_eq(nodes[0]["image"]["virtual-size"], 2 << 20, f"{who}: resized after the export")
+        await c.disconnect()
+    finally:
+        d.stop()
+        os.unlink(img)
 
 
 if QEMU_IO:

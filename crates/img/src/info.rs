@@ -446,6 +446,8 @@ fn json_value(v: &Value, ind: usize) -> String {
                 "compression-type",
                 "lazy-refcounts",
                 "refcount-bits",
+                "data-file",
+                "data-file-raw",
                 "corrupt",
                 "extended-l2",
             ];

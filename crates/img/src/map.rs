@@ -206,10 +206,17 @@ pub fn run(argv: &[String]) -> CmdResult {
                 // Data that reads as zeroes (a hole in the image file) is not listed.
                 return Ok(());
             }
-            let file = names
-                .get(e.depth as usize)
-                .cloned()
-                .unwrap_or_else(|| e.layer.name().to_string());
+            // A qcow2 layer with an external data file keeps its data there.
+            let data_file = e
+                .layer
+                .child("data-file")
+                .and_then(|d| d.driver().filename());
+            let file = data_file.unwrap_or_else(|| {
+                names
+                    .get(e.depth as usize)
+                    .cloned()
+                    .unwrap_or_else(|| e.layer.name().to_string())
+            });
             let _ = writeln!(
                 out,
                 "{:<16}{:<16}{:<16}{}",

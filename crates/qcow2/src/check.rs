@@ -324,6 +324,13 @@ async fn walk_l1(
             } else {
                 (be64(&table, i as usize), 0)
             };
+            if e2 & OFLAG_COMPRESSED != 0 && geo.data_file {
+                rep.messages.push(format!(
+                    "ERROR compressed cluster {i} with data file, entry={e2:#x}"
+                ));
+                rep.corruptions += 1;
+                continue;
+            }
             if e2 & OFLAG_COMPRESSED != 0 {
                 match geo.classify(e2, bm, 0) {
                     Ok(Kind::Compressed { offset, len }) => {
@@ -346,14 +353,14 @@ async fn walk_l1(
                 continue;
             }
             let host = e2 & L2E_OFFSET_MASK;
-            if geo.extended && host == 0 && bm & 0xffff_ffff != 0 {
+            if geo.extended && !geo.has_host(e2) && bm & 0xffff_ffff != 0 {
                 rep.messages.push(format!(
                     "ERROR: Invalid cluster entry found (L2 offset: {l2:#x}, L2 index: {i:#x})"
                 ));
                 rep.corruptions += 1;
                 continue;
             }
-            if host == 0 {
+            if host == 0 && !geo.has_host(e2) {
                 if e2 & OFLAG_ZERO != 0 && geo.version < 3 {
                     rep.messages.push(format!("ERROR: Zero cluster entry found in pre-v3 image (L2 offset: {l2:#x}, L2 index: {i:#x})"));
                     rep.corruptions += 1;
@@ -367,7 +374,10 @@ async fn walk_l1(
                 rep.corruptions += 1;
                 continue;
             }
-            refs.add_range(host, cs);
+            // Data file clusters are in another file and take no refcounts here.
+            if !geo.data_file {
+                refs.add_range(host, cs);
+            }
             if active {
                 rep.allocated_clusters += 1;
                 if let Some(p) = prev_host
@@ -376,7 +386,9 @@ async fn walk_l1(
                     rep.fragmented_clusters += 1;
                 }
                 prev_host = Some(host);
-                copied.push((l2, i, e2));
+                if !geo.data_file {
+                    copied.push((l2, i, e2));
+                }
             }
         }
     }
@@ -432,6 +444,13 @@ pub(crate) async fn check_image(
     )
     .await;
     refs.add_range(snap_area.0, snap_area.1);
+    if geo.data_file && !snapshots.is_empty() {
+        rep.messages.push(format!(
+            "ERROR {} snapshots in image with data file",
+            snapshots.len()
+        ));
+        rep.corruptions += 1;
+    }
     for s in &snapshots {
         refs.add_range(s.l1_offset, s.l1_size as u64 * 8);
         let sl1 = read_l1(file, s.l1_offset, s.l1_size).await?;

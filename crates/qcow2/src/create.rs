@@ -291,11 +291,17 @@ impl CreateOptions {
         if self.backing_fmt.is_some() && self.backing_file.is_none() {
             return Err("Backing format cannot be used without backing file".into());
         }
+        if self.data_file.is_some() && self.version < 3 {
+            return Err(format!(
+                "External data files are only supported with compatibility level 1.1 and above {}",
+                "(use version=v3 or greater)"
+            ));
+        }
         if self.data_file_raw && self.data_file.is_none() {
             return Err("data-file-raw requires data-file".into());
         }
-        if self.data_file.is_some() {
-            return Err("qcow2 images with an external data file are not supported yet".into());
+        if self.data_file_raw && self.backing_file.is_some() {
+            return Err("Backing file and data-file-raw cannot be used at the same time".into());
         }
         if let Some(b) = &self.backing_file
             && b.len() > header::MAX_BACKING_NAME as usize
@@ -348,9 +354,15 @@ impl CreateOptions {
             },
             bitmaps: None,
             crypto: None,
-            data_file: None,
+            data_file: self.data_file.clone(),
             unknown_extensions: Vec::new(),
         };
+        if self.data_file.is_some() {
+            h.incompatible |= header::INCOMPAT_DATA_FILE;
+            if self.data_file_raw {
+                h.autoclear |= header::AUTOCLEAR_DATA_FILE_RAW;
+            }
+        }
         if self.compression_type != 0 {
             h.incompatible |= header::INCOMPAT_COMPRESSION;
         }
@@ -365,9 +377,30 @@ impl CreateOptions {
     }
 }
 
-/// Format `file` (opened writable, normally empty) as a qcow2 image.
+/// Format `file` (opened writable, normally empty) as a qcow2 image. An image with a
+/// `data_file` needs [`create_with_data_file`].
 pub async fn create(file: &Arc<Node>, opts: &CreateOptions) -> Result<(), String> {
+    create_with_data_file(file, None, opts).await
+}
+
+/// Format `file` as a qcow2 image whose guest data lives in `data` (opened writable; it is
+/// resized to the virtual size) when `opts.data_file` names one, as QEMU's create does. A
+/// raw data file gets its guest clusters mapped at once (QEMU's metadata preallocation).
+pub async fn create_with_data_file(
+    file: &Arc<Node>,
+    data: Option<&Arc<Node>>,
+    opts: &CreateOptions,
+) -> Result<(), String> {
     opts.validate()?;
+    let data = match (&opts.data_file, data) {
+        (None, _) => None,
+        (Some(_), Some(d)) => Some(d),
+        (Some(n), None) => {
+            return Err(format!(
+                "creating the external data file '{n}' is not supported yet by this caller"
+            ));
+        }
+    };
     let h = opts.header();
     let cs = opts.cluster_size;
     let geo = Geometry::new(&h);
@@ -424,20 +457,30 @@ pub async fn create(file: &Arc<Node>, opts: &CreateOptions) -> Result<(), String
             .await
             .map_err(io)?;
     }
-    if opts.preallocation != Prealloc::Off && h.size > 0 {
-        preallocate(file, &h, opts.preallocation)
-            .await
-            .map_err(|e| {
-                format!(
-                    "Could not preallocate metadata: {}",
-                    blockd_block::strerror(&e)
-                )
-            })?;
+    let mut prealloc = opts.preallocation;
+    if opts.data_file_raw && prealloc == Prealloc::Off {
+        prealloc = Prealloc::Metadata;
     }
-    file.driver()
-        .flush(file)
-        .await
-        .map_err(|e| format!("Could not flush: {}", blockd_block::strerror(&e)))?;
+    if let Some(d) = data {
+        d.driver()
+            .truncate(d, h.size)
+            .await
+            .map_err(|e| format!("Could not resize data file: {}", blockd_block::strerror(&e)))?;
+    }
+    if prealloc != Prealloc::Off && h.size > 0 {
+        preallocate(file, data, &h, prealloc).await.map_err(|e| {
+            format!(
+                "Could not preallocate metadata: {}",
+                blockd_block::strerror(&e)
+            )
+        })?;
+    }
+    for f in std::iter::once(file).chain(data) {
+        f.driver()
+            .flush(f)
+            .await
+            .map_err(|e| format!("Could not flush: {}", blockd_block::strerror(&e)))?;
+    }
     Ok(())
 }
 
@@ -455,8 +498,14 @@ fn set_refcount(block: &mut [u8], order: u32, i: u64, v: u64) {
     }
 }
 
-/// Allocate every guest cluster (metadata), and with falloc/full also the bytes.
-async fn preallocate(file: &Arc<Node>, h: &Header, mode: Prealloc) -> std::io::Result<()> {
+/// Allocate every guest cluster (metadata), and with falloc/full also the bytes. With a data
+/// file each cluster is at its guest offset there (no refcounts), and the bytes go there.
+async fn preallocate(
+    file: &Arc<Node>,
+    data: Option<&Arc<Node>>,
+    h: &Header,
+    mode: Prealloc,
+) -> std::io::Result<()> {
     let cfg = CacheConfig {
         l2_entry_size: h.cluster_size(),
         l2_entries: 16,
@@ -475,7 +524,18 @@ async fn preallocate(file: &Arc<Node>, h: &Header, mode: Prealloc) -> std::io::R
         let (l1i, l2i) = geo.indices(c * cs);
         let l2 = img.writable_l2(file, l1i).await?;
         let want = (geo.l2_entries - l2i).min(clusters - c);
-        let (host, got) = img.alloc_clusters(file, want).await?;
+        let (host, got) = if data.is_some() {
+            (c * cs, want)
+        } else {
+            img.alloc_clusters(file, want).await?
+        };
+        let target = data.unwrap_or(file);
+        // The data file ends at the virtual size, not at the end of its last cluster.
+        let bytes = if data.is_some() {
+            (got * cs).min(h.size - host)
+        } else {
+            got * cs
+        };
         // With a backing file (extended L2 only) the subclusters stay unallocated so the
         // backing file still shows through.
         let bitmap = if geo.extended && h.backing_file.is_none() {
@@ -489,11 +549,11 @@ async fn preallocate(file: &Arc<Node>, h: &Header, mode: Prealloc) -> std::io::R
         img.set_l2(file, l2, l2i, &entries).await?;
         match mode {
             Prealloc::Full => {
-                let zero = vec![0u8; (got * cs) as usize];
-                pwrite(file, host, &zero).await?;
+                let zero = vec![0u8; bytes as usize];
+                pwrite(target, host, &zero).await?;
             }
             Prealloc::Falloc => {
-                blockd_block::io::write_zeroes(file, host, got * cs, blockd_block::ReqFlags::NONE)
+                blockd_block::io::write_zeroes(target, host, bytes, blockd_block::ReqFlags::NONE)
                     .await?;
             }
             _ => {}
@@ -502,7 +562,7 @@ async fn preallocate(file: &Arc<Node>, h: &Header, mode: Prealloc) -> std::io::R
         c += got;
     }
     img.writeback(file).await?;
-    if file.length() < end {
+    if data.is_none() && file.length() < end {
         // Writing the last sector extends the file (and the node's length) to the end.
         pwrite(file, end - 512, &[0u8; 512]).await?;
     }

@@ -114,6 +114,74 @@ pub fn resolve_backing(image_filename: Option<&str>, name: &str) -> Result<Strin
     }
 }
 
+/// The file the data file name an image records opens: as QEMU 10 opens it, the name as it
+/// is (a relative name is relative to the current directory, not to the image's, unlike
+/// backing names), refusing `json:` specifications and protocol prefixes as for backing
+/// names.
+pub fn resolve_data_file(name: &str) -> Result<String, String> {
+    if name.starts_with("json:") {
+        return Err(format!(
+            "Could not open data file: data file name '{name}' is a json: specification, which is refused for names stored in images"
+        ));
+    }
+    if has_protocol(name) {
+        return Err(format!(
+            "Could not open data file: data file name '{name}' has a protocol prefix, which is refused for names stored in images"
+        ));
+    }
+    if name.contains('\0') || name.is_empty() {
+        return Err(
+            "Could not open data file: the data file name is empty or has a NUL byte".into(),
+        );
+    }
+    Ok(name.to_string())
+}
+
+/// The `data-file` child: the `data-file` option (a node name or options), else the name
+/// in the header, opened as a plain file (QEMU's checks and messages).
+fn open_data_file(
+    graph: &mut Graph,
+    hdr: &Header,
+    spec: Option<ChildSpec>,
+    flags: OpenFlags,
+) -> Result<Option<Arc<Node>>, String> {
+    let given = match spec {
+        None => None,
+        Some(ChildSpec::Reference(n)) if n.is_empty() => None,
+        Some(ChildSpec::Reference(n)) => Some(
+            graph
+                .node(&n)
+                .ok_or_else(|| format!("Cannot find device='' nor node-name='{n}'"))?,
+        ),
+        Some(ChildSpec::Options(mut m)) => {
+            if !m.contains_key("driver") && m.contains_key("filename") {
+                m.insert("driver".into(), Value::String("file".into()));
+            }
+            Some(graph.open_with(m, flags)?)
+        }
+    };
+    if !hdr.has_data_file() {
+        if given.is_some() {
+            return Err("'data-file' can only be set for images with an external data file".into());
+        }
+        if hdr.version >= 3 && hdr.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0 {
+            return Err("data-file-raw requires a data file".into());
+        }
+        return Ok(None);
+    }
+    if let Some(d) = given {
+        return Ok(Some(d));
+    }
+    let Some(name) = &hdr.data_file else {
+        return Err("'data-file' is required for this image".into());
+    };
+    let path = resolve_data_file(name)?;
+    let mut m = Map::new();
+    m.insert("driver".into(), Value::String("file".into()));
+    m.insert("filename".into(), Value::String(path));
+    graph.open_with(m, flags).map(Some)
+}
+
 fn read_probe_bytes(path: &str) -> Result<Vec<u8>, String> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| {
@@ -167,9 +235,7 @@ pub fn open(
         lazy,
         pass_discard,
     } = runtime_opts(o, false)?;
-    if o.take("data-file").is_some() {
-        return Err("qcow2 images with an external data file are not supported yet".into());
-    }
+    let data_spec = o.take_child("data-file");
     if o.take("encrypt").is_some() {
         return Err("Encrypted qcow2 images are not supported yet".into());
     }
@@ -204,6 +270,7 @@ pub fn open(
         return Err("qcow2: Image is corrupt; cannot be opened read/write".into());
     }
     let cache = CacheConfig::from_opts(o, hdr.size, hdr.cluster_size(), hdr.l2_entry_size())?;
+    let data_file = open_data_file(graph, &hdr, data_spec, flags)?;
 
     // The backing file: explicit option, `null`, or the header's name.
     let backing = match o.take("backing") {
@@ -260,6 +327,9 @@ pub fn open(
 
     let (perm, shared) = file_perms(flags.read_only, flags.force_share);
     let mut children = vec![child_edge("file", file, perm, shared)];
+    if let Some(d) = data_file {
+        children.push(child_edge("data-file", d, perm, shared));
+    }
     if let Some(b) = backing {
         children.push(child_edge("backing", b, Perm::CONSISTENT_READ, Perm::ALL));
     }
@@ -391,18 +461,22 @@ impl Image {
                 h.version,
             )
         };
-        // Bit 0 stays when the bitmaps were loaded (`bitmaps.rs` keeps them consistent).
-        let keep = if self
-            .header
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .bitmaps
-            .is_some()
-        {
-            autoclear & header::AUTOCLEAR_BITMAPS
-        } else {
-            0
-        };
+        // Bit 0 stays when the bitmaps were loaded (`bitmaps.rs` keeps them consistent); bit 1
+        // stays with a data file (the I/O paths keep a raw data file raw).
+        let raw =
+            autoclear & header::AUTOCLEAR_DATA_FILE_RAW & if self.geo.data_file { !0 } else { 0 };
+        let keep = raw
+            | if self
+                .header
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .bitmaps
+                .is_some()
+            {
+                autoclear & header::AUTOCLEAR_BITMAPS
+            } else {
+                0
+            };
         if version >= 3 && autoclear != keep {
             pwrite(file, 88, &keep.to_be_bytes()).await.map_err(|e| {
                 format!(
@@ -457,6 +531,10 @@ impl BlockDriver for Qcow2 {
             let f = node
                 .child("file")
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))?;
+            // The data file first: L2 entries on disk may point at its new clusters.
+            if let Some(d) = node.child("data-file") {
+                d.driver().flush(&d).await?;
+            }
             if self.image.has_dirty() {
                 let _a = self.image.alloc.lock().await;
                 self.image.apply_frees(&f).await?;
@@ -674,6 +752,12 @@ impl BlockDriver for Qcow2 {
                 v.push(("bitmaps".into(), t));
             }
             v.push(("refcount bits".into(), h.refcount_bits().to_string()));
+            if let Some(name) = &h.data_file {
+                v.push(("data file".into(), name.clone()));
+            }
+            if h.has_data_file() {
+                v.push(("data file raw".into(), h.data_file_raw().to_string()));
+            }
             v.push(("corrupt".into(), corrupt.to_string()));
             v.push(("extended l2".into(), h.extended_l2().to_string()));
         } else {
@@ -742,6 +826,12 @@ pub fn format_specific(h: &Header, corrupt_now: bool) -> Value {
             json!(h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0),
         );
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        if let Some(name) = &h.data_file {
+            d.insert("data-file".into(), json!(name));
+        }
+        if h.has_data_file() {
+            d.insert("data-file-raw".into(), json!(h.data_file_raw()));
+        }
         d.insert(
             "corrupt".into(),
             json!(h.incompatible & header::INCOMPAT_CORRUPT != 0 || corrupt_now),

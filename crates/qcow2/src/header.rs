@@ -118,6 +118,16 @@ impl Header {
         1 << self.refcount_order
     }
 
+    /// Guest data lives in an external data file (incompatible bit 2).
+    pub fn has_data_file(&self) -> bool {
+        self.version >= 3 && self.incompatible & INCOMPAT_DATA_FILE != 0
+    }
+
+    /// The data file is kept a valid raw image (autoclear bit 1, with the data file bit).
+    pub fn data_file_raw(&self) -> bool {
+        self.has_data_file() && self.autoclear & AUTOCLEAR_DATA_FILE_RAW != 0
+    }
+
     pub fn extended_l2(&self) -> bool {
         self.incompatible & INCOMPAT_EXTL2 != 0
     }
@@ -263,9 +273,6 @@ impl Header {
                 return Err("Encrypted qcow2 images are not supported yet".into());
             }
             m => return Err(format!("Unsupported encryption method: {m}")),
-        }
-        if h.incompatible & INCOMPAT_DATA_FILE != 0 || h.data_file.is_some() {
-            return Err("qcow2 images with an external data file are not supported yet".into());
         }
         if h.backing_file_offset != 0 {
             let end = h.backing_file_offset + h.backing_file_size as u64;
@@ -503,6 +510,9 @@ impl Header {
             let mut d = o.to_be_bytes().to_vec();
             d.extend_from_slice(&l.to_be_bytes());
             ext(&mut b, EXT_CRYPTO, &d);
+        }
+        if let Some(name) = &self.data_file {
+            ext(&mut b, EXT_DATA_FILE, name.as_bytes());
         }
         if let Some(bm) = &self.bitmaps {
             let mut d = Vec::with_capacity(24);

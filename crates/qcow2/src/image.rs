@@ -447,6 +447,13 @@ impl Image {
                 let in_cl = g.offset_in_cluster(guest);
                 let (e0, b0) = entry(first);
                 let k0 = g.classify(e0, b0, in_cl)?;
+                // A data file holds each guest cluster at its guest offset, nowhere else.
+                if g.data_file && k0.host().is_some() && e0 & L2E_OFFSET_MASK != cluster_start {
+                    return Err(format!(
+                        "External data file host cluster offset {:#x} does not match guest cluster offset: {cluster_start:#x}",
+                        e0 & L2E_OFFSET_MASK
+                    ));
+                }
                 let copied = e0 & OFLAG_COPIED != 0;
                 let unit_start = cluster_start + in_cl / g.unit * g.unit;
                 let mut len = unit_start + g.unit - guest;
@@ -542,6 +549,10 @@ impl Image {
         off: u64,
         len: u64,
     ) -> io::Result<()> {
+        // Data clusters of an external data file are in another file than the metadata.
+        if self.geo.data_file {
+            return Ok(());
+        }
         if let Some(what) = self.overlaps_metadata(off, len) {
             let msg = format!("Preventing invalid write on metadata (overlaps with {what})");
             return Err(self.corruption(file, &msg, Some(off), Some(len)).await);
@@ -993,6 +1004,10 @@ impl Image {
     /// Release the host clusters an L2 entry owned (compressed sectors included), once the
     /// changed L2 entries are on disk ([`Image::apply_frees`]).
     pub(crate) fn free_entry(&self, e: u64) {
+        // Data file clusters take no refcounts in the image (the caller discards them).
+        if self.geo.data_file {
+            return;
+        }
         let cs = self.geo.cluster_size;
         let range = if e & OFLAG_COMPRESSED != 0 {
             match self.geo.classify(e, 0, 0) {

@@ -18,6 +18,12 @@ fn file_of(node: &Node) -> io::Result<Arc<Node>> {
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
 }
 
+/// Where guest data clusters live: the external data file when the image has one (its
+/// `data-file` child), else the image's own file.
+pub(crate) fn data_of(node: &Node, file: &Arc<Node>) -> Arc<Node> {
+    node.child("data-file").unwrap_or_else(|| file.clone())
+}
+
 /// Compress one cluster; None when the result would not be smaller than a cluster.
 /// Deflate output is made decodable with QEMU's 4 KiB window (a full flush every 4 KiB, so
 /// no match reaches further back).
@@ -91,6 +97,7 @@ impl Image {
     /// Fill `dst` with guest bytes from `off` (every mapping kind, piece by piece).
     pub(crate) async fn read_into(&self, node: &Node, off: u64, dst: &mut [u8]) -> io::Result<()> {
         let file = file_of(node)?;
+        let data = data_of(node, &file);
         let mut pos = 0usize;
         while pos < dst.len() {
             let g = off + pos as u64;
@@ -100,9 +107,9 @@ impl Image {
             match run.kind {
                 Kind::Normal(h) => {
                     // Data clusters may end past the end of the file: zeroes, as QEMU reads.
-                    let avail = file.length().saturating_sub(h).min(n as u64) as usize;
+                    let avail = data.length().saturating_sub(h).min(n as u64) as usize;
                     if avail > 0 {
-                        let b = pread(&file, h, avail).await?;
+                        let b = pread(&data, h, avail).await?;
                         out[..avail].copy_from_slice(&b);
                     }
                     out[avail..].fill(0);
@@ -171,10 +178,11 @@ impl Image {
         match self.map(&file, off, len).await {
             Err(e) => return (Err(e), buf),
             Ok(run) if run.len == len => {
+                let data = data_of(node, &file);
                 if let Kind::Normal(h) = run.kind
-                    && h + len <= file.length()
+                    && h + len <= data.length()
                 {
-                    return aligned_read(&file, h, buf).await;
+                    return aligned_read(&data, h, buf).await;
                 }
             }
             Ok(_) => {}
@@ -195,7 +203,9 @@ impl Image {
         let (data, zero, allocated, offset) = match run.kind {
             Kind::Normal(h) => (true, false, true, Some(h)),
             Kind::ZeroPlain => (false, true, true, None),
-            Kind::ZeroAlloc(h) => (false, true, true, Some(h)),
+            // QEMU reports no offset for a preallocated zero cluster at host offset 0 (only
+            // possible with a data file).
+            Kind::ZeroAlloc(h) => (false, true, true, (h != 0).then_some(h)),
             Kind::Compressed { .. } => (true, false, true, None),
             Kind::Unallocated | Kind::UnallocatedAlloc(_) => (false, false, false, None),
         };
@@ -247,7 +257,7 @@ impl Image {
                         if let Err(e) = self.check_overlap(&file, h, len).await {
                             return (Err(e), buf);
                         }
-                        return aligned_write(&file, h, buf, flags).await;
+                        return aligned_write(&data_of(node, &file), h, buf, flags).await;
                     }
                 }
                 Ok(_) => {}
@@ -273,6 +283,10 @@ impl Image {
         let end = off + data.len() as u64;
         if !off.is_multiple_of(cs) || (!end.is_multiple_of(cs) && end != size) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // Compressed clusters cannot live in an external data file (QEMU: ENOTSUP).
+        if self.geo.data_file {
+            return Err(blockd_block::driver::not_supported());
         }
         let file = file_of(node)?;
         let mut pos = 0usize;
@@ -333,7 +347,7 @@ impl Image {
                 if let (Kind::Normal(h), true) = (run.kind, run.copied) {
                     self.check_overlap(file, h, run.len).await?;
                     let part = IoBuf::from_slice(&data[pos as usize..(pos + run.len) as usize]);
-                    let (r, _) = aligned_write(file, h, part, flags).await;
+                    let (r, _) = aligned_write(&data_of(node, file), h, part, flags).await;
                     r?;
                     pos += run.len;
                     continue;
@@ -378,8 +392,7 @@ impl Image {
         let l2_off = self.writable_l2(file, l1i).await?;
         let (e, bm) = self.l2_entry(file, l2_off, l2i).await?;
         let first_len = (cs - in_cl).min(data_len as u64);
-        let host = e & L2E_OFFSET_MASK;
-        let owned = e & OFLAG_COPIED != 0 && e & OFLAG_COMPRESSED == 0 && host != 0;
+        let owned = geo.owns(e);
 
         if owned {
             let plain = if geo.extended {
@@ -419,19 +432,24 @@ impl Image {
                 break;
             }
             let (e2, b2) = self.l2_entry(file, l2_off, l2i + want).await?;
-            let h2 = e2 & L2E_OFFSET_MASK;
-            if e2 & OFLAG_COPIED != 0 && e2 & OFLAG_COMPRESSED == 0 && h2 != 0 {
+            if geo.owns(e2) {
                 break;
             }
             olds.push((e2, b2));
             want += 1;
         }
-        let (host_start, got) = self.alloc_clusters(file, want).await?;
+        // With a data file, guest clusters sit at their guest offset there and take no
+        // refcounts (QEMU's rule); else new clusters come from the image's refcounts.
+        let (host_start, got) = if geo.data_file {
+            (cstart, want)
+        } else {
+            self.alloc_clusters(file, want).await?
+        };
         olds.truncate(got as usize);
         // The data goes to the new clusters without `alloc`: other allocating writes proceed
         // meanwhile; writes and zeroing of these guest clusters wait for `inflight`.
         let inflight = crate::image::Inflight::new(self, c, got);
-        let past_eof = host_start >= file.length();
+        let past_eof = host_start >= data_of(node, file).length();
         drop(guard);
         let r = self
             .fill_new_clusters(
@@ -446,7 +464,9 @@ impl Image {
             }
             Err(e) => {
                 // Never referenced: give the clusters back at once.
-                let _ = self.update_refcounts(file, host_start / cs, got, -1).await;
+                if !geo.data_file {
+                    let _ = self.update_refcounts(file, host_start / cs, got, -1).await;
+                }
                 Err(e)
             }
         };
@@ -474,6 +494,7 @@ impl Image {
         let geo = self.geo;
         let cs = geo.cluster_size;
         let cstart = g - geo.offset_in_cluster(g);
+        let dfile = data_of(node, file);
         let data = &slot.as_deref().ok_or_else(eio)?[pos..];
         let end_guest = g + data.len() as u64;
         let run_end = cstart + got * cs;
@@ -481,7 +502,7 @@ impl Image {
 
         // Whole clusters are written except, with extended L2, the untouched subclusters of
         // the first and last cluster when their old state can stay (no host cluster before).
-        let whole = |e: u64| e & OFLAG_COMPRESSED != 0 || e & L2E_OFFSET_MASK != 0;
+        let whole = |e: u64| e & OFLAG_COMPRESSED != 0 || geo.has_host(e);
         let unit = geo.unit;
         let (buf_start, buf_end) = if geo.extended {
             let s = if whole(olds[0].0) {
@@ -509,7 +530,7 @@ impl Image {
                 .iter()
                 .all(|&(e, _)| e & (L2E_OFFSET_MASK | OFLAG_COMPRESSED) == 0);
         if past_eof && known_zero {
-            let al = (file.limits().request_alignment as u64).max(512);
+            let al = (dfile.limits().request_alignment as u64).max(512);
             let a = (g - buf_start) / al * al;
             let b = ((wend - buf_start).div_ceil(al) * al).min(buf_end - buf_start);
             let at = head - a as usize;
@@ -519,7 +540,7 @@ impl Image {
             if pos == 0 && at == 0 && body as u64 == b - a && body == data.len() {
                 // The caller's buffer is exactly what goes to the file: no copy.
                 let whole = slot.take().ok_or_else(eio)?;
-                let (r, whole) = aligned_write(file, host, whole, flags).await;
+                let (r, whole) = aligned_write(&dfile, host, whole, flags).await;
                 *slot = Some(whole);
                 r?;
                 return Ok((buf_start, buf_end, wend));
@@ -529,7 +550,7 @@ impl Image {
             part[..at].fill(0);
             part[at..at + body].copy_from_slice(&data[..body]);
             part[at + body..].fill(0);
-            let (r, _) = aligned_write(file, host, part, flags).await;
+            let (r, _) = aligned_write(&dfile, host, part, flags).await;
             r?;
             return Ok((buf_start, buf_end, wend));
         }
@@ -551,7 +572,7 @@ impl Image {
             && buf[..head].iter().all(|&b| b == 0)
             && buf[head + body..].iter().all(|&b| b == 0);
         if zero_cow && (head > 0 || head + body < buf.len()) {
-            let al = (file.limits().request_alignment as usize).max(512);
+            let al = (dfile.limits().request_alignment as usize).max(512);
             let a = head / al * al;
             let b = ((head + body).div_ceil(al) * al).min(buf.len());
             let mut part = IoBuf::new(b - a, 4096);
@@ -559,7 +580,7 @@ impl Image {
             host_buf += a as u64;
             buf = part;
         }
-        let (r, _) = aligned_write(file, host_buf, buf, flags.without(ReqFlags::MAY_UNMAP)).await;
+        let (r, _) = aligned_write(&dfile, host_buf, buf, flags.without(ReqFlags::MAY_UNMAP)).await;
         r?;
         // The file may now end inside the run's last cluster: the rest reads as zeroes, and
         // QEMU accepts clusters that end less than a cluster past the end of the file.
@@ -579,7 +600,7 @@ impl Image {
         let cs = geo.cluster_size;
         let unit = geo.unit;
         let cstart = g - geo.offset_in_cluster(g);
-        let whole = |e: u64| e & OFLAG_COMPRESSED != 0 || e & L2E_OFFSET_MASK != 0;
+        let whole = |e: u64| e & OFLAG_COMPRESSED != 0 || geo.has_host(e);
         let (l1i, l2i) = geo.indices(g);
         // The table may have been copied meanwhile (snapshots): look it up again.
         let l2_off = self.writable_l2(file, l1i).await?;
@@ -667,7 +688,13 @@ impl Image {
         }
         let h = host + (a - cstart);
         self.check_overlap(file, h, b - a).await?;
-        let (r, _) = aligned_write(file, h, buf, flags.without(ReqFlags::MAY_UNMAP)).await;
+        let (r, _) = aligned_write(
+            &data_of(node, file),
+            h,
+            buf,
+            flags.without(ReqFlags::MAY_UNMAP),
+        )
+        .await;
         r?;
         if (new_e, new_bm) != (e, bm) {
             self.set_l2(file, l2_off, l2i, &[(new_e, new_bm)]).await?;
@@ -690,29 +717,70 @@ impl Image {
         if start >= end {
             return Ok(());
         }
-        let zero = node.child("backing").is_some() && self.geo.version >= 3;
-        let new = if zero {
-            if self.geo.extended {
-                (0, BITMAP_ALL_ZERO)
-            } else {
-                (OFLAG_ZERO, 0)
-            }
-        } else {
+        // QEMU's rule: with a backing file, or where the cluster had a host cluster (or was
+        // compressed), it now reads as zeroes (v3); other clusters stay as they are.
+        let backing = node.child("backing").is_some();
+        let geo = self.geo;
+        let new = if geo.version < 3 {
             (0, 0)
+        } else if geo.extended {
+            (0, BITMAP_ALL_ZERO)
+        } else {
+            (OFLAG_ZERO, 0)
         };
-        self.replace_clusters(node, start, end, |_, _| Some(new))
-            .await
+        let dropped = self
+            .replace_clusters(node, start, end, move |e, _| {
+                (backing || geo.has_host(e) || e & OFLAG_COMPRESSED != 0).then_some(new)
+            })
+            .await?;
+        self.release_data(node, &dropped, true).await
+    }
+
+    /// Data file clusters the L2 entries no longer name (`dropped`, guest == host ranges):
+    /// a raw data file gets zeroes there, as the guest now reads (`zero_raw`); otherwise
+    /// they are discarded when discards are passed down (best effort, as QEMU).
+    async fn release_data(
+        &self,
+        node: &Node,
+        dropped: &[(u64, u64)],
+        zero_raw: bool,
+    ) -> io::Result<()> {
+        if dropped.is_empty() {
+            return Ok(());
+        }
+        let file = file_of(node)?;
+        let data = data_of(node, &file);
+        for &(off, len) in dropped {
+            // Never past the data file's end (a shrink truncates that part anyway).
+            let len = len.min(data.length().saturating_sub(off));
+            if len == 0 {
+                continue;
+            }
+            if self.geo.data_file_raw {
+                if zero_raw {
+                    data.driver()
+                        .write_zeroes(&data, off, len, ReqFlags::MAY_UNMAP)
+                        .await?;
+                }
+            } else if self.pass_discard.load(Ordering::Relaxed) {
+                let _ = data.driver().discard(&data, off, len).await;
+            }
+        }
+        Ok(())
     }
 
     /// Set the L2 entries of the clusters in [start, end) (cluster aligned) to what `f`
     /// returns for the old entry (None: keep), freeing host clusters no longer referenced.
+    /// With a data file, returns the data file ranges no longer referenced (merged runs) for
+    /// [`Image::release_data`]; they take no refcounts.
     async fn replace_clusters(
         &self,
         node: &Node,
         start: u64,
         end: u64,
         f: impl Fn(u64, u64) -> Option<(u64, u64)>,
-    ) -> io::Result<()> {
+    ) -> io::Result<Vec<(u64, u64)>> {
+        let mut dropped: Vec<(u64, u64)> = Vec::new();
         let file = file_of(node)?;
         let cs = self.geo.cluster_size;
         let _a = self.lock_clear_of(start / cs, end.div_ceil(cs)).await;
@@ -722,7 +790,10 @@ impl Image {
             let (l1i, l2i) = self.geo.indices(g);
             let n = (self.geo.l2_entries - l2i).min((end - g) / cs);
             let run = self.map(&file, g, n * cs).await?;
-            if !run.kind.allocated() && run.kind.host().is_none() && f(0, 0) == Some((0, 0)) {
+            if !run.kind.allocated()
+                && run.kind.host().is_none()
+                && matches!(f(0, 0), None | Some((0, 0)))
+            {
                 // Already unallocated and staying so.
                 g += run.len.div_ceil(cs) * cs;
                 continue;
@@ -736,16 +807,25 @@ impl Image {
                 olds.push(old);
             }
             self.set_l2(&file, l2_off, l2i, &news).await?;
-            for (o, nw) in olds.iter().zip(&news) {
-                let keeps_host =
-                    o.0 & OFLAG_COMPRESSED == 0 && nw.0 & L2E_OFFSET_MASK == o.0 & L2E_OFFSET_MASK;
+            for (j, (o, nw)) in olds.iter().zip(&news).enumerate() {
+                let keeps_host = o.0 & OFLAG_COMPRESSED == 0
+                    && nw.0 & L2E_OFFSET_MASK == o.0 & L2E_OFFSET_MASK
+                    && (self.geo.has_host(nw.0) || !self.geo.has_host(o.0));
                 if !keeps_host {
                     self.free_entry(o.0);
+                    if self.geo.data_file && self.geo.has_host(o.0) {
+                        let at = g + j as u64 * cs;
+                        match dropped.last_mut() {
+                            Some((s0, l0)) if *s0 + *l0 == at => *l0 += cs,
+                            _ => dropped.push((at, cs)),
+                        }
+                    }
                 }
             }
             g += n * cs;
         }
-        self.apply_frees(&file).await
+        self.apply_frees(&file).await?;
+        Ok(dropped)
     }
 
     /// Write zeroes: aligned clusters (or subclusters) get the zero flag; unaligned edges are
@@ -764,24 +844,60 @@ impl Image {
         let unit = self.geo.unit;
         let cs = self.geo.cluster_size;
         let size = self.size.load(Ordering::Acquire);
-        let a = off.div_ceil(unit) * unit;
-        let mut b = (off + len) / unit * unit;
-        if off + len >= size {
-            b = (off + len).div_ceil(unit) * unit;
+        let end = off + len;
+        let mut a = off.div_ceil(unit) * unit;
+        let mut b = end / unit * unit;
+        if end >= size {
+            b = end.div_ceil(unit) * unit;
+        }
+        // The unaligned head and tail (QEMU splits them off): a whole unit that reads as
+        // zeroes around the piece is zeroed through the metadata, else zero bytes are written.
+        let head = (off < a).then(|| (off, a.min(end)));
+        let tail = (end > b && b >= a).then_some((b, end));
+        let mut bytes = Vec::new();
+        if let Some((p, q)) = head {
+            let u = p / unit * unit;
+            if self.unit_zero_around(node, u, p, q).await? {
+                a = u;
+                b = b.max(u + unit);
+            } else {
+                bytes.push((p, q));
+            }
+        }
+        if let Some((p, q)) = tail {
+            let u = p / unit * unit;
+            if u + unit > b && self.unit_zero_around(node, u, p, q).await? {
+                b = u + unit;
+                a = a.min(u);
+            } else if u + unit > b {
+                bytes.push((p, q));
+            }
+        }
+        if !bytes.is_empty() && flags.contains(ReqFlags::NO_FALLBACK) {
+            return Err(blockd_block::driver::not_supported());
+        }
+        for &(p, q) in &bytes {
+            self.write_zero_bytes(node, p, q - p).await?;
         }
         if a >= b {
-            if flags.contains(ReqFlags::NO_FALLBACK) {
-                return Err(blockd_block::driver::not_supported());
-            }
-            return self.write_zero_bytes(node, off, len).await;
-        }
-        if off < a {
-            if flags.contains(ReqFlags::NO_FALLBACK) {
-                return Err(blockd_block::driver::not_supported());
-            }
-            self.write_zero_bytes(node, off, a - off).await?;
+            return Ok(());
         }
         let unmap = flags.contains(ReqFlags::MAY_UNMAP);
+        if self.geo.data_file_raw {
+            // The raw data file shows what the guest reads: zeroes go there too.
+            let file = file_of(node)?;
+            let data = data_of(node, &file);
+            let len = (b - a).min(data.length().saturating_sub(a));
+            if len > 0 {
+                let f = if unmap {
+                    ReqFlags::MAY_UNMAP
+                } else {
+                    ReqFlags::NONE
+                };
+                data.driver().write_zeroes(&data, a, len, f).await?;
+            }
+        }
+        let mut dropped = Vec::new();
         if self.geo.extended {
             // Per cluster: whole clusters lose their host cluster when unmapping, partial
             // ones get zero bits for the covered subclusters.
@@ -795,20 +911,23 @@ impl Image {
                 for s in s0..s1 {
                     mask |= 1 << s;
                 }
-                self.replace_clusters(node, cstart, cstart + cs, move |e, bm| {
-                    if e & OFLAG_COMPRESSED != 0 {
-                        return if whole {
-                            Some((0, BITMAP_ALL_ZERO))
-                        } else {
-                            None
-                        };
-                    }
-                    if whole && (unmap || e & OFLAG_COPIED == 0) {
-                        return Some((0, BITMAP_ALL_ZERO));
-                    }
-                    Some((e, (bm & !mask) | (mask << 32)))
-                })
-                .await?;
+                let geo = self.geo;
+                let d = self
+                    .replace_clusters(node, cstart, cstart + cs, move |e, bm| {
+                        if e & OFLAG_COMPRESSED != 0 {
+                            return if whole {
+                                Some((0, BITMAP_ALL_ZERO))
+                            } else {
+                                None
+                            };
+                        }
+                        if whole && (unmap || !geo.owns(e)) {
+                            return Some((0, BITMAP_ALL_ZERO));
+                        }
+                        Some((e, (bm & !mask) | (mask << 32)))
+                    })
+                    .await?;
+                dropped.extend(d);
                 // A compressed cluster partly zeroed is rewritten as data.
                 let file = file_of(node)?;
                 let run = self.map(&file, g, cend - g).await?;
@@ -818,24 +937,40 @@ impl Image {
                 g = cend;
             }
         } else {
-            self.replace_clusters(node, a, b, move |e, _| {
-                let host = e & L2E_OFFSET_MASK;
-                if !unmap && e & OFLAG_COMPRESSED == 0 && host != 0 && e & OFLAG_COPIED != 0 {
-                    Some((e | OFLAG_ZERO, 0))
-                } else {
-                    Some((OFLAG_ZERO, 0))
-                }
-            })
-            .await?;
+            let geo = self.geo;
+            dropped = self
+                .replace_clusters(node, a, b, move |e, _| {
+                    if !unmap && geo.owns(e) {
+                        Some((e | OFLAG_ZERO, 0))
+                    } else {
+                        Some((OFLAG_ZERO, 0))
+                    }
+                })
+                .await?;
         }
-        let end = off + len;
-        if end > b {
-            if flags.contains(ReqFlags::NO_FALLBACK) {
-                return Err(blockd_block::driver::not_supported());
+        self.release_data(node, &dropped, false).await
+    }
+
+    /// Whether the unit [u, u+unit) may be zeroed whole for a write of zeroes to [p, q) in
+    /// it (QEMU's rule): it has no data of its own (unallocated or zero) and the bytes
+    /// around the piece read as zeroes (no backing file shows data there).
+    async fn unit_zero_around(&self, node: &Node, u: u64, p: u64, q: u64) -> io::Result<bool> {
+        let file = file_of(node)?;
+        let run = self.map(&file, u, self.geo.unit).await?;
+        match run.kind {
+            Kind::ZeroPlain | Kind::ZeroAlloc(_) => Ok(true),
+            Kind::Unallocated | Kind::UnallocatedAlloc(_) => {
+                // The bytes around the piece come from the backing file: zero only past its
+                // end (a backing file's own zeroes are not looked up).
+                let Some(bk) = node.child("backing") else {
+                    return Ok(true);
+                };
+                let blen = bk.length();
+                let around_zero = |x: u64, y: u64| x >= y || x >= blen;
+                Ok(around_zero(u, p) && around_zero(q, u + self.geo.unit))
             }
-            self.write_zero_bytes(node, b, end - b).await?;
+            _ => Ok(false),
         }
-        Ok(())
     }
 
     async fn write_zero_bytes(&self, node: &Node, off: u64, len: u64) -> io::Result<()> {
@@ -862,15 +997,52 @@ impl Image {
         if len == cur {
             return Ok(len);
         }
+        let data = node.child("data-file");
         if len < cur {
             self.shrink(node, &file, cur, len).await?;
+            // The data file follows the guest size (QEMU resizes it too).
+            if let Some(d) = &data {
+                d.driver().truncate(d, len).await?;
+            }
             return Ok(len);
         }
         let _a = self.alloc.lock().await;
         let need = len.div_ceil(self.geo.l2_coverage());
         self.grow_l1(&file, need).await?;
+        if let Some(d) = &data {
+            d.driver().truncate(d, len).await?;
+            if self.geo.data_file_raw {
+                // A raw data file maps every guest cluster (QEMU's metadata preallocation).
+                let cs = self.geo.cluster_size;
+                self.map_identity(&file, cur.div_ceil(cs), len.div_ceil(cs))
+                    .await?;
+                self.writeback(&file).await?;
+                file.driver().flush(&file).await?;
+            }
+        }
         self.set_size(&file, len).await?;
         Ok(len)
+    }
+
+    /// Point guest clusters [first, end) at their own offset in the data file (what a raw
+    /// data file needs), every subcluster allocated. Call with `alloc` held.
+    async fn map_identity(&self, file: &Arc<Node>, first: u64, end: u64) -> io::Result<()> {
+        let geo = self.geo;
+        let cs = geo.cluster_size;
+        let bitmap = if geo.extended { BITMAP_ALL_ALLOC } else { 0 };
+        let mut c = first;
+        while c < end {
+            let (l1i, l2i) = geo.indices(c * cs);
+            let n = (geo.l2_entries - l2i).min(end - c);
+            let l2_off = self.writable_l2(file, l1i).await?;
+            let entries: Vec<(u64, u64)> = (0..n)
+                .map(|j| (((c + j) * cs) | OFLAG_COPIED, bitmap))
+                .collect();
+            self.set_l2(file, l2_off, l2i, &entries).await?;
+            self.maybe_writeback(file).await?;
+            c += n;
+        }
+        Ok(())
     }
 
     /// The guest size in the header, durable, then in memory.
@@ -895,7 +1067,11 @@ impl Image {
             }
         };
         if start < end {
-            self.replace_clusters(node, start, end, |_, _| Some((0, 0)))
+            let dropped = self
+                .replace_clusters(node, start, end, |_, _| Some((0, 0)))
+                .await
+                .map_err(ctx("Failed to discard cropped clusters"))?;
+            self.release_data(node, &dropped, false)
                 .await
                 .map_err(ctx("Failed to discard cropped clusters"))?;
         }

@@ -31,6 +31,12 @@ pub struct Geometry {
     pub version: u32,
     /// Zstd (1) or deflate (0).
     pub compression_type: u8,
+    /// Guest data lives in an external data file (incompatible bit 2): every data cluster
+    /// sits at its guest offset there, host offset 0 is a valid cluster (with COPIED), and
+    /// compressed clusters are invalid.
+    pub data_file: bool,
+    /// The external data file stays a valid raw image of the guest (autoclear bit 1).
+    pub data_file_raw: bool,
 }
 
 /// What one guest cluster or subcluster is (QEMU's QCow2SubclusterType).
@@ -101,7 +107,22 @@ impl Geometry {
             },
             version: h.version,
             compression_type: h.compression_type,
+            data_file: h.has_data_file(),
+            data_file_raw: h.has_data_file()
+                && h.autoclear & crate::header::AUTOCLEAR_DATA_FILE_RAW != 0,
         }
+    }
+
+    /// Whether an L2 entry names a host cluster (with a data file, offset 0 counts when the
+    /// entry is COPIED: guest cluster 0 lives at data file offset 0).
+    pub fn has_host(&self, e: u64) -> bool {
+        e & OFLAG_COMPRESSED == 0
+            && (e & L2E_OFFSET_MASK != 0 || (self.data_file && e & OFLAG_COPIED != 0))
+    }
+
+    /// Whether the standard L2 entry `e` is a data cluster this image alone owns.
+    pub fn owns(&self, e: u64) -> bool {
+        e & OFLAG_COPIED != 0 && self.has_host(e)
     }
 
     pub fn l2_coverage(&self) -> u64 {
@@ -129,6 +150,9 @@ impl Geometry {
     /// Classify the (sub)cluster of the L2 entry `(e, bitmap)` that holds byte
     /// `in_cluster` of the guest cluster. Errors describe a corrupt entry.
     pub fn classify(&self, e: u64, bitmap: u64, in_cluster: u64) -> Result<Kind, String> {
+        if e & OFLAG_COMPRESSED != 0 && self.data_file {
+            return Err("Compressed cluster entry found in image with external data file".into());
+        }
         if e & OFLAG_COMPRESSED != 0 {
             if self.extended && bitmap != 0 {
                 return Err(
@@ -149,18 +173,19 @@ impl Geometry {
         if host & (self.cluster_size - 1) != 0 {
             return Err(format!("Cluster allocation offset {host:#x} unaligned"));
         }
+        let present = self.has_host(e);
         if !self.extended {
             if e & OFLAG_ZERO != 0 {
                 if self.version < 3 {
                     return Err("Zero cluster entry found in pre-v3 image".into());
                 }
-                return Ok(if host != 0 {
+                return Ok(if present {
                     Kind::ZeroAlloc(host)
                 } else {
                     Kind::ZeroPlain
                 });
             }
-            return Ok(if host != 0 {
+            return Ok(if present {
                 Kind::Normal(host)
             } else {
                 Kind::Unallocated
@@ -173,8 +198,8 @@ impl Geometry {
             return Err("Invalid cluster entry found (subcluster both allocated and zero)".into());
         }
         let sub = host + sc * self.unit;
-        Ok(match (host != 0, alloc, zero) {
-            (_, _, true) if host != 0 => Kind::ZeroAlloc(sub),
+        Ok(match (present, alloc, zero) {
+            (_, _, true) if present => Kind::ZeroAlloc(sub),
             (_, _, true) => Kind::ZeroPlain,
             (true, true, _) => Kind::Normal(sub),
             (true, false, _) => Kind::UnallocatedAlloc(sub),

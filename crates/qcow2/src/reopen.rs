@@ -44,10 +44,17 @@ pub(crate) fn prepare(
         lazy,
         pass_discard,
     } = runtime_opts(req.opts, true)?;
-    for fixed in ["data-file", "encrypt"] {
-        if req.opts.take(fixed).is_some() {
-            return Err(cannot_change(fixed));
-        }
+    if req.opts.take("encrypt").is_some() {
+        return Err(cannot_change("encrypt"));
+    }
+    // The data file child stays: restating it (its node-name, which is what the reopen
+    // layer leaves for a child opened with the image) is fine, another node is not.
+    let data_child = node.child("data-file");
+    match req.opts.take("data-file") {
+        None => {}
+        Some(serde_json::Value::String(n))
+            if data_child.as_ref().is_some_and(|d| d.name() == n) => {}
+        Some(_) => return Err(cannot_change("data-file")),
     }
     let h = img.header();
     if lazy == Some(true) && h.version < 3 {
@@ -110,7 +117,13 @@ pub(crate) fn prepare(
         }
         // Persistent bitmaps (autoclear bit 0) are marked in use again once the reopen is
         // committed (`reopen_commit_post`); other autoclear bits are not maintained.
-        if h.version >= 3 && h.autoclear & !header::AUTOCLEAR_BITMAPS != 0 {
+        let maintained = header::AUTOCLEAR_BITMAPS
+            | if h.has_data_file() {
+                header::AUTOCLEAR_DATA_FILE_RAW
+            } else {
+                0
+            };
+        if h.version >= 3 && h.autoclear & !maintained != 0 {
             return Err(format!(
                 "qcow2: node '{}' has autoclear feature bits set; making it writable in a reopen is not supported yet",
                 node.name()
@@ -133,7 +146,10 @@ pub(crate) fn prepare(
                 None
             },
         }),
-        child_perms: vec![("file".into(), perm, shared)],
+        child_perms: std::iter::once("file")
+            .chain(data_child.is_some().then_some("data-file"))
+            .map(|c| (c.to_string(), perm, shared))
+            .collect(),
         length: None,
         limits: None,
     })

@@ -261,6 +261,10 @@ impl Image {
     /// disk) and everything is flushed at the end.
     pub async fn create_snapshot(&self, file: &Arc<Node>, mut sn: Snapshot) -> std::io::Result<()> {
         self.check_writable()?;
+        // The data file holds only the active state (QEMU refuses too).
+        if self.geo.data_file {
+            return Err(blockd_block::driver::not_supported());
+        }
         let _a = self.alloc.lock().await;
         self.apply_frees(file).await?;
         self.writeback(file).await?;
@@ -405,6 +409,10 @@ pub async fn apply(file: &Arc<Node>, name: &str) -> Result<(), String> {
             "Could not apply snapshot '{name}': Failed to load snapshot: No such file or directory"
         ));
     };
+    // Snapshots cannot describe data file contents (QEMU: ENOTSUP).
+    if img.geo.data_file {
+        return Err(fail(blockd_block::driver::not_supported()));
+    }
     let sn = &snaps[i];
     // A snapshot of another size: the active L1 table grows to hold it when needed (entries
     // past the snapshot's table become unallocated) and the image takes its size.

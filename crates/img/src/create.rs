@@ -439,17 +439,64 @@ fn create_qcow2(r: QcowRequest) -> CmdResult {
         let _ = std::io::stdout().flush();
     }
     o.validate().map_err(ferr)?;
+    if let Some(d) = &o.data_file {
+        plain_data_file_name(d).map_err(ferr)?;
+    }
     create_file(filename, 0, Prealloc::Off).map_err(ferr)?;
+    format_qcow2(filename, &o).map_err(ferr)
+}
+
+/// Data files are created as plain files: a name with a protocol prefix is refused.
+fn plain_data_file_name(name: &str) -> Result<(), String> {
+    match name.find(':') {
+        Some(colon) if !name[..colon].contains('/') => Err(if name.starts_with("json:") {
+            // qemu-img's message (it would go through that protocol's driver).
+            "Unknown protocol 'json'".to_string()
+        } else {
+            format!(
+                "blockd-img creates data files only as plain files; '{name}' has a protocol prefix"
+            )
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Format the freshly created file `filename` as qcow2 with `o`. Like QEMU's create, this
+/// also creates the external data file `o.data_file` (a plain file at the name as given,
+/// relative to the current directory) and sizes it to the image.
+pub fn format_qcow2(filename: &str, o: &blockd_qcow2::CreateOptions) -> Result<(), String> {
     let mut graph = blockd_drivers::graph();
-    let mut m = serde_json::Map::new();
-    m.insert("driver".into(), "file".into());
-    m.insert("filename".into(), filename.into());
-    let file = graph
-        .open(m)
-        .map_err(|e| ferr(format!("Could not open '{filename}': {e}")))?;
-    blockd_aio::block_on(blockd_qcow2::create(&file, &o))
-        .map_err(|e| ferr(e.to_string()))?
-        .map_err(ferr)
+    let mut open = |name: &str| {
+        let mut m = serde_json::Map::new();
+        m.insert("driver".into(), "file".into());
+        m.insert("filename".into(), name.into());
+        graph
+            .open(m)
+            .map_err(|e| format!("Could not open '{name}': {e}"))
+    };
+    let file = open(filename)?;
+    let data = match &o.data_file {
+        None => None,
+        Some(name) => {
+            plain_data_file_name(name)?;
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(name)
+                .map_err(|e| {
+                    format!("Could not create '{name}': {}", blockd_block::strerror(&e))
+                })?;
+            Some(open(name)?)
+        }
+    };
+    blockd_aio::block_on(blockd_qcow2::create::create_with_data_file(
+        &file,
+        data.as_ref(),
+        o,
+    ))
+    .map_err(|e| e.to_string())?
 }
 
 fn probe_format(path: &str) -> Option<String> {

@@ -526,7 +526,9 @@ pub fn run(argv: &[String]) -> CmdResult {
         force_share,
         warn_probe: false,
     };
-    let opened = image::open(&req).map_err(Failure::new)?;
+    // As QEMU's info (BDRV_O_NO_IO): data files named by qcow2 images are not opened.
+    let opened =
+        blockd_qcow2::driver::without_data_files(|| image::open(&req)).map_err(Failure::new)?;
     let info = describe(&opened.options, opened.node.length(), Some(&opened.node))
         .map_err(Failure::new)?;
     let shown = if image_opts {
@@ -554,7 +556,8 @@ pub fn run(argv: &[String]) -> CmdResult {
             force_share,
             warn_probe: false,
         };
-        let o = image::open(&req).map_err(Failure::new)?;
+        let o =
+            blockd_qcow2::driver::without_data_files(|| image::open(&req)).map_err(Failure::new)?;
         let i = describe(&o.options, o.node.length(), Some(&o.node)).map_err(Failure::new)?;
         chain.push((full, i));
         if chain.len() > 64 {

@@ -228,11 +228,5 @@ pub fn create_qcow2(filename: &str, c: &blockd_qcow2::CreateOptions) -> Result<(
                 blockd_block::strerror(&e)
             )
         })?;
-    let mut graph = blockd_drivers::graph();
-    let mut file = serde_json::Map::new();
-    file.insert("driver".into(), "file".into());
-    file.insert("filename".into(), filename.into());
-    let node = graph.open(file)?;
-    blockd_aio::block_on(blockd_qcow2::create(&node, c))
-        .map_err(|e| format!("cannot run the event loop: {}", e.context))?
+    crate::create::format_qcow2(filename, c)
 }

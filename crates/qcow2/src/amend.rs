@@ -129,12 +129,13 @@ impl AmendOptions {
                 "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.".into(),
             );
         }
-        if self.data_file.is_some() && h.data_file.is_none() {
+        if self.data_file.is_some() && !h.has_data_file() {
             return Err(
                 "data-file can only be set for images that use an external data file".into(),
             );
         }
-        if self.data_file_raw == Some(true) {
+        // Only a raw data file may stay raw: existing data may not be laid out as raw.
+        if self.data_file_raw == Some(true) && !h.data_file_raw() {
             return Err("data-file-raw cannot be set on existing images".into());
         }
         if self.encrypt && h.crypt_method == 0 {
@@ -200,6 +201,20 @@ pub async fn amend(file: &Arc<Node>, opts: &AmendOptions, has_backing: bool) -> 
         let on = h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0;
         if lazy != on {
             h.compatible ^= header::COMPAT_LAZY_REFCOUNTS;
+            write_header(file, &h).await?;
+        }
+    }
+    // The data file's name in the header, and dropping the raw flag (its data stays valid).
+    if opts.data_file.is_some() || opts.data_file_raw == Some(false) {
+        let mut h = load(file).await?.header();
+        let old = (h.data_file.clone(), h.autoclear);
+        if let Some(name) = &opts.data_file {
+            h.data_file = Some(name.clone());
+        }
+        if opts.data_file_raw == Some(false) {
+            h.autoclear &= !header::AUTOCLEAR_DATA_FILE_RAW;
+        }
+        if (h.data_file.clone(), h.autoclear) != old {
             write_header(file, &h).await?;
         }
     }

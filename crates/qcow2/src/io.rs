@@ -18,12 +18,6 @@ fn file_of(node: &Node) -> io::Result<Arc<Node>> {
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
 }
 
-/// Where guest data clusters live: the external data file when the image has one (its
-/// `data-file` child), else the image's own file.
-pub(crate) fn data_of(node: &Node, file: &Arc<Node>) -> Arc<Node> {
-    node.child("data-file").unwrap_or_else(|| file.clone())
-}
-
 /// Compress one cluster; None when the result would not be smaller than a cluster.
 /// Deflate output is made decodable with QEMU's 4 KiB window (a full flush every 4 KiB, so
 /// no match reaches further back).
@@ -94,10 +88,21 @@ pub fn decompress(kind: u8, src: &[u8], cluster_size: usize) -> io::Result<Vec<u
 }
 
 impl Image {
+    /// Where guest data clusters live: the external data file when the image has one (its
+    /// `data-file` child; an image opened without it, as `info` does, reaches no data),
+    /// else the image's own file.
+    pub(crate) fn data_node(&self, node: &Node, file: &Arc<Node>) -> io::Result<Arc<Node>> {
+        match node.child("data-file") {
+            Some(d) => Ok(d),
+            None if self.geo.data_file => Err(io::Error::from_raw_os_error(libc::ENOMEDIUM)),
+            None => Ok(file.clone()),
+        }
+    }
+
     /// Fill `dst` with guest bytes from `off` (every mapping kind, piece by piece).
     pub(crate) async fn read_into(&self, node: &Node, off: u64, dst: &mut [u8]) -> io::Result<()> {
         let file = file_of(node)?;
-        let data = data_of(node, &file);
+        let data = self.data_node(node, &file)?;
         let mut pos = 0usize;
         while pos < dst.len() {
             let g = off + pos as u64;
@@ -178,7 +183,10 @@ impl Image {
         match self.map(&file, off, len).await {
             Err(e) => return (Err(e), buf),
             Ok(run) if run.len == len => {
-                let data = data_of(node, &file);
+                let data = match self.data_node(node, &file) {
+                    Ok(d) => d,
+                    Err(e) => return (Err(e), buf),
+                };
                 if let Kind::Normal(h) = run.kind
                     && h + len <= data.length()
                 {
@@ -257,7 +265,10 @@ impl Image {
                         if let Err(e) = self.check_overlap(&file, h, len).await {
                             return (Err(e), buf);
                         }
-                        return aligned_write(&data_of(node, &file), h, buf, flags).await;
+                        return match self.data_node(node, &file) {
+                            Ok(d) => aligned_write(&d, h, buf, flags).await,
+                            Err(e) => (Err(e), buf),
+                        };
                     }
                 }
                 Ok(_) => {}
@@ -347,7 +358,7 @@ impl Image {
                 if let (Kind::Normal(h), true) = (run.kind, run.copied) {
                     self.check_overlap(file, h, run.len).await?;
                     let part = IoBuf::from_slice(&data[pos as usize..(pos + run.len) as usize]);
-                    let (r, _) = aligned_write(&data_of(node, file), h, part, flags).await;
+                    let (r, _) = aligned_write(&self.data_node(node, file)?, h, part, flags).await;
                     r?;
                     pos += run.len;
                     continue;
@@ -449,7 +460,7 @@ impl Image {
         // The data goes to the new clusters without `alloc`: other allocating writes proceed
         // meanwhile; writes and zeroing of these guest clusters wait for `inflight`.
         let inflight = crate::image::Inflight::new(self, c, got);
-        let past_eof = host_start >= data_of(node, file).length();
+        let past_eof = host_start >= self.data_node(node, file)?.length();
         drop(guard);
         let r = self
             .fill_new_clusters(
@@ -494,7 +505,7 @@ impl Image {
         let geo = self.geo;
         let cs = geo.cluster_size;
         let cstart = g - geo.offset_in_cluster(g);
-        let dfile = data_of(node, file);
+        let dfile = self.data_node(node, file)?;
         let data = &slot.as_deref().ok_or_else(eio)?[pos..];
         let end_guest = g + data.len() as u64;
         let run_end = cstart + got * cs;
@@ -689,7 +700,7 @@ impl Image {
         let h = host + (a - cstart);
         self.check_overlap(file, h, b - a).await?;
         let (r, _) = aligned_write(
-            &data_of(node, file),
+            &self.data_node(node, file)?,
             h,
             buf,
             flags.without(ReqFlags::MAY_UNMAP),
@@ -749,7 +760,7 @@ impl Image {
             return Ok(());
         }
         let file = file_of(node)?;
-        let data = data_of(node, &file);
+        let data = self.data_node(node, &file)?;
         for &(off, len) in dropped {
             // Never past the data file's end (a shrink truncates that part anyway).
             let len = len.min(data.length().saturating_sub(off));
@@ -886,7 +897,7 @@ impl Image {
         if self.geo.data_file_raw {
             // The raw data file shows what the guest reads: zeroes go there too.
             let file = file_of(node)?;
-            let data = data_of(node, &file);
+            let data = self.data_node(node, &file)?;
             let len = (b - a).min(data.length().saturating_sub(a));
             if len > 0 {
                 let f = if unmap {

@@ -17,6 +17,7 @@ use event_listener::Event;
 use crate::driver::{BlockStatus, BufResult, ReqFlags};
 use crate::node::{Node, ParentRef};
 use crate::perm::{Perm, Use};
+use crate::status::Extent;
 
 pub struct BackendShared {
     name: String,
@@ -373,6 +374,19 @@ impl BlockBackend {
         node.driver()
             .block_status(&node, offset, len.min(end - offset))
             .await
+    }
+
+    /// Status through the backing chain and into the data's file
+    /// ([`crate::status::status_above`]): what an NBD client's `base:allocation` sees.
+    pub async fn block_status_above(&self, offset: u64, len: u64) -> io::Result<Extent> {
+        self.shared.enter().await;
+        let _g = InFlight(&self.shared);
+        let node = self.shared.root.load_full();
+        let end = node.length();
+        if offset >= end {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        crate::status::status_above(&node, offset, len.min(end - offset), u32::MAX).await
     }
 
     pub async fn truncate(&self, len: u64) -> io::Result<u64> {

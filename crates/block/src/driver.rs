@@ -140,6 +140,19 @@ pub trait BlockDriver: Any + Send + Sync + 'static {
         len: u64,
     ) -> IoFuture<'a, io::Result<BlockStatus>>;
 
+    /// The child that holds the guest data at the offsets `block_status` reports (QEMU's
+    /// `*file` out-parameter): the `file` child, or a qcow2 image's external data file.
+    fn data_child(&self, node: &Node) -> Option<std::sync::Arc<Node>> {
+        node.child("file")
+    }
+
+    /// QEMU's BDRV_BLOCK_RECURSE: whether holes of the data child under extents this driver
+    /// reports as data read as zeroes for want-zero queries (map, NBD `base:allocation`).
+    /// qcow2 says yes for images that look metadata-preallocated.
+    fn status_recurses<'a>(&'a self, _node: &'a Node) -> IoFuture<'a, bool> {
+        Box::pin(async { false })
+    }
+
     /// Resize to `len`. Returns the new length.
     fn truncate<'a>(&'a self, node: &'a Node, len: u64) -> IoFuture<'a, io::Result<u64>>;
 

@@ -20,6 +20,7 @@ pub mod options;
 pub mod perm;
 pub mod reopen;
 pub mod serialise;
+pub mod status;
 
 pub use backend::BlockBackend;
 pub use dirty_bitmap::{DirtyBitmap, DirtyBitmapList};

@@ -111,3 +111,55 @@ fn map_qcow2_matches_qemu_img() {
         cleanup(both(&format!("mapq{i}"), cmd, prepare_qcow2));
     }
 }
+
+/// Holes in the host file under data clusters: qemu-img looks into the file only when the
+/// image looks metadata-preallocated (its disk usage well below what the refcounts count), and
+/// blockd-img must make the same guess. A small hole stays data; a big one reads as zero.
+#[test]
+fn map_holes_under_data_clusters_match_qemu_img() {
+    if !have_qemu_img() {
+        return;
+    }
+    let d = scratch("map-holes");
+    for (name, hole) in [("small.qcow2", 32 << 10), ("big.qcow2", 3 * M / 2)] {
+        qemu(QEMU_IMG, &format!("create -q -f qcow2 {name} 4M"), &d);
+        qemu_io(&d, name, &["write -P 3 1M 2M"]);
+        let map = run(QEMU_IMG, &["map", "--output=json", name], &d);
+        let host: u64 = map
+            .stdout
+            .lines()
+            .find(|l| l.contains("\"start\": 1048576,"))
+            .and_then(|l| l.split("\"offset\": ").nth(1))
+            .and_then(|o| o.trim_end_matches([',', '}', ']', ' ']).parse().ok())
+            .unwrap_or_else(|| panic!("no host offset in {}", map.stdout));
+        let st = std::process::Command::new("fallocate")
+            .args([
+                "-p",
+                "-o",
+                &(host + 8192).to_string(),
+                "-l",
+                &hole.to_string(),
+            ])
+            .arg(d.join(name))
+            .status()
+            .unwrap();
+        assert!(st.success(), "fallocate -p");
+        for args in [&["map", "--output=json", name][..], &["map", name][..]] {
+            let q = run(QEMU_IMG, args, &d);
+            let b = run(BLOCKD_IMG, args, &d);
+            assert_eq!(
+                b, q,
+                "{args:?}: blockd-img (left) differs from qemu-img (right)"
+            );
+        }
+        let zero_after_8k = run(BLOCKD_IMG, &["map", "--output=json", name], &d)
+            .stdout
+            .contains("\"start\": 1056768");
+        assert_eq!(
+            zero_after_8k,
+            name == "big.qcow2",
+            "{name}: hole reported as zero"
+        );
+    }
+    let _ = std::fs::remove_dir_all(d);
+}

@@ -25,6 +25,8 @@ pub struct Qcow2 {
     pub image: Image,
     /// Persistent dirty bitmaps (`bitmaps.rs`): the node's bitmap list, stored at close.
     pub bitmaps: crate::bitmaps::Persist,
+    /// Whether want-zero block status looks into the file under data clusters.
+    pub prealloc: crate::prealloc::Detection,
 }
 
 impl Drop for Qcow2 {
@@ -349,7 +351,11 @@ pub fn open(
     }
     let length = hdr.size;
     Ok(Opened {
-        driver: Box::new(Qcow2 { image, bitmaps }),
+        driver: Box::new(Qcow2 {
+            image,
+            bitmaps,
+            prealloc: Default::default(),
+        }),
         children,
         length,
     })
@@ -582,6 +588,15 @@ impl BlockDriver for Qcow2 {
     ) -> IoFuture<'a, io::Result<BlockStatus>> {
         self.image.remember_node(node);
         Box::pin(self.image.block_status(node, off, len))
+    }
+
+    fn status_recurses<'a>(&'a self, node: &'a Node) -> IoFuture<'a, bool> {
+        Box::pin(async move {
+            match node.child("file") {
+                Some(file) => self.prealloc.recurse(&self.image, &file).await,
+                None => false,
+            }
+        })
     }
 
     fn truncate<'a>(&'a self, node: &'a Node, len: u64) -> IoFuture<'a, io::Result<u64>> {

@@ -17,6 +17,7 @@ pub mod header;
 pub mod image;
 pub mod io;
 pub mod layout;
+pub mod prealloc;
 pub mod reopen;
 pub mod snapshot;
 

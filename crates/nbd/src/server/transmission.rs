@@ -498,7 +498,7 @@ async fn data_or_hole(conn: &Conn, off: u64, len: u64) -> (u64, bool) {
         return ((end - off).min(len), false);
     }
     let want = len.max((conn.size - off).min(STATUS_LOOKAHEAD));
-    match conn.backend.block_status(off, want).await {
+    match conn.backend.block_status_above(off, want).await {
         Ok(s) => {
             let n = s.len.clamp(1, want);
             if !s.zero {
@@ -510,32 +510,12 @@ async fn data_or_hole(conn: &Conn, off: u64, len: u64) -> (u64, bool) {
     }
 }
 
-/// One extent seen through the backing chain: length, data, zero, depth (0 = unallocated).
+/// One extent seen through the backing chain and into the data's file (QEMU's want-zero
+/// block status): length, data, zero, depth (0 = unallocated, 1 = the export's node, ...).
 async fn status_above(b: &BlockBackend, off: u64, len: u64) -> io::Result<(u64, bool, bool, u32)> {
-    let s = b.block_status(off, len).await?;
-    let s_len = s.len.clamp(1, len);
-    if s.allocated {
-        return Ok((s_len, s.data, s.zero, 1));
-    }
-    let mut cur = s_len;
-    let mut node = b.root().child("backing");
-    let mut depth = 2;
-    while let Some(n) = node {
-        if off >= n.length() {
-            break;
-        }
-        let bs = n
-            .driver()
-            .block_status(&n, off, cur.min(n.length() - off))
-            .await?;
-        cur = bs.len.clamp(1, cur);
-        if bs.allocated {
-            return Ok((cur, bs.data, bs.zero, depth));
-        }
-        node = n.child("backing");
-        depth += 1;
-    }
-    Ok((cur, false, true, 0))
+    let e = b.block_status_above(off, len).await?;
+    let depth = if e.present { e.depth + 1 } else { 0 };
+    Ok((e.len.clamp(1, len), e.data, e.zero, depth))
 }
 
 async fn block_status(conn: &Conn, r: &Request) -> io::Result<Vec<IoBuf>> {

@@ -590,6 +590,11 @@ impl BlockDriver for Qcow2 {
         Box::pin(self.image.block_status(node, off, len))
     }
 
+    fn data_child(&self, node: &Node) -> Option<Arc<Node>> {
+        let file = node.child("file")?;
+        self.image.data_node(node, &file).ok()
+    }
+
     fn status_recurses<'a>(&'a self, node: &'a Node) -> IoFuture<'a, bool> {
         Box::pin(async move {
             match node.child("file") {

@@ -473,12 +473,8 @@ async fn downgrade(file: &Arc<Node>, has_backing: bool) -> Result<(), String> {
             "Cannot downgrade an image with incompatible features {other:#x} set"
         ));
     }
-    if h.bitmaps.is_some() {
-        return Err(
-            "Downgrading an image with persistent bitmaps is not supported by blockd-img yet"
-                .into(),
-        );
-    }
+    // Persistent bitmaps stay behind as QEMU leaves them: the extension is kept but the
+    // autoclear bit that vouches for it goes (below), so readers treat them as inconsistent.
     // Version 2 has no zero flag: zero clusters become unallocated (nothing below them) or
     // clusters of zeroes.
     let zeroes = vec![0u8; cs as usize];

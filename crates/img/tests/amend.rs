@@ -258,7 +258,11 @@ fn amend_downgrade_with_bitmaps_matches_qemu_img() {
         (o.rc, v["corruptions"].clone(), v["check-errors"].clone())
     };
     assert_eq!(check(&b), check(&q), "qemu-img check after the downgrade");
-    assert_eq!(info(&b, "bm.qcow2"), info(&q, "bm.qcow2"), "info after the downgrade");
+    assert_eq!(
+        info(&b, "bm.qcow2"),
+        info(&q, "bm.qcow2"),
+        "info after the downgrade"
+    );
     same_guest_data(&q, &b, "bm.qcow2", cmd);
     cleanup((q, b));
 }

@@ -29,6 +29,13 @@ fn prepare(d: &Path) {
         d,
     );
     qemu(QEMU_IMG, "snapshot -c s1 s2.qcow2", d);
+    // Small clusters: many refcount blocks, most of them unused after a shrink.
+    qemu(
+        QEMU_IMG,
+        "create -q -f qcow2 -o cluster_size=512 rb.qcow2 8M",
+        d,
+    );
+    qemu_io(d, "rb.qcow2", &["write -P 7 0 6M"]);
 }
 
 #[test]
@@ -66,6 +73,7 @@ fn resize_matches_qemu_img() {
         "resize s.qcow2 20M",
         "resize s2.qcow2 20M",
         "resize --shrink s2.qcow2 1M",
+        "resize --shrink rb.qcow2 1M",
         // errors
         "resize",
         "resize r.img",
@@ -91,10 +99,15 @@ fn resize_matches_qemu_img() {
     ];
     for (i, cmd) in cases.iter().enumerate() {
         let (q, b) = both(&format!("resize{i}"), cmd, prepare);
-        if let Some(img) = ["q.qcow2", "s.qcow2", "s2.qcow2"]
+        if let Some(img) = ["q.qcow2", "s.qcow2", "s2.qcow2", "rb.qcow2"]
             .into_iter()
             .find(|i| cmd.contains(i))
         {
+            // A shrink gives the file's unused tail back, refcount blocks included.
+            if cmd.contains("--shrink") {
+                let len = |p: &Path| std::fs::metadata(p.join(img)).unwrap().len();
+                assert_eq!(len(&b), len(&q), "`{cmd}`: file length of {img}");
+            }
             // The qcow2 driver grows the L1 table its own way: same contents, image consistent.
             let (qq, bq) = (q.join(img), b.join(img));
             for args in [

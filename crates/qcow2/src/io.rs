@@ -211,11 +211,11 @@ impl Image {
         let (data, zero, allocated, offset) = match run.kind {
             Kind::Normal(h) => (true, false, true, Some(h)),
             Kind::ZeroPlain => (false, true, true, None),
-            // QEMU reports no offset for a preallocated zero cluster at host offset 0 (only
-            // possible with a data file).
-            Kind::ZeroAlloc(h) => (false, true, true, (h != 0).then_some(h)),
+            Kind::ZeroAlloc(h) => (false, true, true, Some(h)),
             Kind::Compressed { .. } => (true, false, true, None),
-            Kind::Unallocated | Kind::UnallocatedAlloc(_) => (false, false, false, None),
+            Kind::Unallocated => (false, false, false, None),
+            // QEMU reports where an unallocated subcluster of an allocated cluster lives.
+            Kind::UnallocatedAlloc(h) => (false, false, false, Some(h)),
         };
         Ok(BlockStatus {
             len: run.len,
@@ -1121,6 +1121,9 @@ impl Image {
             }
             self.writeback(file).await.map_err(&fail)?;
         }
+        self.drop_unused_refblocks(file)
+            .await
+            .map_err(ctx("Failed to shrink the refcount table"))?;
         self.set_size(file, len).await?;
         // The file's tail past the last cluster in use goes (a failure only warns in QEMU).
         let flen = file.length();
@@ -1137,5 +1140,59 @@ impl Image {
             );
         }
         Ok(())
+    }
+
+    /// After a shrink, refcount blocks that count nothing (or only themselves) leave the
+    /// refcount table, which is written first, and are then freed: the file's tail can go.
+    /// Call with `alloc` held.
+    async fn drop_unused_refblocks(&self, file: &Arc<Node>) -> io::Result<()> {
+        let cs = self.geo.cluster_size;
+        let e = self.geo.rc_entries;
+        self.writeback(file).await?;
+        let (table, rt_off) = {
+            let m = self.meta();
+            (m.reftable.clone(), m.reftable_offset)
+        };
+        let mut unused = Vec::new();
+        for (t, &entry) in table.iter().enumerate() {
+            let rb = entry & REFT_OFFSET_MASK;
+            let Some(values) = self.refcount_block_values(file, t as u64).await? else {
+                continue;
+            };
+            let own = (rb / cs / e == t as u64).then_some((rb / cs % e) as usize);
+            if values
+                .iter()
+                .enumerate()
+                .all(|(i, &v)| v == 0 || Some(i) == own)
+            {
+                unused.push((t, rb));
+            }
+        }
+        if unused.is_empty() {
+            return Ok(());
+        }
+        let mut new_table = table;
+        for &(t, _) in &unused {
+            new_table[t] = 0;
+        }
+        let bytes: Vec<u8> = new_table.iter().flat_map(|x| x.to_be_bytes()).collect();
+        pwrite(file, rt_off, &bytes).await?;
+        file.driver().flush(file).await?;
+        {
+            let mut m = self.meta();
+            m.reftable = new_table;
+            for &(_, rb) in &unused {
+                m.refblocks.remove(&rb);
+                m.rc.remove(rb);
+            }
+        }
+        // A block counted in another block gives that count back; a self-counting block's
+        // count went with it.
+        for (t, rb) in unused {
+            if rb / cs / e != t as u64 {
+                self.update_refcounts(file, rb / cs, 1, -1).await?;
+            }
+        }
+        self.writeback(file).await
     }
 }

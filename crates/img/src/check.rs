@@ -155,6 +155,23 @@ pub fn run(argv: &[String]) -> CmdResult {
     let file = graph
         .open(m)
         .map_err(|e| Failure::new(format!("Could not open '{name}': {e}")))?;
+    // As QEMU's open of the image: its data file settings must hold and the data file must
+    // open (the check itself only reads the image's own metadata).
+    let data = blockd_qcow2::read_header_file(&name)
+        .ok()
+        .map(|h| blockd_qcow2::driver::data_file_path(&h))
+        .transpose()
+        .map_err(|e| Failure::new(format!("Could not open '{name}': {e}")))?
+        .flatten();
+    if let Some(path) = data {
+        let mut m = serde_json::Map::new();
+        m.insert("driver".into(), "file".into());
+        m.insert("filename".into(), path.into());
+        m.insert("read-only".into(), (repair == Repair::None).into());
+        graph
+            .open(m)
+            .map_err(|e| Failure::new(format!("Could not open '{name}': {e}")))?;
+    }
     let mut perm = Perm::CONSISTENT_READ;
     if repair != Repair::None {
         perm = perm | Perm::WRITE;

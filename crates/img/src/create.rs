@@ -479,15 +479,14 @@ pub fn format_qcow2(filename: &str, o: &blockd_qcow2::CreateOptions) -> Result<(
         None => None,
         Some(name) => {
             plain_data_file_name(name)?;
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(name)
-                .map_err(|e| {
-                    format!("Could not create '{name}': {}", blockd_block::strerror(&e))
-                })?;
+            // Created as a raw file of the image's size, with the file preallocation the
+            // image asks for (what QEMU's create of the data file does).
+            let mode = match o.preallocation {
+                blockd_qcow2::create::Prealloc::Full => Prealloc::Full,
+                blockd_qcow2::create::Prealloc::Falloc => Prealloc::Falloc,
+                _ => Prealloc::Off,
+            };
+            create_file(name, o.size.unwrap_or(0), mode)?;
             Some(open(name)?)
         }
     };

@@ -326,7 +326,8 @@ impl CreateOptions {
             backing_file_offset: 0,
             backing_file_size: 0,
             cluster_bits,
-            size: self.size.unwrap_or(0),
+            // QEMU rounds the virtual size up to whole sectors.
+            size: self.size.unwrap_or(0).div_ceil(512) * 512,
             crypt_method: 0,
             l1_size: 0,
             l1_table_offset: 3 * self.cluster_size,
@@ -461,7 +462,9 @@ pub async fn create_with_data_file(
     if opts.data_file_raw && prealloc == Prealloc::Off {
         prealloc = Prealloc::Metadata;
     }
-    if let Some(d) = data {
+    if let Some(d) = data
+        && d.length() < h.size
+    {
         d.driver()
             .truncate(d, h.size)
             .await
@@ -530,12 +533,7 @@ async fn preallocate(
             img.alloc_clusters(file, want).await?
         };
         let target = data.unwrap_or(file);
-        // The data file ends at the virtual size, not at the end of its last cluster.
-        let bytes = if data.is_some() {
-            (got * cs).min(h.size - host)
-        } else {
-            got * cs
-        };
+        let bytes = got * cs;
         // With a backing file (extended L2 only) the subclusters stay unallocated so the
         // backing file still shows through.
         let bitmap = if geo.extended && h.backing_file.is_none() {
@@ -562,7 +560,9 @@ async fn preallocate(
         c += got;
     }
     img.writeback(file).await?;
-    if data.is_none() && file.length() < end {
+    // The data file too ends with the last cluster (as QEMU's preallocation leaves it).
+    let file = data.unwrap_or(file);
+    if file.length() < end {
         // Writing the last sector extends the file (and the node's length) to the end.
         pwrite(file, end - 512, &[0u8; 512]).await?;
     }

@@ -150,6 +150,24 @@ pub fn resolve_data_file(name: &str) -> Result<String, String> {
     Ok(name.to_string())
 }
 
+/// The file an image's own data file settings name (no `data-file` option given): None
+/// without a data file; QEMU's errors for a data file bit without a name and a raw bit
+/// without the data file bit; refused names (see [`resolve_data_file`]).
+pub fn data_file_path(hdr: &Header) -> Result<Option<String>, String> {
+    if !hdr.has_data_file() {
+        if hdr.version >= 3 && hdr.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0 {
+            return Err("data-file-raw requires a data file".into());
+        }
+        return Ok(None);
+    }
+    match &hdr.data_file {
+        // An empty name names nothing.
+        Some(n) if n.is_empty() => Err("'data-file' is required for this image".into()),
+        None => Err("'data-file' is required for this image".into()),
+        Some(name) => resolve_data_file(name).map(Some),
+    }
+}
+
 /// The `data-file` child: the `data-file` option (a node name or options), else the name
 /// in the header, opened as a plain file (QEMU's checks and messages).
 fn open_data_file(
@@ -176,22 +194,15 @@ fn open_data_file(
     if SKIP_DATA_FILES.with(|s| s.get()) && (given.is_none() || !hdr.has_data_file()) {
         return Ok(None);
     }
-    if !hdr.has_data_file() {
-        if given.is_some() {
-            return Err("'data-file' can only be set for images with an external data file".into());
-        }
-        if hdr.version >= 3 && hdr.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0 {
-            return Err("data-file-raw requires a data file".into());
-        }
-        return Ok(None);
+    if !hdr.has_data_file() && given.is_some() {
+        return Err("'data-file' can only be set for images with an external data file".into());
     }
     if let Some(d) = given {
         return Ok(Some(d));
     }
-    let Some(name) = &hdr.data_file else {
-        return Err("'data-file' is required for this image".into());
+    let Some(path) = data_file_path(hdr)? else {
+        return Ok(None);
     };
-    let path = resolve_data_file(name)?;
     let mut m = Map::new();
     m.insert("driver".into(), Value::String("file".into()));
     m.insert("filename".into(), Value::String(path));

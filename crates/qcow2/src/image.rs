@@ -499,7 +499,13 @@ impl Image {
         match r {
             Ok(run) => Ok(run),
             Err(msg) => {
-                let full = format!("{msg} (L2 offset: {l2_off:#x}, L2 index: {l2i:#x})");
+                // C's %#x: plain "0" for zero.
+                let idx = if l2i == 0 {
+                    "0".to_string()
+                } else {
+                    format!("{l2i:#x}")
+                };
+                let full = format!("{msg} (L2 offset: {l2_off:#x}, L2 index: {idx})");
                 Err(self.corruption(file, &full, None, None).await)
             }
         }

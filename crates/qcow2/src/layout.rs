@@ -115,9 +115,16 @@ impl Geometry {
 
     /// Whether an L2 entry names a host cluster (with a data file, offset 0 counts when the
     /// entry is COPIED: guest cluster 0 lives at data file offset 0).
+    /// A standard entry with the zero flag and offset 0 stays a plain zero cluster even then
+    /// (as QEMU classifies it).
     pub fn has_host(&self, e: u64) -> bool {
-        e & OFLAG_COMPRESSED == 0
-            && (e & L2E_OFFSET_MASK != 0 || (self.data_file && e & OFLAG_COPIED != 0))
+        if e & OFLAG_COMPRESSED != 0 {
+            return false;
+        }
+        e & L2E_OFFSET_MASK != 0
+            || (self.data_file
+                && e & OFLAG_COPIED != 0
+                && (self.extended || e & OFLAG_ZERO == 0))
     }
 
     /// Whether the standard L2 entry `e` is a data cluster this image alone owns.

@@ -7,7 +7,8 @@
 //!
 //! One turn of the loop: drain the remote queue, run scheduled bottom halves, fire due timers,
 //! run the tasks that are ready, reap completions from the ring in user space (waking their
-//! tasks). When nothing is ready it busy-polls for the adaptive window, then sleeps in one
+//! tasks). When nothing is ready it busy-polls for the adaptive window (only while storage I/O
+//! is in flight: see [`Core::idle`]), then sleeps in one
 //! `io_uring_enter` that also submits every SQE queued during the turn.
 
 use std::cell::{Cell, RefCell};
@@ -599,10 +600,24 @@ impl Core {
 
     /// Nothing is ready: poll for the adaptive window, then sleep until a completion, a remote
     /// wake or the next timer.
+    ///
+    /// Only storage I/O is polled for: while everything in flight waits for a peer (a socket
+    /// receive, an accept, a timeout) the loop sleeps at once and the wait does not steer the
+    /// window, as QEMU's loop does not poll while it watches an fd that has no poll handler (an
+    /// NBD client's socket). A spinning server thread would take the CPU its client needs to
+    /// send the next request.
     fn idle(self: &Rc<Self>) {
         self.flush_submissions();
         let start = Instant::now();
-        let window = self.poll.borrow().current_ns();
+        let storage_in_flight = {
+            let ring = self.ring.borrow();
+            ring.in_flight() > ring.peer_waits()
+        } || !LinuxAio::is_idle(self);
+        let window = if storage_in_flight {
+            self.poll.borrow().current_ns()
+        } else {
+            0
+        };
         if window > 0 {
             let until = start + Duration::from_nanos(window);
             loop {
@@ -664,9 +679,11 @@ impl Core {
             );
             std::thread::sleep(Duration::from_millis(1));
         }
-        self.poll
-            .borrow_mut()
-            .record_wait(start.elapsed().as_nanos() as u64);
+        if storage_in_flight {
+            self.poll
+                .borrow_mut()
+                .record_wait(start.elapsed().as_nanos() as u64);
+        }
     }
 
     /// Block in ppoll(2) on the wake eventfd until a remote wake or `timeout`, then consume it.

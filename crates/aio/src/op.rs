@@ -38,9 +38,33 @@ impl<T: 'static, R> Op<T, R> {
     /// Every pointer in `sqe` must point into heap memory owned by `data` (or be static), so
     /// that it stays valid while `data` lives, wherever the `Op` is moved.
     pub(crate) unsafe fn submit(sqe: squeue::Entry, data: T, map: fn(i32, u32, T) -> R) -> Self {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { Self::submit_as(false, sqe, data, map) }
+    }
+
+    /// [`Op::submit`] for an operation that waits for a peer (a socket receive or accept, a
+    /// readiness poll, a timeout): the context does not busy-poll for its completion.
+    ///
+    /// # Safety
+    /// As for [`Op::submit`].
+    pub(crate) unsafe fn submit_peer(
+        sqe: squeue::Entry,
+        data: T,
+        map: fn(i32, u32, T) -> R,
+    ) -> Self {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { Self::submit_as(true, sqe, data, map) }
+    }
+
+    unsafe fn submit_as(
+        peer: bool,
+        sqe: squeue::Entry,
+        data: T,
+        map: fn(i32, u32, T) -> R,
+    ) -> Self {
         let user_data = with_core(|c| {
             let mut ring = c.ring.borrow_mut();
-            let ud = ring.alloc_slot();
+            let ud = ring.alloc_slot(peer);
             // SAFETY: the caller guarantees the pointers live in `data`, which this Op (or, once
             // it is dropped, the ring's slot) keeps until the completion is reaped.
             unsafe { ring.push(&sqe.user_data(ud)) };

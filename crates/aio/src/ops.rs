@@ -218,7 +218,7 @@ pub fn statx_path(path: &Path) -> io::Result<Op<StatxBuf, io::Result<Statx>>> {
 pub fn poll_add(fd: RawFd, events: i16) -> Op<(), io::Result<i16>> {
     let sqe = opcode::PollAdd::new(types::Fd(fd), events as u16 as u32).build();
     // SAFETY: no pointers.
-    unsafe { Op::submit(sqe, (), |res, _f, ()| cvt(res).map(|r| r as i16)) }
+    unsafe { Op::submit_peer(sqe, (), |res, _f, ()| cvt(res).map(|r| r as i16)) }
 }
 
 /// Accept a connection on a listening socket; the new socket is close-on-exec.
@@ -227,7 +227,7 @@ pub fn accept(fd: RawFd) -> Op<(), io::Result<OwnedFd>> {
         .flags(libc::SOCK_CLOEXEC)
         .build();
     // SAFETY: null address pointers: the peer address is not requested.
-    unsafe { Op::submit(sqe, (), accepted) }
+    unsafe { Op::submit_peer(sqe, (), accepted) }
 }
 
 fn accepted(res: i32, _f: u32, _d: ()) -> io::Result<OwnedFd> {
@@ -328,7 +328,7 @@ pub fn recv(fd: RawFd, mut buf: IoBuf, flags: i32) -> Op<IoBuf, BufResult> {
         .flags(flags)
         .build();
     // SAFETY: the pointer is into `buf`'s heap allocation, owned by the Op.
-    unsafe { Op::submit(sqe, buf, ret_buf) }
+    unsafe { Op::submit_peer(sqe, buf, ret_buf) }
 }
 
 /// Send `buf` (`MSG_NOSIGNAL` is always added: a closed peer is an error, not a signal).
@@ -368,7 +368,7 @@ pub fn recv_vectored(fd: RawFd, bufs: Vec<IoBuf>, flags: i32) -> Op<MsgBufs, Buf
         .flags(flags as u32)
         .build();
     // SAFETY: header, iovecs and buffers are heap memory owned by `m`.
-    unsafe { Op::submit(sqe, m, ret_msg) }
+    unsafe { Op::submit_peer(sqe, m, ret_msg) }
 }
 
 /// Vectored send (`sendmsg`), with `MSG_NOSIGNAL`.
@@ -395,7 +395,7 @@ pub fn ring_timeout(d: Duration) -> Op<Box<types::Timespec>, io::Result<()>> {
     let sqe = opcode::Timeout::new(&*ts).build();
     // SAFETY: the timespec is heap memory owned by the Op.
     unsafe {
-        Op::submit(sqe, ts, |res, _f, _ts| match res {
+        Op::submit_peer(sqe, ts, |res, _f, _ts| match res {
             r if r == -libc::ETIME || r >= 0 => Ok(()),
             r => Err(io::Error::from_raw_os_error(-r)),
         })

@@ -7,6 +7,10 @@
 //!   `poll-shrink`, or drop to zero when `poll-shrink` is 0);
 //! * otherwise a longer window would have caught it: grow (multiply by `poll-grow`, 2 when 0;
 //!   the first step is 4 µs), capped at `poll-max-ns`.
+//!
+//! Only waits with storage I/O in flight are polled and reported: a context whose ring holds
+//! nothing but waits for peers (socket receives, accepts, timeouts) sleeps at once, as QEMU's
+//! loop stops polling while it watches an fd without a poll handler.
 
 /// QEMU's default `poll-max-ns` for iothreads.
 pub const DEFAULT_IOTHREAD_POLL_MAX_NS: u64 = 32768;

@@ -28,6 +28,8 @@ enum Slot {
 
 struct SlotEntry {
     generation: u32,
+    /// The operation waits for a peer (see [`Ring::peer_waits`]).
+    peer: bool,
     slot: Slot,
 }
 
@@ -47,6 +49,9 @@ pub(crate) struct Ring {
     slots: Vec<SlotEntry>,
     free_head: u32,
     in_flight: usize,
+    /// Of `in_flight`, the operations that wait for something outside this process (a socket's
+    /// peer, a timeout) rather than for storage: busy-polling for them only burns CPU.
+    peer_waits: usize,
     orphans: usize,
     /// SQEs pushed since the last `io_uring_enter`.
     unsubmitted: usize,
@@ -70,14 +75,16 @@ impl Ring {
             slots: Vec::with_capacity(entries as usize),
             free_head: NO_SLOT,
             in_flight: 0,
+            peer_waits: 0,
             orphans: 0,
             unsubmitted: 0,
             submits: 0,
         })
     }
 
-    /// Reserve a slot for a new operation; returns its `user_data`.
-    pub(crate) fn alloc_slot(&mut self) -> u64 {
+    /// Reserve a slot for a new operation (`peer`: it waits for a peer, see
+    /// [`Ring::peer_waits`]); returns its `user_data`.
+    pub(crate) fn alloc_slot(&mut self, peer: bool) -> u64 {
         let idx = if self.free_head != NO_SLOT {
             let idx = self.free_head;
             let e = &mut self.slots[idx as usize];
@@ -85,16 +92,19 @@ impl Ring {
                 self.free_head = next;
             }
             e.generation = e.generation.wrapping_add(1);
+            e.peer = peer;
             e.slot = Slot::Waiting { waker: None };
             idx
         } else {
             self.slots.push(SlotEntry {
                 generation: 0,
+                peer,
                 slot: Slot::Waiting { waker: None },
             });
             (self.slots.len() - 1) as u32
         };
         self.in_flight += 1;
+        self.peer_waits += peer as usize;
         ((self.slots[idx as usize].generation as u64) << 32) | idx as u64
     }
 
@@ -270,13 +280,16 @@ impl Ring {
         let Some(e) = self.entry(user_data) else {
             return Completion::Ignored;
         };
+        let peer = e.peer as usize;
         match std::mem::replace(&mut e.slot, Slot::Done { res, flags }) {
             Slot::Waiting { waker } => {
                 self.in_flight -= 1;
+                self.peer_waits -= peer;
                 Completion::Woke(waker)
             }
             Slot::Orphaned { keep } => {
                 self.in_flight -= 1;
+                self.peer_waits -= peer;
                 self.orphans -= 1;
                 self.release(user_data);
                 Completion::Released(keep)
@@ -291,6 +304,12 @@ impl Ring {
 
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// In-flight operations that wait for a peer: socket receives and accepts, readiness polls,
+    /// timeouts. Their completion time is set by someone else, so it is not worth a busy-poll.
+    pub(crate) fn peer_waits(&self) -> usize {
+        self.peer_waits
     }
 
     pub(crate) fn orphans(&self) -> usize {

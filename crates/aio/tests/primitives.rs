@@ -622,3 +622,49 @@ fn remote_wakes_are_not_lost_after_sleeping_in_the_ring() {
     .unwrap();
     t.stop();
 }
+
+#[test]
+fn polling_adapts_to_storage_waits_but_not_to_waits_for_a_peer() {
+    std::thread::spawn(|| {
+        let ctx = AioContext::new("poller").unwrap();
+        // A window bound no wait here reaches: every recorded wait grows the window.
+        ctx.set_poll_params(PollParams {
+            max_ns: 10_000_000_000,
+            grow: 0,
+            shrink: 0,
+        });
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut peer = b.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2));
+            peer.write_all(b"x").unwrap();
+        });
+        let (r, _) = ctx
+            .block_on(ops::recv(a.as_raw_fd(), IoBuf::new(1, 1), 0))
+            .unwrap();
+        assert_eq!(r.unwrap(), 1);
+        writer.join().unwrap();
+        assert_eq!(
+            ctx.stats().poll_ns,
+            0,
+            "a wait for a socket's peer neither polls nor grows the window"
+        );
+
+        // A read the kernel completes later (a pipe stands in for slow storage) does.
+        let (rd, wr) = pipe();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2));
+            let mut w = std::fs::File::from(wr);
+            w.write_all(b"y").unwrap();
+        });
+        let (r, _) = ctx
+            .block_on(ops::read_at(rd.as_raw_fd(), IoBuf::new(1, 1), u64::MAX))
+            .unwrap();
+        assert_eq!(r.unwrap(), 1);
+        writer.join().unwrap();
+        assert!(ctx.stats().poll_ns > 0, "{:?}", ctx.stats());
+        drop(b);
+    })
+    .join()
+    .unwrap();
+}

@@ -20,11 +20,12 @@ use std::sync::Arc;
 use blockd_block::Node;
 use blockd_block::dirty_bitmap::{CheckFlags, DirtyBitmap};
 use blockd_jobs::backup::{BackupParams, BackupSync, new_backup};
-use blockd_jobs::{GraphHost, Job, JobDriver, JobSpec, LocalFuture, OnError};
+use blockd_jobs::{GraphHost, Job, JobDriver, JobSpec, LocalFuture};
 use blockd_qmp::QmpError;
 use blockd_qmp::schema::{ObjectDef, Type, member, optional};
 use serde_json::{Map, Value, json};
 
+use crate::jobs::parse_on_error;
 use crate::snapshot::{lookup, s};
 use crate::state::Daemon;
 use crate::transaction::{Action, TxnCtx};
@@ -173,58 +174,6 @@ fn bitmap_end(
     })
 }
 
-fn parse_on_error(a: &Map<String, Value>, k: &str) -> Result<OnError, QmpError> {
-    match s(a, k) {
-        None | Some("auto") => Ok(OnError::Report),
-        Some(v) => OnError::parse(v).map_err(QmpError::generic),
-    }
-}
-
-/// Create drive-backup's target image: `raw` (a file of `size` bytes) or `qcow2` (with the
-/// backing file name and format when given).
-async fn create_target(
-    path: &str,
-    fmt: &str,
-    size: u64,
-    backing: Option<(String, String)>,
-) -> Result<(), String> {
-    match (fmt, &backing) {
-        ("qcow2", Some((b, bf))) => {
-            return crate::snapshot::create_overlay(path, fmt, size, b, bf).await;
-        }
-        ("qcow2", None) => {}
-        ("raw", None) => {}
-        ("raw", Some(_)) => return Err("Backing file not supported for file format 'raw'".into()),
-        (other, _) => {
-            return Err(format!(
-                "Creating '{other}' images is not supported by blockd yet"
-            ));
-        }
-    }
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| format!("Could not create '{path}': {}", blockd_block::strerror(&e)))?;
-    if fmt == "raw" {
-        return f
-            .set_len(size)
-            .map_err(|e| format!("Could not resize file: {}", blockd_block::strerror(&e)));
-    }
-    drop(f);
-    let opts = blockd_qcow2::CreateOptions::from_qemu_opts(&[("size".into(), size.to_string())])?;
-    let mut g = blockd_block::Graph::new();
-    let mut file = Map::new();
-    file.insert("driver".into(), "file".into());
-    file.insert("filename".into(), path.into());
-    let node = g.open(file)?;
-    let r = blockd_qcow2::create(&node, &opts).await;
-    let _ = g.remove(node.name());
-    r
-}
-
 impl BackupAction {
     /// drive-backup: create (or find) and open the target.
     async fn open_drive_target(
@@ -238,18 +187,7 @@ impl BackupAction {
         let existing = s(a, "mode") == Some("existing");
         let fmt = match s(a, "format") {
             Some(f) => f.to_string(),
-            None if existing => {
-                let mut head = vec![0u8; 512];
-                let n = std::fs::File::open(&path)
-                    .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-                    .map_err(|e| {
-                        QmpError::generic(format!(
-                            "Could not open '{path}': {}",
-                            blockd_block::strerror(&e)
-                        ))
-                    })?;
-                d.graph.borrow().probe_format(&head[..n], &path).to_string()
-            }
+            None if existing => crate::image_files::probe_format(d, &path)?,
             None => source.driver().format_name().to_string(),
         };
         // the layer below the target: the source's backing (top), the source (none)
@@ -265,13 +203,13 @@ impl BackupAction {
             BackupSync::Full => None,
         };
         if !existing {
-            let backing = below.as_ref().map(|b| {
-                (
-                    crate::block::filename(d, b),
-                    b.driver().format_name().to_string(),
+            let opts = below.as_ref().map_or_else(Vec::new, |b| {
+                crate::image_files::backing_opts(
+                    &crate::block::filename(d, b),
+                    b.driver().format_name(),
                 )
             });
-            create_target(&path, &fmt, source.length(), backing).await?;
+            crate::image_files::create_image(&path, &fmt, source.length(), &opts).await?;
         }
         let mut o = Map::new();
         o.insert("driver".into(), fmt.clone().into());
@@ -452,8 +390,10 @@ impl BackupAction {
                 filter_name,
                 sync,
                 compress,
-                on_source_error: parse_on_error(&a, "on-source-error")?,
-                on_target_error: parse_on_error(&a, "on-target-error")?,
+                on_source_error: parse_on_error(&a, "on-source-error")
+                    .map_err(QmpError::generic)?,
+                on_target_error: parse_on_error(&a, "on-target-error")
+                    .map_err(QmpError::generic)?,
                 to_copy,
                 min_cluster,
                 max_chunk: max_chunk as u64,

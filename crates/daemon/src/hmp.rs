@@ -97,16 +97,23 @@ pub async fn human_monitor_command(
             "Error: Cannot find device='' nor node-name='{node_name}'\n"
         ))));
     };
-    // qemu-io's commands take the permissions they need; a monitor backend asks for them all
-    // up front and shares everything.
+    // qemu-io's commands take the permissions they need; a monitor backend asks up front for
+    // all it can get and shares everything (`resize` only where no other user keeps the size
+    // fixed, as an NBD export does: then only `truncate` fails).
     let perm = if node.is_read_only() {
         Perm::CONSISTENT_READ
     } else {
-        Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE
+        Perm::CONSISTENT_READ | Perm::WRITE
     };
-    let backend = match d.graph.borrow().new_backend("", &node, perm, Perm::ALL) {
-        Ok(b) => b,
-        Err(e) => return Ok(json!(crlf(&format!("Error: {e}\n")))),
+    let backend = {
+        let g = d.graph.borrow();
+        let with_resize = (perm != Perm::CONSISTENT_READ)
+            .then(|| g.new_backend("", &node, perm | Perm::RESIZE, Perm::ALL).ok())
+            .flatten();
+        match with_resize.map_or_else(|| g.new_backend("", &node, perm, Perm::ALL), Ok) {
+            Ok(b) => b,
+            Err(e) => return Ok(json!(crlf(&format!("Error: {e}\n")))),
+        }
     };
     let _busy = Busy::new(&d);
     let (out, backend) = match d.node_context(&node_name) {

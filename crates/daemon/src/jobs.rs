@@ -930,7 +930,8 @@ fn backing_name(a: &Map<String, Value>) -> blockd_jobs::backing::BackingName {
     }
 }
 
-fn parse_on_error(a: &Map<String, Value>, k: &str) -> Result<OnError, String> {
+/// `on-source-error` / `on-target-error` (`auto` is `report` for jobs).
+pub(crate) fn parse_on_error(a: &Map<String, Value>, k: &str) -> Result<OnError, String> {
     match s(a, k) {
         None | Some("auto") => Ok(OnError::Report),
         Some(v) => OnError::parse(v),
@@ -970,54 +971,6 @@ fn parse_sync(a: &Map<String, Value>) -> Result<blockd_jobs::mirror::Sync, QmpEr
     })
 }
 
-/// Create an image file for drive-mirror and blockdev-create: `raw` (a plain file of `size`
-/// bytes) or `qcow2` (formatted by blockd-qcow2 with `opts`, qemu-img's option names), on
-/// this context's event loop (no nested loop).
-async fn create_image(
-    path: &str,
-    fmt: &str,
-    size: u64,
-    opts: &[(String, String)],
-) -> Result<(), String> {
-    let qcow2_opts = match fmt {
-        "raw" => None,
-        "qcow2" => {
-            let mut kv = vec![("size".to_string(), size.to_string())];
-            kv.extend(opts.iter().cloned());
-            Some(blockd_qcow2::CreateOptions::from_qemu_opts(&kv)?)
-        }
-        other => {
-            return Err(format!(
-                "Creating '{other}' images is not supported by blockd yet"
-            ));
-        }
-    };
-    if fmt == "raw" && !opts.is_empty() {
-        return Err("Backing file not supported for file format 'raw'".into());
-    }
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| format!("Could not create '{path}': {}", blockd_block::strerror(&e)))?;
-    let Some(c) = qcow2_opts else {
-        return f
-            .set_len(size)
-            .map_err(|e| format!("Could not resize file: {}", blockd_block::strerror(&e)));
-    };
-    drop(f);
-    let mut g = Graph::new();
-    let mut file = Map::new();
-    file.insert("driver".into(), "file".into());
-    file.insert("filename".into(), path.into());
-    let node = g.open(file)?;
-    let r = blockd_qcow2::create(&node, &c).await;
-    let _ = g.remove(node.name());
-    r
-}
-
 /// drive-mirror: the target image is created (mode absolute-paths, the default: the source's
 /// size, format and, for sync top/none, its backing file) or opened (mode existing), then
 /// mirrored into as by blockdev-mirror.
@@ -1045,18 +998,7 @@ async fn drive_mirror(
     let existing = s(a, "mode") == Some("existing");
     let fmt = match s(a, "format") {
         Some(f) => f.to_string(),
-        None if existing => {
-            let mut head = vec![0u8; 512];
-            let n = std::fs::File::open(&path)
-                .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-                .map_err(|e| {
-                    QmpError::generic(format!(
-                        "Could not open '{path}': {}",
-                        blockd_block::strerror(&e)
-                    ))
-                })?;
-            d.graph.borrow().probe_format(&head[..n], &path).to_string()
-        }
+        None if existing => crate::image_files::probe_format(d, &path)?,
         None if source.driver().is_format() => source.driver().format_name().to_string(),
         None => "raw".to_string(),
     };
@@ -1067,16 +1009,11 @@ async fn drive_mirror(
         _ => Some(source.clone()),
     };
     if !existing {
-        let mut opts = Vec::new();
-        if let Some(b) = &below {
+        let opts = below.as_ref().map_or_else(Vec::new, |b| {
             let name = blockd_jobs::backing::node_filename(b).unwrap_or_default();
-            opts.push(("backing_file".to_string(), name));
-            opts.push((
-                "backing_fmt".to_string(),
-                b.driver().format_name().to_string(),
-            ));
-        }
-        create_image(&path, &fmt, source.length(), &opts).await?;
+            crate::image_files::backing_opts(&name, b.driver().format_name())
+        });
+        crate::image_files::create_image(&path, &fmt, source.length(), &opts).await?;
     }
     let mut o = Map::new();
     o.insert("driver".into(), fmt.clone().into());

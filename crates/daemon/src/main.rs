@@ -17,6 +17,7 @@ mod chardev;
 mod cli;
 mod commands;
 mod hmp;
+mod image_files;
 mod internal_snapshot;
 mod iothreads;
 mod jobs;

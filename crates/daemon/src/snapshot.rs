@@ -185,48 +185,6 @@ pub async fn reopen_read_only(d: &Daemon, node: &Arc<Node>) -> Result<(), String
     Ok(())
 }
 
-/// Create an image file of `format` for `blockdev-snapshot-sync` with the given backing file
-/// name and format, as QEMU's `bdrv_img_create` with a size (the backing is not opened).
-pub async fn create_overlay(
-    path: &str,
-    format: &str,
-    size: u64,
-    backing: &str,
-    backing_fmt: &str,
-) -> Result<(), String> {
-    match format {
-        "qcow2" => {}
-        "raw" => return Err("Backing file not supported for file format 'raw'".into()),
-        other => {
-            return Err(format!(
-                "Creating '{other}' images is not supported by blockd yet"
-            ));
-        }
-    }
-    let kv = vec![
-        ("size".to_string(), size.to_string()),
-        ("backing_file".to_string(), backing.to_string()),
-        ("backing_fmt".to_string(), backing_fmt.to_string()),
-    ];
-    let opts = blockd_qcow2::CreateOptions::from_qemu_opts(&kv)?;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| format!("Could not create '{path}': {}", blockd_block::strerror(&e)))?;
-    // a private graph: the file is formatted before the daemon's graph opens it
-    let mut g = blockd_block::Graph::new();
-    let mut file = Map::new();
-    file.insert("driver".into(), "file".into());
-    file.insert("filename".into(), path.into());
-    let node = g.open(file)?;
-    let r = blockd_qcow2::create(&node, &opts).await;
-    let _ = g.remove(node.name());
-    r
-}
-
 /// `blockdev-snapshot-sync` (`sync`) or `blockdev-snapshot`.
 struct ExternalSnapshot {
     args: Map<String, Value>,
@@ -323,14 +281,8 @@ impl ExternalSnapshot {
         }
         if s(a, "mode") != Some("existing") {
             let backing = crate::block::filename(d, old);
-            create_overlay(
-                &file,
-                &format,
-                old.length(),
-                &backing,
-                old.driver().format_name(),
-            )
-            .await?;
+            let opts = crate::image_files::backing_opts(&backing, old.driver().format_name());
+            crate::image_files::create_image(&file, &format, old.length(), &opts).await?;
         }
         let mut o = Map::new();
         o.insert("driver".into(), format.clone().into());

@@ -32,14 +32,11 @@ impl CopyOnRead {
         CopyOnRead { bottom }
     }
 
-    /// What the filter needs of its `file` child (it shares everything).
+    /// What the filter needs of its `file` child (it shares everything). Not `resize`: an
+    /// NBD export above the filter keeps the size fixed, and the filter itself never resizes.
     pub fn child_perm(read_only: bool) -> Perm {
         let perm = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
-        if read_only {
-            perm
-        } else {
-            perm | Perm::WRITE | Perm::RESIZE
-        }
+        if read_only { perm } else { perm | Perm::WRITE }
     }
 }
 

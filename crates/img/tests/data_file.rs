@@ -20,7 +20,11 @@ fn prepare(d: &Path) {
         d,
         "src.raw",
         3 << 20,
-        &[(0, 5, 100 << 10), (1 << 20, 6, 64 << 10), (2_900_000, 7, 10_000)],
+        &[
+            (0, 5, 100 << 10),
+            (1 << 20, 6, 64 << 10),
+            (2_900_000, 7, 10_000),
+        ],
     );
     for c in [
         "create -q -f qcow2 -o data_file=d.raw plain.qcow2 4M",
@@ -66,9 +70,15 @@ fn prepare(d: &Path) {
     // Header surgery (QEMU's tools refuse to make these).
     patch(d, "noname.qcow2", |f| remove_extension(f, 0x4441_5441));
     patch(d, "json.qcow2", |f| {
-        replace_extension(f, 0x4441_5441, b"json:{\"driver\":\"file\",\"filename\":\"/etc/passwd\"}")
+        replace_extension(
+            f,
+            0x4441_5441,
+            b"json:{\"driver\":\"file\",\"filename\":\"/etc/passwd\"}",
+        )
     });
-    patch(d, "rawbit.qcow2", |f| f[88..96].copy_from_slice(&2u64.to_be_bytes()));
+    patch(d, "rawbit.qcow2", |f| {
+        f[88..96].copy_from_slice(&2u64.to_be_bytes())
+    });
     patch(d, "comp.qcow2", |f| {
         // Guest cluster 0 becomes a compressed descriptor.
         let l1 = be64(f, 40) as usize;
@@ -251,7 +261,11 @@ fn convert_to_a_data_file_matches_qemu_img() {
         cleanup(dirs);
     }
     // And back out of a data file image.
-    let dirs = both("df-convert-out", "convert -O raw raw.qcow2 back.raw", prepare);
+    let dirs = both(
+        "df-convert-out",
+        "convert -O raw raw.qcow2 back.raw",
+        prepare,
+    );
     same_files(&dirs.0, &dirs.1, "convert out of a data file image");
     cleanup(dirs);
 }
@@ -294,7 +308,11 @@ fn amend_measure_resize_snapshot_match_qemu_img() {
     }
     // After a changed name, the image opens only with the new data file there (QEMU's
     // info does not open it at all).
-    let dirs = both("df-amend-rename", "amend -o data_file=e.raw plain.qcow2", prepare);
+    let dirs = both(
+        "df-amend-rename",
+        "amend -o data_file=e.raw plain.qcow2",
+        prepare,
+    );
     for cmd in ["info plain.qcow2", "map plain.qcow2", "check plain.qcow2"] {
         let q = run(QEMU_IMG, &split(cmd), &dirs.0);
         let b = run(BLOCKD_IMG, &split(cmd), &dirs.1);

@@ -122,9 +122,7 @@ impl Geometry {
             return false;
         }
         e & L2E_OFFSET_MASK != 0
-            || (self.data_file
-                && e & OFLAG_COPIED != 0
-                && (self.extended || e & OFLAG_ZERO == 0))
+            || (self.data_file && e & OFLAG_COPIED != 0 && (self.extended || e & OFLAG_ZERO == 0))
     }
 
     /// Whether the standard L2 entry `e` is a data cluster this image alone owns.

@@ -48,8 +48,17 @@ fn qemu_io(dir: &TempDir, img: &str, cmds: &[&str]) {
 }
 
 /// Open `img` with an absolute data file option (the tests do not change directory).
-fn open(g: &mut blockd_block::Graph, dir: &TempDir, img: &str, data: &str, extra: &str) -> Result<std::sync::Arc<blockd_block::Node>, String> {
-    let mut e = format!("data-file.driver=file,data-file.filename={}", dir.path(data));
+fn open(
+    g: &mut blockd_block::Graph,
+    dir: &TempDir,
+    img: &str,
+    data: &str,
+    extra: &str,
+) -> Result<std::sync::Arc<blockd_block::Node>, String> {
+    let mut e = format!(
+        "data-file.driver=file,data-file.filename={}",
+        dir.path(data)
+    );
     if !extra.is_empty() {
         e += ",";
         e += extra;
@@ -101,7 +110,14 @@ fn qemu_images_read_back_byte_for_byte() {
         let dir = TempDir::new("df-read");
         create_in(
             &dir,
-            &["-f", "qcow2", "-o", &format!("{opts},cluster_size={cs}"), "a.qcow2", "3M"],
+            &[
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("{opts},cluster_size={cs}"),
+                "a.qcow2",
+                "3M",
+            ],
         );
         qemu_io(
             &dir,
@@ -124,7 +140,11 @@ fn qemu_images_read_back_byte_for_byte() {
         assert_eq!(first_diff(&got, &want), None, "{opts} cluster_size={cs}");
         if opts.contains("raw=on") {
             let raw = std::fs::read(dir.path("d.raw")).unwrap();
-            assert_eq!(first_diff(&raw[..want.len()], &want), None, "{opts}: raw data file");
+            assert_eq!(
+                first_diff(&raw[..want.len()], &want),
+                None,
+                "{opts}: raw data file"
+            );
         }
         be.detach(&g);
     }
@@ -158,7 +178,7 @@ fn blockd_writes_pass_qemu_check_and_read_back() {
                 let len = (1 + rng.below(200_000)).min(size - off);
                 let (a, b) = (off as usize, (off + len) as usize);
                 match step % 6 {
-                    0 | 1 | 2 => {
+                    0..=2 => {
                         let byte = (step % 250 + 1) as u8;
                         write(&be, off, &vec![byte; len as usize]).await;
                         want[a..b].fill(byte);
@@ -168,7 +188,9 @@ fn blockd_writes_pass_qemu_check_and_read_back() {
                         want[a..b].fill(0);
                     }
                     4 => {
-                        be.write_zeroes(off, len, ReqFlags::MAY_UNMAP).await.unwrap();
+                        be.write_zeroes(off, len, ReqFlags::MAY_UNMAP)
+                            .await
+                            .unwrap();
                         want[a..b].fill(0);
                     }
                     _ => {
@@ -182,14 +204,22 @@ fn blockd_writes_pass_qemu_check_and_read_back() {
                 }
             }
             be.flush().await.unwrap();
-            assert_eq!(first_diff(&read_all(&be).await, &want), None, "{opts}: blockd view");
+            assert_eq!(
+                first_diff(&read_all(&be).await, &want),
+                None,
+                "{opts}: blockd view"
+            );
         })
         .unwrap();
         be.detach(&g);
         drop(node);
         drop(g);
         qemu_check(&dir, "a.qcow2");
-        assert_eq!(first_diff(&qemu_view(&dir, "a.qcow2"), &want), None, "{opts}: QEMU view");
+        assert_eq!(
+            first_diff(&qemu_view(&dir, "a.qcow2"), &want),
+            None,
+            "{opts}: QEMU view"
+        );
         if opts.contains("raw=on") {
             let raw = std::fs::read(dir.path("d.raw")).unwrap();
             assert_eq!(first_diff(&raw, &want), None, "{opts}: the raw data file");
@@ -209,7 +239,10 @@ fn blockd_created_images_read_back_through_qemu() {
         let dir = TempDir::new("df-create");
         let mut opts = blockd_qcow2::CreateOptions::from_qemu_opts(&[
             ("data_file".into(), "d.raw".into()),
-            ("data_file_raw".into(), if raw { "on" } else { "off" }.into()),
+            (
+                "data_file_raw".into(),
+                if raw { "on" } else { "off" }.into(),
+            ),
         ])
         .unwrap();
         opts.set("size", "2M").unwrap();
@@ -222,9 +255,13 @@ fn blockd_created_images_read_back_through_qemu() {
         let data = g
             .open(parse(&format!("driver=file,filename={}", dir.path("d.raw"))).unwrap())
             .unwrap();
-        block_on(blockd_qcow2::create::create_with_data_file(&file, Some(&data), &opts))
-            .unwrap()
-            .unwrap();
+        block_on(blockd_qcow2::create::create_with_data_file(
+            &file,
+            Some(&data),
+            &opts,
+        ))
+        .unwrap()
+        .unwrap();
         drop((file, data));
         let node = open(&mut g, &dir, "a.qcow2", "d.raw", "").unwrap();
         let be = backend(&g, &node);
@@ -241,7 +278,11 @@ fn blockd_created_images_read_back_through_qemu() {
         drop(node);
         drop(g);
         qemu_check(&dir, "a.qcow2");
-        assert_eq!(first_diff(&qemu_view(&dir, "a.qcow2"), &want), None, "raw={raw}");
+        assert_eq!(
+            first_diff(&qemu_view(&dir, "a.qcow2"), &want),
+            None,
+            "raw={raw}"
+        );
         let out = std::process::Command::new(QI)
             .args(["info", "a.qcow2"])
             .current_dir(&dir.0)
@@ -249,7 +290,10 @@ fn blockd_created_images_read_back_through_qemu() {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("    data file: d.raw\n"), "{text}");
-        assert!(text.contains(&format!("    data file raw: {raw}\n")), "{text}");
+        assert!(
+            text.contains(&format!("    data file raw: {raw}\n")),
+            "{text}"
+        );
     }
 }
 
@@ -263,7 +307,17 @@ fn data_file_child_options_backing_and_reopen() {
     std::fs::write(dir.path("base.raw"), vec![0x5a; 1 << 20]).unwrap();
     create_in(
         &dir,
-        &["-f", "qcow2", "-b", "base.raw", "-F", "raw", "-o", "data_file=d.raw", "a.qcow2"],
+        &[
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "-o",
+            "data_file=d.raw",
+            "a.qcow2",
+        ],
     );
     qemu_io(&dir, "a.qcow2", &["write -P 1 64k 4k"]);
     let mut want = vec![0x5a; 1 << 20];
@@ -273,15 +327,27 @@ fn data_file_child_options_backing_and_reopen() {
     // The data file as a node reference.
     let mut g = graph();
     let d = g
-        .open(parse(&format!("driver=file,node-name=dnode,filename={}", dir.path("d.raw"))).unwrap())
+        .open(
+            parse(&format!(
+                "driver=file,node-name=dnode,filename={}",
+                dir.path("d.raw")
+            ))
+            .unwrap(),
+        )
         .unwrap();
     let node = open_qcow2(
         &mut g,
         &dir.path("a.qcow2"),
-        &format!("data-file=dnode,backing.driver=raw,backing.file.driver=file,backing.file.filename={}", dir.path("base.raw")),
+        &format!(
+            "data-file=dnode,backing.driver=raw,backing.file.driver=file,backing.file.filename={}",
+            dir.path("base.raw")
+        ),
     )
     .unwrap();
-    assert!(std::sync::Arc::ptr_eq(&node.child("data-file").unwrap(), &d));
+    assert!(std::sync::Arc::ptr_eq(
+        &node.child("data-file").unwrap(),
+        &d
+    ));
     let be = backend(&g, &node);
     block_on(async {
         assert_eq!(first_diff(&read_all(&be).await, &want), None);
@@ -325,7 +391,13 @@ fn data_file_child_options_backing_and_reopen() {
     want[500_000..501_000].fill(3);
     // Another data file in a reopen is refused.
     let other = g
-        .open(parse(&format!("driver=file,node-name=other,filename={}", dir.path("base.raw"))).unwrap())
+        .open(
+            parse(&format!(
+                "driver=file,node-name=other,filename={}",
+                dir.path("base.raw")
+            ))
+            .unwrap(),
+        )
         .unwrap();
     let opts = serde_json::json!({"node-name": name, "driver": "qcow2", "data-file": other.name(),
         "file": node.child("file").unwrap().name(),
@@ -359,7 +431,10 @@ fn refusals() {
         return;
     }
     let dir = TempDir::new("df-refuse");
-    create_in(&dir, &["-f", "qcow2", "-o", "data_file=d.raw", "a.qcow2", "1M"]);
+    create_in(
+        &dir,
+        &["-f", "qcow2", "-o", "data_file=d.raw", "a.qcow2", "1M"],
+    );
     create_in(&dir, &["-f", "qcow2", "p.qcow2", "1M"]);
     let mut g = graph();
     let node = open(&mut g, &dir, "a.qcow2", "d.raw", "").unwrap();
@@ -395,7 +470,10 @@ fn refusals() {
     assert!(e.contains("Could not open 'd.raw'"), "{e}");
     // A data file option on an image without one.
     let e = open(&mut g, &dir, "p.qcow2", "d.raw", "").unwrap_err();
-    assert_eq!(e, "'data-file' can only be set for images with an external data file");
+    assert_eq!(
+        e,
+        "'data-file' can only be set for images with an external data file"
+    );
 
     // Header surgery: the bit without a name, the raw bit alone, refused names.
     let img = std::fs::read(dir.path("a.qcow2")).unwrap();
@@ -419,7 +497,11 @@ fn refusals() {
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("json", with_name(b"json:{}"), "is a json: specification"),
         ("proto", with_name(b"nbd:x:1"), "has a protocol prefix"),
-        ("empty", with_name(b""), "'data-file' is required for this image"),
+        (
+            "empty",
+            with_name(b""),
+            "'data-file' is required for this image",
+        ),
         {
             // Extension type changed to an unknown one: the bit stays, the name is gone.
             let mut b = img.clone();

@@ -655,11 +655,27 @@ impl Image {
         self.load_refblock(file, rb).await?;
         let mut m = self.meta();
         let blk = m.rc.get_mut(rb).ok_or_else(eio)?;
-        Ok(Some(
-            (0..self.geo.rc_entries)
-                .map(|i| self.rc_get_in(blk, i))
+        Ok(Some(self.decode_refblock(blk)))
+    }
+
+    /// Every refcount of a refcount block: whole-byte widths decoded a word at a time
+    /// (`check` decodes every block of the image).
+    fn decode_refblock(&self, blk: &[u8]) -> Vec<u64> {
+        let n = self.geo.rc_entries as usize;
+        let be = |c: &[u8]| c.iter().fold(0u64, |a, &b| a << 8 | b as u64);
+        match 1usize << self.geo.refcount_order {
+            8 => blk[..n].iter().map(|&b| b as u64).collect(),
+            16 => blk[..2 * n]
+                .chunks_exact(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]) as u64)
                 .collect(),
-        ))
+            32 => blk[..4 * n]
+                .chunks_exact(4)
+                .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as u64)
+                .collect(),
+            64 => blk[..8 * n].chunks_exact(8).map(be).collect(),
+            _ => (0..n as u64).map(|i| self.rc_get_in(blk, i)).collect(),
+        }
     }
 
     /// Add `delta` to the refcounts of clusters [c, c+n) in the cached blocks (written back

@@ -326,11 +326,8 @@ async fn copy_down(
 /// backing file, so it reads everything from the backing file again.
 fn empty_qcow2(path: &str) -> Result<(), String> {
     let h = blockd_qcow2::read_header_file(path)?;
-    if h.data_file.is_some() {
-        return Err(
-            "Emptying an image with an external data file is not supported by blockd-img yet"
-                .into(),
-        );
+    if h.has_data_file() {
+        return empty_keeping_tables(path);
     }
     if h.nb_snapshots > 0 {
         return Err(
@@ -366,6 +363,31 @@ fn empty_qcow2(path: &str) -> Result<(), String> {
     }
     let c = crate::target::qcow2_options(h.size, &o, None, None)?;
     crate::target::create_qcow2(path, &c)
+}
+
+/// An image with a data file is emptied in place as QEMU does: its tables stay, every
+/// cluster is discarded (the data file's clusters too), so it reads from its backing file.
+fn empty_keeping_tables(path: &str) -> Result<(), String> {
+    let mut graph = blockd_drivers::graph();
+    let opts = serde_json::json!({
+        "driver": "qcow2",
+        // qemu-img commit opens with discards passed down.
+        "discard": "unmap",
+        "backing": null,
+        "file": {"driver": "file", "filename": path},
+    });
+    let serde_json::Value::Object(m) = opts else {
+        unreachable!()
+    };
+    let node = graph.open(m)?;
+    let q = blockd_qcow2::backing_name::qcow2_of(&node).ok_or("not a qcow2 image")?;
+    let fail =
+        |e: std::io::Error| format!("Could not empty {path}: {}", blockd_block::strerror(&e));
+    blockd_aio::block_on(async {
+        q.image.make_empty(&node).await.map_err(fail)?;
+        node.driver().flush(&node).await.map_err(fail)
+    })
+    .map_err(|e| format!("cannot run the event loop: {}", e.context))?
 }
 
 fn on(b: bool) -> String {

@@ -35,6 +35,8 @@ fn prepare(d: &Path) {
         "create -q -f qcow2 -o data_file=c.raw comp.qcow2 1M",
         "create -q -f qcow2 nodata.qcow2 1M",
         "create -q -f qcow2 rawbit.qcow2 1M",
+        "create -q -f qcow2 base.qcow2 2M",
+        "create -q -f qcow2 -b base.qcow2 -F qcow2 -o data_file=t.raw top.qcow2",
     ] {
         qemu(QEMU_IMG, c, d);
     }
@@ -67,6 +69,7 @@ fn prepare(d: &Path) {
         &["write -P 7 2k 2k", "write -z 64k 4k", "write -P 8 1M 100k"],
     );
     qemu_io(d, "comp.qcow2", &["write -P 9 0 64k"]);
+    qemu_io(d, "top.qcow2", &["write -P 3 0 100k", "write -P 4 1M 64k"]);
     // Header surgery (QEMU's tools refuse to make these).
     patch(d, "noname.qcow2", |f| remove_extension(f, 0x4441_5441));
     patch(d, "json.qcow2", |f| {
@@ -292,6 +295,9 @@ fn amend_measure_resize_snapshot_match_qemu_img() {
         "resize --shrink plain.qcow2 1M",
         "resize --shrink raw.qcow2 1M",
         "snapshot -c s1 plain.qcow2",
+        // Committing a data file image into its base empties it in place.
+        "commit top.qcow2",
+        "commit -d top.qcow2",
     ]
     .iter()
     .enumerate()

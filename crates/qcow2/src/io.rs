@@ -747,6 +747,19 @@ impl Image {
         self.release_data(node, &dropped, true).await
     }
 
+    /// QEMU's emptying of an image that keeps its tables (one with a data file, after a
+    /// commit): every cluster becomes unallocated (a full discard, nothing left reading as
+    /// zeroes), and the data file loses the clusters.
+    pub async fn make_empty(&self, node: &Node) -> io::Result<()> {
+        self.check_writable()?;
+        let cs = self.geo.cluster_size;
+        let end = self.size.load(Ordering::Acquire).div_ceil(cs) * cs;
+        let dropped = self
+            .replace_clusters(node, 0, end, |_, _| Some((0, 0)))
+            .await?;
+        self.release_data(node, &dropped, true).await
+    }
+
     /// Data file clusters the L2 entries no longer name (`dropped`, guest == host ranges):
     /// a raw data file gets zeroes there, as the guest now reads (`zero_raw`); otherwise
     /// they are discarded when discards are passed down (best effort, as QEMU).

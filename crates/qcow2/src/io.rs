@@ -92,11 +92,12 @@ impl Image {
     /// `data-file` child; an image opened without it, as `info` does, reaches no data),
     /// else the image's own file.
     pub(crate) fn data_node(&self, node: &Node, file: &Arc<Node>) -> io::Result<Arc<Node>> {
-        match node.child("data-file") {
-            Some(d) => Ok(d),
-            None if self.geo.data_file => Err(io::Error::from_raw_os_error(libc::ENOMEDIUM)),
-            None => Ok(file.clone()),
+        // Most images have no data file: no child lookup on their I/O paths.
+        if !self.geo.data_file {
+            return Ok(file.clone());
         }
+        node.child("data-file")
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
     }
 
     /// Fill `dst` with guest bytes from `off` (every mapping kind, piece by piece).

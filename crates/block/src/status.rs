@@ -92,6 +92,14 @@ pub async fn status_above(
                 layer: node,
             });
         }
+        // A filter (copy-on-read, a job's filter) shows its child: go on there, same depth.
+        if node.driver().is_filter()
+            && let Some(child) = node.child("file")
+        {
+            node = child;
+            len = n;
+            continue;
+        }
         match backing(&node) {
             Some(b) if depth < max_depth => {
                 node = b;

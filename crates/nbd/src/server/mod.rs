@@ -340,6 +340,19 @@ fn shutdown_fd(fd: RawFd, how: i32) {
     }
 }
 
+/// Whether the other end of a connected socket has closed (or shut down its writing side).
+fn peer_hung_up(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `p` is a valid pollfd for the call's duration; the caller holds the registry lock
+    // under which the descriptor stays open; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// The NBD server of a process. Create and use it on the main context.
 #[derive(Clone)]
 pub struct NbdServer {
@@ -505,7 +518,9 @@ impl NbdServer {
             if st.removing {
                 return Err(format!("Export '{id}' is already shutting down"));
             }
-            if mode == RemoveMode::Safe && !st.conns.is_empty() {
+            // A client that has already hung up (its process gone) is not a user any more,
+            // though its connection may not have seen the end of the stream yet.
+            if mode == RemoveMode::Safe && st.conns.values().any(|&fd| !peer_hung_up(fd)) {
                 return Err(format!("export '{id}' still in use"));
             }
             st.removing = true;

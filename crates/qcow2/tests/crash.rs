@@ -5,46 +5,16 @@
 mod common;
 use common::*;
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
-
-use blockd_aio::block_on;
-use blockd_block::ReqFlags;
+use common::crash::{assert_round_survived, kill_writer_after, qemu_img_after_kill, writer};
 
 const CHILD_ENV: &str = "BLOCKD_QCOW2_CRASH_CHILD";
 
-/// The writer: allocating writes, discards and zero writes forever; after each flush it
-/// prints how many rounds are durable.
+/// The writer (see `common/crash.rs`), when this binary runs as the child.
 #[test]
 fn crash_child() {
-    let Ok(path) = std::env::var(CHILD_ENV) else {
-        return;
-    };
-    let mut g = graph();
-    let node = open_qcow2(&mut g, &path, "").unwrap();
-    let be = backend(&g, &node);
-    block_on(async {
-        let mut rng = Rng(std::process::id() as u64);
-        for round in 0u64.. {
-            // Round r writes the 4 KiB block r with its number: checked after the kill.
-            let data = vec![(round % 251) as u8 + 1; 4096];
-            write(&be, (round % 4096) * 4096 * 7 % (64 << 20), &data).await;
-            let off = rng.below(64 << 20) / 512 * 512;
-            match rng.below(4) {
-                0 => be.discard(off, 65536).await.unwrap(),
-                1 => be
-                    .write_zeroes(off, 8192, ReqFlags::MAY_UNMAP)
-                    .await
-                    .unwrap(),
-                _ => write(&be, off, &[0xee; 1536]).await,
-            }
-            if round % 16 == 15 {
-                be.flush().await.unwrap();
-                println!("durable {round}");
-            }
-        }
-    })
-    .unwrap();
+    if let Ok(path) = std::env::var(CHILD_ENV) {
+        writer(&path);
+    }
 }
 
 #[test]
@@ -53,7 +23,6 @@ fn sigkill_while_allocating_leaves_no_corruption() {
         return;
     }
     let dir = TempDir::new("crash");
-    let exe = std::env::current_exe().unwrap();
     let mut rng = Rng(1234);
     let mut flushed_runs = 0;
     for round in 0..6 {
@@ -67,32 +36,8 @@ fn sigkill_while_allocating_leaves_no_corruption() {
             "qemu-img",
             &["create", "-q", "-f", "qcow2", "-o", list, &path, "64M"],
         );
-        let mut child = Command::new(&exe)
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, &path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(150 + rng.below(400)));
-        child.kill().unwrap(); // SIGKILL
-        let out = child.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let durable = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("durable "))
-            .filter_map(|n| n.parse::<u64>().ok())
-            .max();
-        // The killed writer's io_uring is torn down asynchronously by the kernel and holds
-        // the file (and its OFD lock) a little longer: retry while the lock is still taken.
-        let mut o = run("qemu-img", &["check", &path]);
-        for _ in 0..100 {
-            if !String::from_utf8_lossy(&o.stderr).contains("Failed to get shared") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-            o = run("qemu-img", &["check", &path]);
-        }
+        let durable = kill_writer_after("crash_child", CHILD_ENV, &path, 150 + rng.below(400));
+        let o = qemu_img_after_kill(&["check", &path]);
         let code = o.status.code().unwrap();
         assert!(
             code == 0 || code == 3,
@@ -100,22 +45,12 @@ fn sigkill_while_allocating_leaves_no_corruption() {
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         );
-        // blockd's own check agrees, and -r leaks makes it clean.
+        // -r leaks makes it clean.
         let fixed = run("qemu-img", &["check", "-r", "leaks", &path]);
         assert!(fixed.status.success());
-        if let Some(d) = durable {
+        if let Some(r) = durable {
             flushed_runs += 1;
-            // Flushed rounds whose block no later round (or random write) touched read back.
-            let raw = qemu_raw(&dir, &path);
-            let r = d;
-            let off = ((r % 4096) * 4096 * 7 % (64 << 20)) as usize;
-            let blk = &raw[off..off + 4096];
-            // A later random write may have hit it; the round's byte must be there otherwise.
-            let want = (r % 251) as u8 + 1;
-            assert!(
-                blk.contains(&want) || blk.iter().all(|&b| b == 0xee || b == 0),
-                "run {round}: flushed round {r} lost"
-            );
+            assert_round_survived(&qemu_raw(&dir, &path), r, &format!("run {round}"));
         }
     }
     // The writer got far enough to flush in most runs (else the test proves little).

@@ -6,11 +6,8 @@
 mod common;
 use common::*;
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
-
 use blockd_aio::block_on;
-use blockd_block::ReqFlags;
+use common::crash::{assert_round_survived, kill_writer_after, qemu_img_after_kill, writer};
 
 const CHILD_ENV: &str = "BLOCKD_QCOW2_LAZY_CHILD";
 
@@ -19,48 +16,12 @@ fn dirty(path: &str) -> bool {
     h.incompatible & blockd_qcow2::header::INCOMPAT_DIRTY != 0
 }
 
+/// The writer (see `common/crash.rs`), when this binary runs as the child.
 #[test]
 fn lazy_child() {
-    let Ok(path) = std::env::var(CHILD_ENV) else {
-        return;
-    };
-    let mut g = graph();
-    let node = open_qcow2(&mut g, &path, "").unwrap();
-    let be = backend(&g, &node);
-    block_on(async {
-        let mut rng = Rng(std::process::id() as u64);
-        for round in 0u64.. {
-            let data = vec![(round % 251) as u8 + 1; 4096];
-            write(&be, (round % 4096) * 4096 * 7 % (64 << 20), &data).await;
-            let off = rng.below(64 << 20) / 512 * 512;
-            match rng.below(4) {
-                0 => be.discard(off, 65536).await.unwrap(),
-                1 => be
-                    .write_zeroes(off, 8192, ReqFlags::MAY_UNMAP)
-                    .await
-                    .unwrap(),
-                _ => write(&be, off, &[0xee; 1536]).await,
-            }
-            if round % 16 == 15 {
-                be.flush().await.unwrap();
-                println!("durable {round}");
-            }
-        }
-    })
-    .unwrap();
-}
-
-/// qemu-img check, retried while the killed writer's ring still holds the lock.
-fn check(args: &[&str]) -> std::process::Output {
-    let mut o = run("qemu-img", args);
-    for _ in 0..100 {
-        if !String::from_utf8_lossy(&o.stderr).contains("Failed to get") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        o = run("qemu-img", args);
+    if let Ok(path) = std::env::var(CHILD_ENV) {
+        writer(&path);
     }
-    o
 }
 
 #[test]
@@ -126,7 +87,6 @@ fn sigkill_with_lazy_refcounts_is_repaired() {
         return;
     }
     let dir = TempDir::new("lazy-crash");
-    let exe = std::env::current_exe().unwrap();
     let mut rng = Rng(99);
     let mut dirty_runs = 0;
     for round in 0..4 {
@@ -140,29 +100,14 @@ fn sigkill_with_lazy_refcounts_is_repaired() {
             "qemu-img",
             &["create", "-q", "-f", "qcow2", "-o", list, &path, "64M"],
         );
-        let mut child = Command::new(&exe)
-            .args(["--exact", "lazy_child", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, &path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(200 + rng.below(400)));
-        child.kill().unwrap();
-        let out = child.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let durable = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("durable "))
-            .filter_map(|n| n.parse::<u64>().ok())
-            .max();
+        let durable = kill_writer_after("lazy_child", CHILD_ENV, &path, 200 + rng.below(400));
         if dirty(&path) {
             dirty_runs += 1;
         }
         // qemu-img repairs a copy ...
         let copy = dir.path(&format!("c{round}-copy.qcow2"));
         std::fs::copy(&path, &copy).unwrap();
-        let o = check(&["check", "-r", "all", &copy]);
+        let o = qemu_img_after_kill(&["check", "-r", "all", &copy]);
         assert!(
             o.status.code() == Some(0),
             "round {round}: qemu-img check -r all: {}{}",
@@ -181,13 +126,7 @@ fn sigkill_with_lazy_refcounts_is_repaired() {
         qemu_check_clean(&path);
         if let Some(r) = durable {
             let raw = qemu_raw(&dir, &path);
-            let off = ((r % 4096) * 4096 * 7 % (64 << 20)) as usize;
-            let blk = &raw[off..off + 4096];
-            let want = (r % 251) as u8 + 1;
-            assert!(
-                blk.contains(&want) || blk.iter().all(|&b| b == 0xee || b == 0),
-                "run {round}: flushed round {r} lost"
-            );
+            assert_round_survived(&raw, r, &format!("run {round}"));
             assert_eq!(
                 qemu_raw(&dir, &copy),
                 raw,

@@ -1,6 +1,8 @@
 //! Helpers shared by the qcow2 tests: temp files, QEMU tools as the oracle, opening images.
 #![allow(dead_code)]
 
+pub mod crash;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;

@@ -14,6 +14,7 @@
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -452,21 +453,34 @@ async def scenario_cbw_options(binary):
     return s.log
 
 
-async def scenario_error_policy(binary):
-    """on-target-error with a real ENOSPC (the target on a 1 MiB tmpfs; needs root, else
-    skipped loudly): `report` fails the job with the error; `stop` pauses it (io-status
-    nospace) until it is cancelled."""
-    s = await S(binary).start()
+@contextlib.asynccontextmanager
+async def small_tmpfs(s, scenario):
+    """A 1 MiB tmpfs under session `s`'s directory, for real ENOSPC (mounting needs root).
+    Yields its path, or None after a loud SKIPPED line when it cannot be mounted; the session
+    is stopped, the tmpfs unmounted and the directory removed on the way out."""
     mnt = s.p("small")
     os.makedirs(mnt)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt],
                        capture_output=True)
     if r.returncode != 0:
-        print("SKIPPED scenario_error_policy: cannot mount a tmpfs:", r.stderr.decode())
-        await s.stop()
-        s.cleanup()
-        return []
+        print(f"SKIPPED {scenario}: cannot mount a tmpfs:", r.stderr.decode())
     try:
+        yield mnt if r.returncode == 0 else None
+    finally:
+        await s.stop()
+        if r.returncode == 0:
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+        s.cleanup()
+
+
+async def scenario_error_policy(binary):
+    """on-target-error with a real ENOSPC (the target on a 1 MiB tmpfs; needs root, else
+    skipped loudly): `report` fails the job with the error; `stop` pauses it (io-status
+    nospace) until it is cancelled."""
+    s = await S(binary).start()
+    async with small_tmpfs(s, "scenario_error_policy") as mnt:
+        if mnt is None:
+            return []
         src = s.p("src.qcow2")
         sh("qemu-img", "create", "-q", "-f", "qcow2", src, str(SIZE))
         fill(src, "qcow2", "0x11")
@@ -494,10 +508,6 @@ async def scenario_error_policy(binary):
                 await s.wait_job("b")
             await s.cmd("blockdev-del", {"node-name": "tgt"})
             os.unlink(tgt)
-    finally:
-        await s.stop()
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
-        s.cleanup()
     return s.log
 
 
@@ -506,16 +516,9 @@ async def scenario_cbw_errors(binary):
     break-guest-write makes the guest's write fail; break-snapshot lets the guest write and
     makes the view unreadable. The NBD error codes are compared."""
     s = await S(binary).start()
-    mnt = s.p("small")
-    os.makedirs(mnt)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt],
-                       capture_output=True)
-    if r.returncode != 0:
-        print("SKIPPED scenario_cbw_errors: cannot mount a tmpfs:", r.stderr.decode())
-        await s.stop()
-        s.cleanup()
-        return []
-    try:
+    async with small_tmpfs(s, "scenario_cbw_errors") as mnt:
+        if mnt is None:
+            return []
         src = s.p("src.qcow2")
         sh("qemu-img", "create", "-q", "-f", "qcow2", src, str(SIZE))
         fill(src, "qcow2", "0x55")
@@ -560,10 +563,6 @@ async def scenario_cbw_errors(binary):
             for n in ("acc", "cbw", "tmp"):
                 await s.cmd("blockdev-del", {"node-name": n})
             os.unlink(tmp)
-    finally:
-        await s.stop()
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
-        s.cleanup()
     return s.log
 
 

@@ -8,8 +8,9 @@
 # (io_uring), socket type (unix) and thread placement:
 #   main      blockd-storage-daemon vs qemu-storage-daemon, export served from the main loop
 #             (no busy polling in either)
-#   iothread  the same with `--object iothread,id=io0` and `iothread=io0` on the export (both
-#             busy-poll with the default poll-max-ns=32768)
+#   iothread  the same with `--object iothread,id=io0` and `iothread=io0` on the export (default
+#             poll-max-ns=32768; QEMU does not poll while it watches the client sockets, blockd
+#             polls only while storage I/O is in flight)
 #   nbd       blockd-nbd vs qemu-nbd (`-f raw -t -e 0 --cache=none --aio=io_uring`)
 #
 # The machine may be shared and noisy, so the servers run interleaved: every round runs every
@@ -22,6 +23,7 @@
 # BENCH_D32_COUNT (300000 at depth 32), BENCH_DIR (where the images live: /dev/shm takes the
 # disk out of the measurement). Besides the copy to a file, `null` copies the export to
 # nbdcopy's null: destination, which measures the server's read path without a file to write.
+# The load average before and after is printed: other work on the machine skews the figures.
 # Benchmarks are not tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +42,8 @@ D32_COUNT="${BENCH_D32_COUNT:-300000}"
 DIRECT="${BENCH_CACHE_DIRECT:-on}"
 NBD_CACHE=none
 [ "$DIRECT" = on ] || NBD_CACHE=writeback
-DIR="${BENCH_DIR:-$(mktemp -d /var/tmp/bench-nbd.XXXXXX)}"
+# A directory of our own (removed at the end) inside BENCH_DIR.
+DIR="$(mktemp -d "${BENCH_DIR:-/var/tmp}/bench-nbd.XXXXXX")"
 SIZE="${BENCH_SIZE:-1G}"
 IMG="$DIR/bench.img"
 SRC="$DIR/src.img"
@@ -107,6 +110,7 @@ TESTS="rd1 rd32 wr32"
 [ -n "$NBDCOPY" ] && TESTS="$TESTS in out null"
 declare -A R
 n=${#SERVERS[@]}
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 for ((r = 0; r < ROUNDS; r++)); do
     for ((i = 0; i < n; i++)); do
         s="${SERVERS[$(((i + r) % n))]}"
@@ -137,7 +141,8 @@ label() {
     esac
 }
 median() { sort -g | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%s %s %s\n", m, v[1], v[NR] }'; }
-echo "cache.direct=$DIRECT, $ROUNDS rounds, image $SIZE; figures are medians; ratio = blockd / qemu (median [min, max] over rounds)"
+echo "cache.direct=$DIRECT, $ROUNDS rounds, image $SIZE in $DIR; load average before: $LOAD0, after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "figures are medians; ratio = blockd / qemu (median [min, max] over rounds)"
 printf "%-38s %-9s %10s %10s   %s\n" test pair blockd qemu ratio
 for t in $TESTS; do
     for p in $PAIRS; do

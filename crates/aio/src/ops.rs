@@ -6,7 +6,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
@@ -415,4 +415,95 @@ pub fn nop() -> Op<(), io::Result<()>> {
     let sqe = opcode::Nop::new().build();
     // SAFETY: no pointers.
     unsafe { Op::submit(sqe, (), ret_unit) }
+}
+
+/// A pipe used to move file data to a socket without copying it through user memory: page
+/// cache pages go into the pipe by reference ([`splice_file_to_pipe`]) and from there into the
+/// socket's buffers ([`splice_pipe_to`]; unix and TCP sockets take them without a copy).
+#[derive(Debug)]
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    /// A pipe whose buffer holds `want` bytes if the system allows (`fs.pipe-max-size`),
+    /// else the default size. [`Pipe::capacity`] tells which.
+    pub fn new(want: usize) -> io::Result<Pipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptors we own.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let want = libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX);
+        // SAFETY: fcntl on our own descriptor; no memory involved.
+        let mut cap = unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, want) };
+        if cap < 0 {
+            // SAFETY: as above.
+            cap = unsafe { libc::fcntl(fds[1], libc::F_GETPIPE_SZ) };
+        }
+        if cap <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Pipe {
+            read,
+            write,
+            capacity: cap as usize,
+        })
+    }
+
+    /// Bytes the pipe holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// Move `len` bytes (at most; a short count is possible) of `file` at `offset` into `pipe`.
+/// For page cache data no bytes are copied: the pipe refers to the cached pages. The file
+/// (an owner of its descriptor: `OwnedFd`, `File`, `Arc<File>`) is held by the operation: the
+/// kernel looks the descriptor up only when the splice runs (in an io_uring worker), so a
+/// borrowed number could meanwhile have been closed and reused.
+pub fn splice_file_to_pipe<F: AsRawFd + 'static>(
+    file: F,
+    offset: u64,
+    pipe: Pipe,
+    len: usize,
+) -> Op<(F, Pipe), (io::Result<usize>, F, Pipe)> {
+    let len = len.min(pipe.capacity);
+    let sqe = opcode::Splice::new(
+        types::Fd(file.as_raw_fd()),
+        offset as i64,
+        types::Fd(pipe.write.as_raw_fd()),
+        -1,
+        len32(len),
+    )
+    .build();
+    // SAFETY: no pointers; both descriptors are owned by the Op until the completion.
+    unsafe {
+        Op::submit(sqe, (file, pipe), |res, _f, (file, pipe)| {
+            (cvt(res).map(|n| n as usize), file, pipe)
+        })
+    }
+}
+
+/// Move up to `len` bytes from `pipe` to `fd` (a socket; blocking sockets wait for room).
+pub fn splice_pipe_to(pipe: Pipe, fd: RawFd, len: usize) -> Op<Pipe, (io::Result<usize>, Pipe)> {
+    let sqe = opcode::Splice::new(
+        types::Fd(pipe.read.as_raw_fd()),
+        -1,
+        types::Fd(fd),
+        -1,
+        len32(len),
+    )
+    .build();
+    // SAFETY: no pointers; the pipe (whose read end the kernel looks up when the splice runs)
+    // is owned by the Op until the completion.
+    unsafe {
+        Op::submit(sqe, pipe, |res, _f, pipe| {
+            (cvt(res).map(|n| n as usize), pipe)
+        })
+    }
 }

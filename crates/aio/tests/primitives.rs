@@ -668,3 +668,55 @@ fn polling_adapts_to_storage_waits_but_not_to_waits_for_a_peer() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn splice_moves_file_data_through_a_pipe_into_a_socket() {
+    let path = temp_path("splice");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 4096) as u8).collect();
+    std::fs::write(&path, &data).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let want = data.len() - 1000;
+    let reader = std::thread::spawn(move || {
+        let mut b = b;
+        let mut got = vec![0u8; want];
+        b.read_exact(&mut got).unwrap();
+        got
+    });
+    let moved = block_on(async move {
+        // A small pipe, so the transfer takes several rounds through it.
+        let mut pipe = ops::Pipe::new(64 << 10).unwrap();
+        assert!(pipe.capacity() >= 4096);
+        let mut file = file;
+        let mut off = 1000u64;
+        let mut left = want;
+        while left > 0 {
+            let (r, f, p) = ops::splice_file_to_pipe(file, off, pipe, left).await;
+            (file, pipe) = (f, p);
+            let mut n = r.unwrap();
+            assert!(n > 0 && n <= left);
+            off += n as u64;
+            left -= n;
+            while n > 0 {
+                let (r, p) = ops::splice_pipe_to(pipe, a.as_raw_fd(), n).await;
+                pipe = p;
+                n -= r.unwrap();
+            }
+        }
+        off
+    })
+    .unwrap();
+    assert_eq!(moved, data.len() as u64);
+    assert!(reader.join().unwrap() == data[1000..], "bytes differ");
+    // Past the end of the file there is nothing to move.
+    let file = std::fs::File::open(&path).unwrap();
+    let (r, _, _) = block_on(ops::splice_file_to_pipe(
+        file,
+        data.len() as u64,
+        ops::Pipe::new(4096).unwrap(),
+        4096,
+    ))
+    .unwrap();
+    assert_eq!(r.unwrap(), 0);
+    std::fs::remove_file(&path).unwrap();
+}

@@ -200,6 +200,12 @@ impl FileDriver {
         self.file.load().as_raw_fd()
     }
 
+    /// The open file. A reopen may replace it (inside a drained section); the returned `Arc`
+    /// keeps this one open, so I/O the kernel runs later (a splice) cannot hit a reused fd.
+    pub fn open_file(&self) -> Arc<File> {
+        self.file.load_full()
+    }
+
     pub fn filename(&self) -> &str {
         &self.filename
     }

@@ -82,6 +82,12 @@ impl RawDriver {
         self.offset.load(Ordering::Relaxed)
     }
 
+    /// Where the node's byte 0 lies in its `file` child (the `offset` option). Stable while
+    /// the caller holds a request in flight (a reopen changes it inside a drained section).
+    pub fn window_offset(&self) -> u64 {
+        self.offset()
+    }
+
     fn file(node: &Node) -> io::Result<Arc<Node>> {
         node.child("file")
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))

@@ -4,15 +4,24 @@
 //! at most [`MAX_IN_FLIGHT`] at a time; tasks finish in any order and queue their encoded
 //! replies; one writer task sends whatever is queued, several replies per `sendmsg`. A reply is
 //! queued whole, so chunks of different requests never interleave mid-chunk.
+//!
+//! Large reads of data that lies plainly in a host file (`raw` over `file`) are spliced: the
+//! file's pages go into a pipe by reference and from the pipe into the socket, so the server
+//! copies none of the bytes (QEMU's server reads into a buffer and sends it: two copies).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use blockd_aio::IoBuf;
-use blockd_block::{BlockBackend, ReqFlags};
+use blockd_aio::ops::{self, Pipe};
+use blockd_block::drivers::file::FileDriver;
+use blockd_block::drivers::raw::RawDriver;
+use blockd_block::{BlockBackend, Node, ReqFlags};
 use event_listener::Event;
 
 use crate::proto::{self, Put, Request};
@@ -29,13 +38,57 @@ const MAX_BATCH: usize = 256;
 /// How far past a read a block status query may look, so that one query covers the reads that
 /// follow (sequential readers then cost no query at all; see [`Conn::data_extent`]).
 const STATUS_LOOKAHEAD: u64 = 64 << 20;
+/// Data extents at least this long are spliced (see [`splice_in`]); below it copying costs less
+/// than the extra ring operations.
+const SPLICE_MIN: u64 = 64 << 10;
+/// Pipe size asked for (the default `fs.pipe-max-size`); the kernel may give less.
+const PIPE_SIZE: usize = 1 << 20;
+/// Pipes per connection at most (two descriptors each).
+const MAX_PIPES: usize = 16;
+
+/// A reply chunk being built: type, payload bytes, then payload data waiting in pipes.
+type Chunk = (u16, Vec<IoBuf>, Vec<(Pipe, usize)>);
+
+/// An encoded reply: bytes, plus data waiting in pipes to go out between them.
+struct Reply {
+    bufs: Vec<IoBuf>,
+    /// (index in `bufs` the pipe's bytes go before, pipe, bytes in it), in order.
+    spliced: Vec<(usize, Pipe, usize)>,
+}
+
+impl From<Vec<IoBuf>> for Reply {
+    fn from(bufs: Vec<IoBuf>) -> Reply {
+        Reply {
+            bufs,
+            spliced: Vec::new(),
+        }
+    }
+}
+
+impl Reply {
+    /// Append `other` (several replies go out in one send).
+    fn append(&mut self, other: Reply) {
+        let base = self.bufs.len();
+        self.bufs.extend(other.bufs);
+        self.spliced.extend(
+            other
+                .spliced
+                .into_iter()
+                .map(|(at, p, n)| (at + base, p, n)),
+        );
+    }
+
+    fn parts(&self) -> usize {
+        self.bufs.len() + self.spliced.len()
+    }
+}
 
 struct Conn {
     fd: RawFd,
     session: Session,
     backend: BlockBackend,
     size: u64,
-    out: RefCell<VecDeque<Vec<IoBuf>>>,
+    out: RefCell<VecDeque<Reply>>,
     out_event: Event,
     closing: Cell<bool>,
     /// A send is in progress (by the writer task or a request task).
@@ -49,6 +102,14 @@ struct Conn {
     /// the backend, so at worst a range that became a hole is sent as data. Cleared by this
     /// connection's own TRIM and WRITE_ZEROES so its sparse reads stay sparse.
     data_extent: Cell<(u64, u64)>,
+    /// Empty pipes for spliced reads, how many exist (in the pool or holding data), and a
+    /// notification when one comes back.
+    pipes: RefCell<Vec<Pipe>>,
+    pipes_live: Cell<usize>,
+    pipe_event: Event,
+    /// Cleared when splicing fails in a way that will not change (no kernel support, a file
+    /// system without splice): reads are then copied.
+    splice_ok: Cell<bool>,
 }
 
 pub(crate) async fn run(sock: ConnSocket, session: Session) {
@@ -66,6 +127,10 @@ pub(crate) async fn run(sock: ConnSocket, session: Session) {
         in_flight: Cell::new(0),
         slot_event: Event::new(),
         data_extent: Cell::new((0, 0)),
+        pipes: RefCell::new(Vec::new()),
+        pipes_live: Cell::new(0),
+        pipe_event: Event::new(),
+        splice_ok: Cell::new(true),
     });
     let writer = blockd_aio::spawn(writer(conn.clone()));
     reader(&conn).await;
@@ -100,18 +165,18 @@ async fn writer(conn: Rc<Conn>) {
             }
             continue;
         }
-        let batch: Vec<IoBuf> = {
+        let batch: Reply = {
             let mut q = conn.out.borrow_mut();
-            let mut b = Vec::new();
+            let mut b = Reply::from(Vec::new());
             while let Some(front) = q.front() {
-                if !b.is_empty() && b.len() + front.len() > MAX_BATCH {
+                if b.parts() > 0 && b.parts() + front.parts() > MAX_BATCH {
                     break;
                 }
-                b.extend(q.pop_front().expect("front"));
+                b.append(q.pop_front().expect("front"));
             }
             b
         };
-        if batch.is_empty() {
+        if batch.parts() == 0 {
             if conn.closing.get() {
                 return;
             }
@@ -123,16 +188,18 @@ async fn writer(conn: Rc<Conn>) {
             continue;
         }
         if conn.broken.get() {
-            continue; // drop replies nobody can receive
+            // Drop replies nobody can receive (and count their pipes out).
+            lose_pipes(&conn, batch.spliced.len());
+            continue;
         }
         send_locked(&conn, batch).await;
     }
 }
 
 /// Send under the `sending` flag; a failed send breaks the connection.
-async fn send_locked(conn: &Conn, bufs: Vec<IoBuf>) {
+async fn send_locked(conn: &Conn, reply: Reply) {
     conn.sending.set(true);
-    let r = send_all(conn.fd, bufs).await;
+    let r = send_reply(conn, reply).await;
     conn.sending.set(false);
     if r.is_err() {
         conn.broken.set(true);
@@ -145,18 +212,75 @@ async fn send_locked(conn: &Conn, bufs: Vec<IoBuf>) {
     conn.out_event.notify(usize::MAX);
 }
 
-fn queue(conn: &Conn, bufs: Vec<IoBuf>) {
-    conn.out.borrow_mut().push_back(bufs);
+/// The bytes of `reply` in order, pipes spliced between them; emptied pipes go back to the
+/// pool (a pipe that failed is dropped: it may still hold data).
+async fn send_reply(conn: &Conn, reply: Reply) -> io::Result<()> {
+    let Reply { mut bufs, spliced } = reply;
+    let mut done = 0;
+    let mut left = spliced.len();
+    for (at, pipe, len) in spliced {
+        let rest = bufs.split_off(at - done);
+        done = at;
+        let r = send_all(conn.fd, std::mem::replace(&mut bufs, rest)).await;
+        let r = match r {
+            Ok(()) => splice_out(conn.fd, pipe, len).await,
+            Err(e) => Err(e),
+        };
+        left -= 1;
+        match r {
+            Ok(pipe) => put_pipe(conn, pipe),
+            Err(e) => {
+                // This pipe and the ones not reached are dropped with the reply.
+                lose_pipes(conn, left + 1);
+                return Err(e);
+            }
+        }
+    }
+    send_all(conn.fd, bufs).await
+}
+
+/// Move `len` bytes from `pipe` into the socket.
+async fn splice_out(fd: RawFd, mut pipe: Pipe, mut len: usize) -> io::Result<Pipe> {
+    while len > 0 {
+        let (r, p) = ops::splice_pipe_to(pipe, fd, len).await;
+        pipe = p;
+        match r {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EPIPE)),
+            Ok(n) => len -= n.min(len),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // A non-blocking socket (an inherited one) is full: wait for room.
+                ops::poll_add(fd, libc::POLLOUT).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(pipe)
+}
+
+fn put_pipe(conn: &Conn, pipe: Pipe) {
+    conn.pipes.borrow_mut().push(pipe);
+    conn.pipe_event.notify(1);
+}
+
+/// `n` pipes were dropped (they may have held data).
+fn lose_pipes(conn: &Conn, n: usize) {
+    conn.pipes_live.set(conn.pipes_live.get() - n);
+    conn.pipe_event.notify(n);
+}
+
+fn queue(conn: &Conn, reply: Reply) {
+    conn.out.borrow_mut().push_back(reply);
     conn.out_event.notify(usize::MAX);
 }
 
 /// Send a reply: directly when nothing else is being sent or waits (one task hop less at low
 /// queue depth), else through the writer's queue (batched).
-async fn deliver(conn: &Conn, bufs: Vec<IoBuf>) {
+async fn deliver(conn: &Conn, reply: Reply) {
     if !conn.sending.get() && conn.out.borrow().is_empty() && !conn.broken.get() {
-        send_locked(conn, bufs).await;
+        send_locked(conn, reply).await;
     } else {
-        queue(conn, bufs);
+        queue(conn, reply);
     }
 }
 
@@ -210,7 +334,7 @@ async fn reader(conn: &Rc<Conn>) {
             {
                 return;
             }
-            queue(conn, error_reply(conn, &req, errno, ""));
+            queue(conn, error_reply(conn, &req, errno, "").into());
             continue;
         }
         if payload_len > 0 {
@@ -340,11 +464,17 @@ fn io_reply(conn: &Conn, r: &Request, res: io::Result<()>) -> Vec<IoBuf> {
     }
 }
 
-async fn handle(conn: &Conn, r: Request, payload: Option<IoBuf>) -> Vec<IoBuf> {
+async fn handle(conn: &Conn, r: Request, payload: Option<IoBuf>) -> Reply {
+    match r.typ {
+        proto::CMD_READ => read(conn, &r).await,
+        _ => handle_other(conn, r, payload).await.into(),
+    }
+}
+
+async fn handle_other(conn: &Conn, r: Request, payload: Option<IoBuf>) -> Vec<IoBuf> {
     let b = &conn.backend;
     let fua = r.flags & proto::CMD_FLAG_FUA != 0;
     match r.typ {
-        proto::CMD_READ => read(conn, &r).await,
         proto::CMD_WRITE => {
             let Some(data) = payload else {
                 return done_reply(conn, &r); // zero-length write
@@ -421,10 +551,22 @@ async fn handle(conn: &Conn, r: Request, payload: Option<IoBuf>) -> Vec<IoBuf> {
 
 /// Encode chunks: (type, payload pieces), the last one flagged DONE.
 fn chunks(conn: &Conn, r: &Request, parts: Vec<(u16, Vec<IoBuf>)>) -> Vec<IoBuf> {
+    let parts = parts.into_iter().map(|(t, p)| (t, p, Vec::new())).collect();
+    chunks_spliced(conn, r, parts).bufs
+}
+
+/// [`chunks`] whose payloads may end with data in pipes.
+fn chunks_spliced(
+    conn: &Conn,
+    r: &Request,
+    parts: Vec<Chunk>,
+) -> Reply {
     let n = parts.len();
     let mut out = Vec::with_capacity(n * 2);
-    for (i, (typ, pieces)) in parts.into_iter().enumerate() {
-        let len: usize = pieces.iter().map(|p| p.len()).sum();
+    let mut spliced = Vec::new();
+    for (i, (typ, pieces, pipes)) in parts.into_iter().enumerate() {
+        let len: usize = pieces.iter().map(|p| p.len()).sum::<usize>()
+            + pipes.iter().map(|(_, n)| n).sum::<usize>();
         let flags = if i + 1 == n {
             proto::REPLY_FLAG_DONE
         } else {
@@ -439,28 +581,39 @@ fn chunks(conn: &Conn, r: &Request, parts: Vec<(u16, Vec<IoBuf>)>) -> Vec<IoBuf>
             len as u64,
         )));
         out.extend(pieces);
+        for (p, n) in pipes {
+            spliced.push((out.len(), p, n));
+        }
     }
-    out
+    Reply { bufs: out, spliced }
 }
 
-async fn read(conn: &Conn, r: &Request) -> Vec<IoBuf> {
+async fn read(conn: &Conn, r: &Request) -> Reply {
     let b = &conn.backend;
     let len = r.len as usize;
     if !conn.session.structured {
         if len == 0 {
-            return done_reply(conn, r);
+            return done_reply(conn, r).into();
+        }
+        let header = buf(&proto::simple_reply(0, r.cookie));
+        if let Some(pipes) = splice_in(conn, r.offset, r.len).await {
+            return Reply {
+                bufs: vec![header],
+                spliced: pipes.into_iter().map(|(p, n)| (1, p, n)).collect(),
+            };
         }
         let (res, data) = b.read(r.offset, IoBuf::new(len, 4096)).await;
         return match res {
-            Ok(()) => vec![buf(&proto::simple_reply(0, r.cookie)), data],
+            Ok(()) => vec![header, data],
             Err(e) => error_reply(conn, r, proto::errno_to_nbd(&e), ""),
-        };
+        }
+        .into();
     }
     if len == 0 {
-        return done_reply(conn, r);
+        return done_reply(conn, r).into();
     }
     let df = r.flags & proto::CMD_FLAG_DF != 0;
-    let mut parts: Vec<(u16, Vec<IoBuf>)> = Vec::new();
+    let mut parts: Vec<Chunk> = Vec::new();
     let end = r.offset + r.len;
     let mut off = r.offset;
     while off < end {
@@ -474,20 +627,176 @@ async fn read(conn: &Conn, r: &Request) -> Vec<IoBuf> {
             let mut p = Vec::with_capacity(12);
             p.put_u64(off);
             p.put_u32(ext_len as u32);
-            parts.push((proto::REPLY_TYPE_OFFSET_HOLE, vec![buf(&p)]));
+            parts.push((proto::REPLY_TYPE_OFFSET_HOLE, vec![buf(&p)], Vec::new()));
+        } else if let Some(pipes) = splice_in(conn, off, ext_len).await {
+            parts.push((
+                proto::REPLY_TYPE_OFFSET_DATA,
+                vec![buf(&off.to_be_bytes())],
+                pipes,
+            ));
         } else {
             let (res, data) = b.read(off, IoBuf::new(ext_len as usize, 4096)).await;
             if let Err(e) = res {
-                return error_reply(conn, r, proto::errno_to_nbd(&e), "");
+                // Pipes already filled for this reply are dropped with `parts`.
+                let lost: usize = parts.iter().map(|p| p.2.len()).sum();
+                lose_pipes(conn, lost);
+                return error_reply(conn, r, proto::errno_to_nbd(&e), "").into();
             }
             parts.push((
                 proto::REPLY_TYPE_OFFSET_DATA,
                 vec![buf(&off.to_be_bytes()), data],
+                Vec::new(),
             ));
         }
         off += ext_len;
     }
-    chunks(conn, r, parts)
+    chunks_spliced(conn, r, parts)
+}
+
+/// The open host file and offset that hold the bytes of `node` at `off` as they are: a `file`
+/// node, or `raw` nodes (with their window offset) over one. Other drivers transform or
+/// place data themselves and are read the ordinary way.
+fn host_file(node: &Arc<Node>, off: u64) -> Option<(Arc<std::fs::File>, u64, Arc<Node>)> {
+    let d: &dyn std::any::Any = node.driver();
+    if let Some(f) = d.downcast_ref::<FileDriver>() {
+        return Some((f.open_file(), off, node.clone()));
+    }
+    let r = d.downcast_ref::<RawDriver>()?;
+    host_file(&node.child("file")?, off.checked_add(r.window_offset())?)
+}
+
+/// Take `n` empty pipes, creating them up to [`MAX_PIPES`], waiting for pipes in use to come
+/// back when the connection has that many. `None` if pipes cannot be made.
+async fn take_pipes(conn: &Conn, n: usize) -> Option<Vec<Pipe>> {
+    let available = || conn.pipes.borrow().len() + (MAX_PIPES - conn.pipes_live.get());
+    loop {
+        if available() >= n {
+            let mut out = {
+                let mut pool = conn.pipes.borrow_mut();
+                let k = pool.len().saturating_sub(n);
+                pool.split_off(k)
+            };
+            while out.len() < n {
+                match Pipe::new(PIPE_SIZE) {
+                    Ok(p) => {
+                        conn.pipes_live.set(conn.pipes_live.get() + 1);
+                        out.push(p);
+                    }
+                    Err(_) => {
+                        conn.splice_ok.set(false);
+                        conn.pipes.borrow_mut().extend(out);
+                        return None;
+                    }
+                }
+            }
+            return Some(out);
+        }
+        let l = conn.pipe_event.listen();
+        if available() >= n {
+            continue;
+        }
+        l.await;
+        if conn.broken.get() {
+            return None;
+        }
+    }
+}
+
+/// Read `len` bytes at `off` into pipes (page cache pages by reference, no copy), when the
+/// export's data lies plainly in a host file and the read is large. `None`: read it the
+/// ordinary way (also after any failure here, so that errors are reported as for any read).
+async fn splice_in(conn: &Conn, off: u64, len: u64) -> Option<Vec<(Pipe, usize)>> {
+    if len < SPLICE_MIN || !conn.splice_ok.get() || conn.broken.get() {
+        return None;
+    }
+    let cap = conn
+        .pipes
+        .borrow()
+        .first()
+        .map_or(PIPE_SIZE, Pipe::capacity) as u64;
+    // Pipes hold whole pages: a read that starts inside a page fills the first one short.
+    let n = (off % 4096 + len).div_ceil(cap) as usize;
+    if n > MAX_PIPES {
+        return None;
+    }
+    // Pipes first: waiting for one must not hold up a drain.
+    let mut pipes = take_pipes(conn, n).await?;
+    let b = &conn.backend;
+    let filled = {
+        let _admitted = b.admit().await;
+        let root = b.root();
+        match host_file(&root, off) {
+            Some((file, host_off, file_node))
+                if off.checked_add(len).is_some_and(|e| e <= root.length())
+                    && aligned(&file_node, host_off, len) =>
+            {
+                fill_pipes(conn, file, host_off, len, &mut pipes).await
+            }
+            _ => Err(0),
+        }
+    };
+    // Pipes not used go back to the pool.
+    for p in pipes {
+        put_pipe(conn, p);
+    }
+    match filled {
+        Ok(out) => {
+            let s = b.stats();
+            s.rd_ops.fetch_add(1, Ordering::Relaxed);
+            s.rd_bytes.fetch_add(len, Ordering::Relaxed);
+            Some(out)
+        }
+        Err(dropped) => {
+            lose_pipes(conn, dropped);
+            None
+        }
+    }
+}
+
+fn aligned(node: &Node, off: u64, len: u64) -> bool {
+    let a = (node.limits().request_alignment as u64).max(1);
+    off.is_multiple_of(a) && len.is_multiple_of(a)
+}
+
+/// Fill pipes taken from `pipes` with `len` bytes of `file` at `off`, one splice per pipe (a
+/// pipe holds whole pages: one that starts inside a page takes a page's worth less). On
+/// failure, or when the pipes run short, the pipes filled are dropped and their number is
+/// returned.
+async fn fill_pipes(
+    conn: &Conn,
+    file: Arc<std::fs::File>,
+    mut off: u64,
+    mut len: u64,
+    pipes: &mut Vec<Pipe>,
+) -> Result<Vec<(Pipe, usize)>, usize> {
+    let mut out = Vec::with_capacity(pipes.len());
+    while len > 0 {
+        let Some(pipe) = pipes.pop() else {
+            return Err(out.len());
+        };
+        let want = (pipe.capacity() as u64).min(len) as usize;
+        let (r, _, pipe) = ops::splice_file_to_pipe(file.clone(), off, pipe, want).await;
+        match r {
+            Ok(n) if n > 0 => {
+                off += n as u64;
+                len -= n as u64;
+                out.push((pipe, n));
+            }
+            other => {
+                if let Err(e) = &other
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+                    )
+                {
+                    // This file (or kernel) does not splice: stop trying.
+                    conn.splice_ok.set(false);
+                }
+                return Err(out.len() + 1);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Length and zero-ness of the extent at `off` (≤ `len`), from the cached data range when it

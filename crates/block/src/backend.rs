@@ -363,30 +363,31 @@ impl BlockBackend {
         r
     }
 
-    pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+    /// Admission of a status query at `offset`: the in-flight guard, the root node and the
+    /// bytes left from `offset` to its end.
+    async fn status_entry(&self, offset: u64) -> io::Result<(InFlight<'_>, Arc<Node>, u64)> {
         self.shared.enter().await;
-        let _g = InFlight(&self.shared);
+        let g = InFlight(&self.shared);
         let node = self.shared.root.load_full();
         let end = node.length();
         if offset >= end {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
+        Ok((g, node, end - offset))
+    }
+
+    pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<BlockStatus> {
+        let (_g, node, left) = self.status_entry(offset).await?;
         node.driver()
-            .block_status(&node, offset, len.min(end - offset))
+            .block_status(&node, offset, len.min(left))
             .await
     }
 
     /// Status through the backing chain and into the data's file
     /// ([`crate::status::status_above`]): what an NBD client's `base:allocation` sees.
     pub async fn block_status_above(&self, offset: u64, len: u64) -> io::Result<Extent> {
-        self.shared.enter().await;
-        let _g = InFlight(&self.shared);
-        let node = self.shared.root.load_full();
-        let end = node.length();
-        if offset >= end {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        crate::status::status_above(&node, offset, len.min(end - offset), u32::MAX).await
+        let (_g, node, left) = self.status_entry(offset).await?;
+        crate::status::status_above(&node, offset, len.min(left), u32::MAX).await
     }
 
     pub async fn truncate(&self, len: u64) -> io::Result<u64> {

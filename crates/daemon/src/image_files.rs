@@ -33,13 +33,7 @@ pub async fn create_image(
     if fmt == "raw" && !opts.is_empty() {
         return Err("Backing file not supported for file format 'raw'".into());
     }
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| format!("Could not create '{path}': {}", blockd_block::strerror(&e)))?;
+    let f = create_empty(path)?;
     let Some(c) = qcow2_opts else {
         return f
             .set_len(size)
@@ -55,6 +49,17 @@ pub async fn create_image(
     let r = blockd_qcow2::create(&node, &c).await;
     let _ = g.remove(node.name());
     r
+}
+
+/// Create `path`, or truncate it to nothing when it exists (QEMU's file create).
+pub fn create_empty(path: &str) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| format!("Could not create '{path}': {}", blockd_block::strerror(&e)))
 }
 
 /// `backing_file` and `backing_fmt` options for [`create_image`].

@@ -618,13 +618,7 @@ fn size_arg(o: &Map<String, Value>) -> Result<u64, QmpError> {
 /// then grown with the preallocation asked for).
 fn create_file(path: &str, size: u64, prealloc: &str) -> Result<(), String> {
     use std::io::Write;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| format!("Could not create '{path}': {}", blockd_block::strerror(&e)))?;
+    let f = crate::image_files::create_empty(path)?;
     let resize =
         |e: std::io::Error| format!("Could not resize file: {}", blockd_block::strerror(&e));
     match prealloc {

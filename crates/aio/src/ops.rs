@@ -331,6 +331,28 @@ pub fn recv(fd: RawFd, mut buf: IoBuf, flags: i32) -> Op<IoBuf, BufResult> {
     unsafe { Op::submit_peer(sqe, buf, ret_buf) }
 }
 
+/// Receive up to `len` bytes into `buf[start..]` (the bytes before `start` are kept: a buffer
+/// filled in steps).
+pub fn recv_into(
+    fd: RawFd,
+    mut buf: IoBuf,
+    start: usize,
+    len: usize,
+    flags: i32,
+) -> Op<IoBuf, BufResult> {
+    assert!(
+        start.checked_add(len).is_some_and(|e| e <= buf.len()),
+        "recv_into: range past the buffer"
+    );
+    // SAFETY: `start` is within the buffer, so the pointer stays inside its allocation.
+    let ptr = unsafe { buf.as_mut_ptr().add(start) };
+    let sqe = opcode::Recv::new(types::Fd(fd), ptr, len32(len))
+        .flags(flags)
+        .build();
+    // SAFETY: the pointer is into `buf`'s heap allocation, owned by the Op.
+    unsafe { Op::submit_peer(sqe, buf, ret_buf) }
+}
+
 /// Send `buf` (`MSG_NOSIGNAL` is always added: a closed peer is an error, not a signal).
 pub fn send(fd: RawFd, buf: IoBuf, flags: i32) -> Op<IoBuf, BufResult> {
     let sqe = opcode::Send::new(types::Fd(fd), buf.as_ptr(), len32(buf.len()))

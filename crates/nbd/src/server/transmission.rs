@@ -27,7 +27,7 @@ use event_listener::Event;
 use crate::proto::{self, Put, Request};
 use crate::server::handshake::Session;
 use crate::server::{ConnSocket, DetectZeroes};
-use crate::sock::{discard, recv_exact, recv_fill, send_all};
+use crate::sock::{RecvBuf, discard, recv_fill_from, send_all};
 
 /// Requests served concurrently per connection.
 pub(crate) const MAX_IN_FLIGHT: usize = 64;
@@ -303,6 +303,11 @@ fn buf(v: &[u8]) -> IoBuf {
     IoBuf::from_slice(v)
 }
 
+/// Receive buffer of a connection: room for many request headers with small payloads.
+const RECV_BUF: usize = 64 << 10;
+/// Write payloads from this size on are received in place, not through the receive buffer.
+const LARGE_PAYLOAD: u64 = 32 << 10;
+
 async fn reader(conn: &Rc<Conn>) {
     let extended = conn.session.extended;
     let hlen = if extended {
@@ -310,15 +315,18 @@ async fn reader(conn: &Rc<Conn>) {
     } else {
         proto::COMPACT_REQUEST_LEN
     };
+    let mut rb = RecvBuf::new(RECV_BUF);
+    // After a large write, expect another: receive its header alone, its payload in place.
+    let mut recv_max = RECV_BUF;
     loop {
         wait_until(&conn.slot_event, || conn.in_flight.get() < MAX_IN_FLIGHT).await;
         if conn.broken.get() {
             return;
         }
-        let Ok(hb) = recv_exact(conn.fd, hlen).await else {
+        if rb.fill(conn.fd, hlen, recv_max).await.is_err() {
             return;
-        };
-        let Ok(req) = Request::parse(&hb, extended) else {
+        }
+        let Ok(req) = Request::parse(rb.take(hlen), extended) else {
             // Wrong magic: the stream cannot be resynchronised.
             return;
         };
@@ -327,19 +335,27 @@ async fn reader(conn: &Rc<Conn>) {
             return;
         }
         let payload_len = req.payload_len(extended);
+        recv_max = if payload_len >= LARGE_PAYLOAD {
+            hlen
+        } else {
+            RECV_BUF
+        };
         let mut payload = None;
         if let Err(errno) = validate(conn, &req) {
-            if payload_len > 0
-                && (payload_len > u32::MAX as u64 || discard(conn.fd, payload_len).await.is_err())
-            {
-                return;
+            if payload_len > 0 {
+                let rest = payload_len - rb.skip(payload_len);
+                if payload_len > u32::MAX as u64 || discard(conn.fd, rest).await.is_err() {
+                    return;
+                }
             }
             queue(conn, error_reply(conn, &req, errno, "").into());
             continue;
         }
         if payload_len > 0 {
-            let b = IoBuf::new(payload_len as usize, 4096);
-            let (r, b) = recv_fill(conn.fd, b).await;
+            // What came with the header is copied; the rest is received in place.
+            let mut b = IoBuf::new(payload_len as usize, 4096);
+            let have = rb.take_into(&mut b);
+            let (r, b) = recv_fill_from(conn.fd, b, have).await;
             if r.is_err() {
                 return;
             }
@@ -354,10 +370,13 @@ async fn reader(conn: &Rc<Conn>) {
             c.slot_event.notify(usize::MAX);
         })
         .detach();
-        // Let the request start (submit its I/O) before the next header is asked for: both
-        // reach the kernel in the same io_uring_enter, and the backend I/O is not queued behind
-        // a receive that at low depth only completes after the reply.
-        blockd_aio::yield_now().await;
+        // With another header already received, go on parsing: the requests started this turn
+        // all submit their I/O in one io_uring_enter. Before asking for more bytes, let them
+        // start (submit their I/O), so that it reaches the kernel with the receive and is not
+        // queued behind a receive that at low depth only completes after the reply.
+        if rb.available() < hlen {
+            blockd_aio::yield_now().await;
+        }
     }
 }
 
@@ -556,11 +575,7 @@ fn chunks(conn: &Conn, r: &Request, parts: Vec<(u16, Vec<IoBuf>)>) -> Vec<IoBuf>
 }
 
 /// [`chunks`] whose payloads may end with data in pipes.
-fn chunks_spliced(
-    conn: &Conn,
-    r: &Request,
-    parts: Vec<Chunk>,
-) -> Reply {
+fn chunks_spliced(conn: &Conn, r: &Request, parts: Vec<Chunk>) -> Reply {
     let n = parts.len();
     let mut out = Vec::with_capacity(n * 2);
     let mut spliced = Vec::new();

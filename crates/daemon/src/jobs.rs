@@ -655,6 +655,10 @@ fn create_file(path: &str, size: u64, prealloc: &str) -> Result<(), String> {
 fn qcow2_create_opts(o: &Map<String, Value>) -> Result<Vec<(String, String)>, QmpError> {
     let mut kv = vec![("size".to_string(), size_arg(o)?.to_string())];
     for (k, v) in o {
+        if k == "data-file" {
+            // a node reference: the caller resolves it (see `blockdev_create`)
+            continue;
+        }
         let val = match v {
             Value::String(x) => x.clone(),
             Value::Bool(x) => if *x { "on" } else { "off" }.to_string(),
@@ -684,7 +688,8 @@ fn qcow2_create_opts(o: &Map<String, Value>) -> Result<Vec<(String, String)>, Qm
             "refcount-bits" => "refcount_bits",
             "compression-type" => "compression_type",
             "extended-l2" => "extended_l2",
-            "data-file" | "data-file-raw" | "encrypt" => {
+            "data-file-raw" => "data_file_raw",
+            "encrypt" => {
                 return Err(
                     format!("blockdev-create qcow2 '{k}' is not supported by blockd yet").into(),
                 );
@@ -742,12 +747,31 @@ fn blockdev_create(
                 }
                 None => return Err("Parameter 'file' is missing".into()),
             };
+            // The external data file: a node, whose filename goes into the image's header.
+            let data = match o.get("data-file") {
+                None => None,
+                Some(Value::String(n)) => Some(d.node(n).ok_or_else(|| {
+                    format!("Cannot find device='{n}' nor node-name='{n}'")
+                })),
+                Some(_) => {
+                    return Err("blockdev-create qcow2: 'data-file' must be a node name in blockd (inline options are not supported yet)".into());
+                }
+            };
+            let data_name = match &data {
+                Some(Ok(n)) => Some(crate::block::filename(d, n)),
+                _ => None,
+            };
             // value errors (a bad cluster size...) fail the job, as in QEMU
             Box::new(move |_ctx| {
                 Box::pin(async move {
                     let file = file?;
+                    let data = data.transpose()?;
+                    let mut kv = kv;
+                    if let Some(name) = data_name {
+                        kv.push(("data_file".into(), name));
+                    }
                     let c = blockd_qcow2::CreateOptions::from_qemu_opts(&kv)?;
-                    blockd_qcow2::create(&file, &c).await
+                    blockd_qcow2::create::create_with_data_file(&file, data.as_ref(), &c).await
                 })
             })
         }

@@ -1269,7 +1269,29 @@ async def scenario_blockdev_create(binary):
                        "backing-file": s.base, "backing-fmt": "qcow2",
                        "compression-type": "zlib"})
     await s.cmd("blockdev-del", {"node-name": "newf"})
+    # an external data file (raw), given as a node; and the refusals, which fail the job
+    dq, dr = os.path.join(s.dir, "d.qcow2"), os.path.join(s.dir, "d.raw")
+    for path, node in ((dq, "dqf"), (dr, "drf")):
+        await create("f", {"driver": "file", "filename": path, "size": 0})
+        await s.cmd("blockdev-add", {"driver": "file", "node-name": node, "filename": path})
+    await create("bad", {"driver": "qcow2", "file": "dqf", "size": SIZE,
+                         "data-file-raw": True})
+    await create("bad", {"driver": "qcow2", "file": "dqf", "size": SIZE, "data-file": "drf",
+                         "version": "v2"})
+    await create("bad", {"driver": "qcow2", "file": "dqf", "size": SIZE, "data-file": "drf",
+                         "data-file-raw": True, "backing-file": s.base,
+                         "backing-fmt": "qcow2"})
+    await create("d", {"driver": "qcow2", "file": "dqf", "size": SIZE, "data-file": "drf",
+                       "data-file-raw": True})
+    for node in ("dqf", "drf"):
+        await s.cmd("blockdev-del", {"node-name": node})
     await s.stop()
+    dinfo = json.loads(subprocess.run(["qemu-img", "info", "--output=json", dq], check=True,
+                                      capture_output=True, text=True).stdout)
+    dspec = dinfo["format-specific"]["data"]
+    s.log.append(("data file info", dinfo["virtual-size"], dspec.get("data-file"),
+                  dspec.get("data-file-raw"), os.path.getsize(dr)))
+    sh("qemu-img", "check", "-q", dq)
     out = subprocess.run(["qemu-img", "info", "--output=json", new], check=True,
                          capture_output=True, text=True).stdout
     info = json.loads(out)

@@ -750,9 +750,10 @@ fn blockdev_create(
             // The external data file: a node, whose filename goes into the image's header.
             let data = match o.get("data-file") {
                 None => None,
-                Some(Value::String(n)) => Some(d.node(n).ok_or_else(|| {
-                    format!("Cannot find device='{n}' nor node-name='{n}'")
-                })),
+                Some(Value::String(n)) => Some(
+                    d.node(n)
+                        .ok_or_else(|| format!("Cannot find device='{n}' nor node-name='{n}'")),
+                ),
                 Some(_) => {
                     return Err("blockdev-create qcow2: 'data-file' must be a node name in blockd (inline options are not supported yet)".into());
                 }

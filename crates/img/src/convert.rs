@@ -9,8 +9,9 @@
 //! worker owns one buffer for the whole run: nothing is allocated per chunk.
 
 use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -77,10 +78,8 @@ struct Params {
     min_sparse: u64,
     compress: bool,
     oob_writes: bool,
-    /// In-order writes may start before the earlier ones finish: the target's layout does
-    /// not depend on the order (a raw file), so only completions (and errors) are taken in
-    /// order. The target thread always has the next write queued.
-    pipelined: bool,
+    /// How in-order writes (no `-W`) keep their order.
+    order: Order,
     /// The target reads as zeroes before the copy (new file, or `--target-is-zero`).
     target_zero: bool,
     /// `-B`: the target gets a backing file, so only what the source's top layer allocates
@@ -423,7 +422,15 @@ pub fn run(argv: &[String]) -> CmdResult {
         min_sparse,
         compress,
         oob_writes: oob,
-        pipelined: !oob && !compress && order_free(&topened.node),
+        order: if oob || compress {
+            Order::Strict
+        } else if order_free(&topened.node) {
+            Order::Free
+        } else if !no_create && backing.is_none() && fmt == "qcow2" {
+            Order::Allocation
+        } else {
+            Order::Strict
+        },
         // A target on a backing file does not read as zeroes.
         target_zero: (!no_create && backing.is_none()) || target_is_zero,
         top_only: !no_create && backing.is_some(),
@@ -443,6 +450,20 @@ pub fn run(argv: &[String]) -> CmdResult {
             Failure::new(e)
         }
     })
+}
+
+/// How in-order writes keep their order. Only completions (and so errors) are taken in
+/// order whatever the mode; the modes differ in when a write may start, which is what keeps
+/// the target's thread fed with the next write instead of waiting for this process's turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// A write starts once the previous one has finished (qemu-img's way).
+    Strict,
+    /// Writes start at once: the result does not depend on their order (a raw file).
+    Free,
+    /// A write starts once the previous one has taken its host clusters (a new qcow2 image):
+    /// the host layout is that of strict order while the data writes overlap.
+    Allocation,
 }
 
 /// Whether the result of writes to `node` is the same whatever order they run in (they never
@@ -512,9 +533,12 @@ struct Job {
     /// A worker is asking for block status (claims wait for it).
     claiming: Cell<bool>,
     claim_waiters: Waiters,
-    /// Next offset to write when writes are in order.
+    /// Next offset to write (or to finish writing) when writes are in order.
     wr_next: Cell<u64>,
     wr_waiters: Waiters,
+    /// [`Order::Allocation`]: next offset that may start writing.
+    alloc_next: Cell<u64>,
+    alloc_waiters: Waiters,
     error: RefCell<Option<String>>,
     /// Progress accounting in sectors: counted chunks done so far and their total.
     done_sectors: Cell<u64>,
@@ -544,6 +568,8 @@ impl Job {
             claim_waiters: Waiters::default(),
             wr_next: Cell::new(0),
             wr_waiters: Waiters::default(),
+            alloc_next: Cell::new(0),
+            alloc_waiters: Waiters::default(),
             error: RefCell::new(None),
             done_sectors: Cell::new(0),
             counted_sectors: Cell::new(0),
@@ -563,6 +589,7 @@ impl Job {
         drop(e);
         self.claim_waiters.wake_all();
         self.wr_waiters.wake_all();
+        self.alloc_waiters.wake_all();
     }
 
     /// Whether a chunk of this kind counts for the progress figure (qemu-img counts what it
@@ -725,6 +752,28 @@ impl Job {
         .await
     }
 
+    /// [`Order::Allocation`]: wait until the chunks before `off` have their host clusters.
+    async fn wait_alloc_turn(&self, off: u64) {
+        poll_fn(|cx| {
+            if self.alloc_next.get() == off || self.failed() {
+                Poll::Ready(())
+            } else {
+                self.alloc_waiters.0.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// [`Order::Allocation`]: the chunk has its host clusters (or is written): the next one
+    /// may start.
+    fn end_alloc_turn(&self, c: &Chunk) {
+        if self.alloc_next.get() == c.off {
+            self.alloc_next.set(c.off + c.len);
+            self.alloc_waiters.wake_all();
+        }
+    }
+
     fn end_turn(&self, c: &Chunk) {
         if !self.p.oob_writes {
             self.wr_next.set(c.off + c.len);
@@ -798,20 +847,30 @@ async fn worker(job: &Job) -> Result<(), String> {
             }
             Kind::Zero | Kind::Backing => false,
         };
-        if !job.p.pipelined {
-            job.wait_turn(c.off).await;
+        match job.p.order {
+            Order::Strict => job.wait_turn(c.off).await,
+            Order::Allocation => job.wait_alloc_turn(c.off).await,
+            Order::Free => {}
         }
         if job.failed() {
             return Ok(());
         }
-        let r = if data {
-            write_data(job, &c, &mut buf, wflags).await
-        } else if c.kind == Kind::Zero {
-            write_zero(job, &c, &mut buf, wflags).await
+        let r = if job.p.order == Order::Allocation {
+            // The write's last cluster taken (it is in flight, or the write is done) means
+            // every cluster the chunk allocates is: the next chunk may start.
+            let runs = (data && split_runs(job)).then(|| data_runs(job, &c, &buf));
+            let last = last_written(job, &c, runs.as_deref());
+            let node = job.dst.root();
+            let allocated =
+                || last.is_none_or(|l| blockd_qcow2::alloc_order::cluster_in_flight(&node, l));
+            let write = write_chunk(job, &c, data, &mut buf, wflags, runs);
+            let r = on_allocated(write, allocated, || job.end_alloc_turn(&c)).await;
+            job.end_alloc_turn(&c);
+            r
         } else {
-            Ok(())
+            write_chunk(job, &c, data, &mut buf, wflags, None).await
         };
-        if job.p.pipelined {
+        if job.p.order != Order::Strict {
             // Complete in order: a failure is reported only when every earlier write
             // succeeded, as when each write waits for the previous one.
             job.wait_turn(c.off).await;
@@ -823,6 +882,63 @@ async fn worker(job: &Job) -> Result<(), String> {
         r?;
     }
     Ok(())
+}
+
+async fn write_chunk(
+    job: &Job,
+    c: &Chunk,
+    data: bool,
+    buf: &mut Option<IoBuf>,
+    flags: ReqFlags,
+    runs: Option<Runs>,
+) -> Result<(), String> {
+    if data {
+        write_data(job, c, buf, flags, runs).await
+    } else if c.kind == Kind::Zero {
+        write_zero(job, c, buf, flags).await
+    } else {
+        Ok(())
+    }
+}
+
+/// Run `fut`; call `then` once, as soon as `allocated` holds after one of its polls (or when
+/// it finishes). Allocation happens inside a poll of the write, so no poll misses it.
+async fn on_allocated<F: Future>(
+    fut: F,
+    allocated: impl Fn() -> bool,
+    then: impl Fn(),
+) -> F::Output {
+    let mut fut = pin!(fut);
+    let mut told = false;
+    poll_fn(|cx| {
+        let r = fut.as_mut().poll(cx);
+        if !told && (r.is_ready() || allocated()) {
+            told = true;
+            then();
+        }
+        r
+    })
+    .await
+}
+
+/// The target offset of the last byte the write of chunk `c` stores (None: it stores
+/// nothing), following the choices of [`write_chunk`]; `runs` are those of a data chunk
+/// written in runs ([`split_runs`]).
+fn last_written(job: &Job, c: &Chunk, runs: Option<&[(bool, usize, usize)]>) -> Option<u64> {
+    let whole = Some(c.off + c.len - 1);
+    match c.kind {
+        Kind::Backing => None,
+        Kind::Zero if job.p.min_sparse == 0 && !job.p.compress => whole,
+        Kind::Zero => None,
+        Kind::Data => match runs {
+            Some(runs) => runs
+                .iter()
+                .rev()
+                .find(|r| r.0)
+                .map(|&(_, at, n)| c.off + (at + n) as u64 - 1),
+            None => whole,
+        },
+    }
 }
 
 async fn read_chunk(job: &Job, c: &Chunk, buf: &mut Option<IoBuf>) -> Result<(), String> {
@@ -969,11 +1085,39 @@ async fn write_zero(
     zero_range(job, c.off, c.len, flags).await
 }
 
+/// A data chunk's runs of data and of zeroes: (is data, start in the chunk, length).
+type Runs = Vec<(bool, usize, usize)>;
+
+/// Whether data chunks are written as runs of data, leaving zero runs sparse (else whole).
+fn split_runs(job: &Job) -> bool {
+    !job.p.compress && job.p.min_sparse != 0 && !job.p.copy_range
+}
+
+/// The runs of a data chunk: zero runs at least `min_sparse` long (scanned in 512-byte
+/// sectors) between runs of data.
+fn data_runs(job: &Job, c: &Chunk, buf: &Option<IoBuf>) -> Runs {
+    let Some(b) = buf.as_ref() else {
+        return Vec::new();
+    };
+    let b = &b.as_slice()[..c.len as usize];
+    let min = job.p.min_sparse as usize;
+    let mut runs = Vec::new();
+    let mut at = 0usize;
+    while at < b.len() {
+        let (is_data, n) = next_run(b, at, min, c.off);
+        runs.push((is_data, at, n));
+        at += n;
+    }
+    runs
+}
+
+/// Write a data chunk (`runs`: its [`data_runs`] when already known).
 async fn write_data(
     job: &Job,
     c: &Chunk,
     buf: &mut Option<IoBuf>,
     flags: ReqFlags,
+    runs: Option<Runs>,
 ) -> Result<(), String> {
     let len = c.len as usize;
     let all_zero = |buf: &Option<IoBuf>| -> bool {
@@ -985,23 +1129,18 @@ async fn write_data(
         }
         return write_part(job, buf, 0, len, c.off, flags | ReqFlags::WRITE_COMPRESSED).await;
     }
-    if job.p.min_sparse == 0 || job.p.copy_range {
+    if !split_runs(job) {
         return write_part(job, buf, 0, len, c.off, flags).await;
     }
-    // Runs of data and of zeroes at least `min_sparse` long (scanned in 512-byte sectors).
-    let min = job.p.min_sparse as usize;
-    let mut at = 0usize;
-    while at < len {
-        let (is_data, n) = match buf.as_ref() {
-            Some(b) => next_run(&b.as_slice()[..len], at, min, c.off),
-            None => return Ok(()),
-        };
+    // Moving a run to the front of the buffer to write it leaves the bytes after it as they
+    // were: the runs can be found before writing any.
+    let runs = runs.unwrap_or_else(|| data_runs(job, c, buf));
+    for (is_data, at, n) in runs {
         if is_data {
             write_part(job, buf, at, n, c.off + at as u64, flags).await?;
         } else {
             zero_range(job, c.off + at as u64, n as u64, flags).await?;
         }
-        at += n;
     }
     Ok(())
 }

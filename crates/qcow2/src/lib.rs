@@ -6,6 +6,7 @@
 //! probe, info), `create` (formatting a new image), `check` (consistency check and repair).
 #![forbid(unsafe_code)]
 
+pub mod alloc_order;
 pub mod amend;
 pub mod backing_name;
 pub mod bitmaps;

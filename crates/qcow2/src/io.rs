@@ -549,6 +549,18 @@ impl Image {
             let host = host_start + (buf_start - cstart) + a;
             let flags = flags.without(ReqFlags::MAY_UNMAP);
             self.check_overlap(file, host, b - a).await?;
+            if b - a < buf_end - buf_start && !geo.data_file {
+                // Data that fills only part of its fresh clusters would grow the file a
+                // write at a time, and io_uring hands every direct write that grows a file
+                // to a kernel worker. Zeroing the clusters first (QEMU does the same) puts
+                // this write and the later ones into the rest of them inside the file.
+                // Best effort: without it the holes read as zeroes all the same.
+                let run = host_start + (buf_start - cstart);
+                let _ = dfile
+                    .driver()
+                    .write_zeroes(&dfile, run, buf_end - buf_start, ReqFlags::NO_FALLBACK)
+                    .await;
+            }
             if pos == 0 && at == 0 && body as u64 == b - a && body == data.len() {
                 // The caller's buffer is exactly what goes to the file: no copy.
                 let whole = slot.take().ok_or_else(eio)?;

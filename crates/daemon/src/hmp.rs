@@ -108,7 +108,10 @@ pub async fn human_monitor_command(
     let backend = {
         let g = d.graph.borrow();
         let with_resize = (perm != Perm::CONSISTENT_READ)
-            .then(|| g.new_backend("", &node, perm | Perm::RESIZE, Perm::ALL).ok())
+            .then(|| {
+                g.new_backend("", &node, perm | Perm::RESIZE, Perm::ALL)
+                    .ok()
+            })
             .flatten();
         match with_resize.map_or_else(|| g.new_backend("", &node, perm, Perm::ALL), Ok) {
             Ok(b) => b,

@@ -256,6 +256,9 @@ pub struct MirrorJob {
     /// The worker ended because of `job-complete` (not a cancel): prepare pivots.
     pivot: Arc<AtomicBool>,
     layer_bes: Vec<BlockBackend>,
+    /// The worker's job context (set when it starts): the pivot's last copies count as
+    /// progress too.
+    progress: Arc<std::sync::OnceLock<JobCtx>>,
 }
 
 /// Insert the filter and build the job. Async: the filter goes in inside a drained section.
@@ -358,6 +361,7 @@ pub async fn new_mirror(
     let chunk = (p.buf_size / MAX_IN_FLIGHT as u64).clamp(p.granularity, 4 << 20) / p.granularity
         * p.granularity;
     let pivot = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(std::sync::OnceLock::new());
     let active = Arc::new(ActiveSync {
         write_blocking: AtomicBool::new(p.write_blocking),
         running: AtomicBool::new(false),
@@ -382,6 +386,7 @@ pub async fn new_mirror(
         target_be: target_be.clone(),
         chunk,
         pivot: pivot.clone(),
+        progress: progress.clone(),
     });
     let w = WorkerState {
         buf_size: p.buf_size.max(chunk),
@@ -395,6 +400,7 @@ pub async fn new_mirror(
         on_target_error: p.on_target_error,
         pivot,
         active,
+        progress,
     };
     let worker: Worker = Box::new(move |ctx: JobCtx| Box::pin(async move { w.run(ctx).await }));
     Ok((job, worker))
@@ -421,6 +427,7 @@ struct WorkerState {
     on_target_error: OnError,
     pivot: Arc<AtomicBool>,
     active: Arc<ActiveSync>,
+    progress: Arc<std::sync::OnceLock<JobCtx>>,
 }
 
 /// Give the filter the job's shared write-blocking state.
@@ -488,6 +495,7 @@ async fn copy_run(
 
 impl WorkerState {
     async fn run(self, ctx: JobCtx) -> Result<(), String> {
+        let _ = self.progress.set(ctx.clone());
         let len = self.source.length();
         if self.target.length() < len {
             self.target.truncate(len).await.map_err(|e| strerror(&e))?;
@@ -658,6 +666,15 @@ impl MirrorJob {
                 self.dirty.mark(off, n);
                 return Err(strerror(&e));
             }
+            if let Some(ctx) = self.progress.get() {
+                ctx.add_progress(n);
+            }
+        }
+        // Nothing is left to copy: the job's length is what it did (QEMU's COMPLETED has
+        // offset == len), also when writes came after the worker last counted.
+        if let Some(ctx) = self.progress.get() {
+            let (done, _) = ctx.ctl.progress();
+            ctx.set_total(done);
         }
         self.target_be.flush().await.map_err(|e| strerror(&e))?;
         let mut nodes = vec![filter.clone(), self.source.clone(), self.target.clone()];

@@ -2,6 +2,7 @@
 //! directories: `create -f qcow2` (output, errors, resulting bytes), `check` (text, JSON,
 //! exit codes, repairs), `info` of qcow2 images (backing files, snapshots, --backing-chain).
 
+use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -262,14 +263,7 @@ fn check_matches_qemu_img() {
     d.both(QEMU_IO, &["-c", "write -P 5 64k 64k", "snap.qcow2"]);
     for dir in [d.q(), d.b()] {
         for (img, clusters) in [("many.qcow2", &[300u64, 600][..]), ("snap.qcow2", &[6][..])] {
-            let path = dir.join(img);
-            let h = blockd_qcow2::read_header_file(path.to_str().unwrap()).unwrap();
-            use std::os::unix::fs::FileExt;
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap();
+            let (h, f) = open_for_patching(&dir.join(img));
             let cs = h.cluster_size();
             let per_block = cs / 2;
             for &c in clusters {
@@ -289,14 +283,8 @@ fn check_matches_qemu_img() {
     );
     d.both(QEMU_IO, &["-c", "write -P 6 0 128k", "dup.qcow2"]);
     for dir in [d.q(), d.b()] {
-        use std::os::unix::fs::FileExt;
         let path = dir.join("dup.qcow2");
-        let h = blockd_qcow2::read_header_file(path.to_str().unwrap()).unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
+        let (h, f) = open_for_patching(&path);
         let mut e = [0u8; 8];
         f.read_exact_at(&mut e, h.l1_table_offset).unwrap();
         let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
@@ -497,4 +485,15 @@ fn snapshot_matches_qemu_img() {
     ]);
     assert_eq!(vsize(&d.b()), vsize(&d.q()));
     assert!(vsize(&d.b()).contains("629145600"));
+}
+
+/// An image's header and its file opened for writing, to corrupt it by hand.
+fn open_for_patching(path: &Path) -> (blockd_qcow2::header::Header, std::fs::File) {
+    let h = blockd_qcow2::read_header_file(path.to_str().unwrap()).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    (h, f)
 }
